@@ -7,11 +7,21 @@ import sys
 import time
 from collections.abc import Callable
 
+from draftforge.checkpoint import CheckpointError
 from draftforge.config import ConfigError, describe_options, dump_config, load_config
+from draftforge.data import DataError
 from draftforge.target import TargetError
+from draftforge.train import TrainingError
 
 # Errors whose message is the whole story: printed as one line, no traceback.
-USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, TargetError, FileNotFoundError)
+USER_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    TargetError,
+    DataError,
+    TrainingError,
+    CheckpointError,
+    FileNotFoundError,
+)
 
 
 def _options_epilog() -> str:
@@ -66,6 +76,21 @@ def cmd_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from draftforge.train import train
+
+    cfg = load_config(*_split_config_args(args))
+    result = train(cfg)
+    summary = ", ".join(
+        f"{k} {result.metrics[k]:.3f}"
+        for k in ("loss", "acc_0", "al_estimate")
+        if k in result.metrics
+    )
+    print(f"trained {result.step} steps ({result.skipped} empty batches skipped): {summary}")
+    print(f"checkpoints and metrics in {result.run_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="draftforge",
@@ -91,6 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="a user message to answer with the target's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     commands["target"] = cmd_target
+
+    p = sub.add_parser(
+        "train",
+        help="train a draft online (the target runs in this process); resumable",
+        epilog=_options_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(p)
+    commands["train"] = cmd_train
 
     parser.set_defaults(_commands=commands)
     return parser

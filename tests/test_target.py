@@ -172,7 +172,9 @@ def test_hub_ids_are_passed_through(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_capture_matches_output_hidden_states(smollm2):
-    ids = smollm2.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")["input_ids"]
+    ids = smollm2.tokenizer("The quick brown fox jumps over the lazy dog.", return_tensors="pt")[
+        "input_ids"
+    ]
     aux, last = smollm2.features(ids)
     with torch.no_grad():
         ref = smollm2.model(ids, output_hidden_states=True)
@@ -217,6 +219,9 @@ def test_cli_config_prints_yaml_and_help_lists_options():
     ).stdout
     assert "lr: 0.5" in out
     help_text = subprocess.run(
-        [sys.executable, "-m", "draftforge.cli", "config", "--help"], capture_output=True, text=True, check=True
+        [sys.executable, "-m", "draftforge.cli", "config", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "training.lr = 0.0001" in help_text and "peak learning rate" in help_text

@@ -1,0 +1,43 @@
+"""Datasets for draft training: readers, chat-template loss masks, tokenised cache, draft vocab."""
+
+from draftforge.data.cache import TokenizedDataset, TokenizeSettings, cache_key, prepare_dataset
+from draftforge.data.conversation import FORMATS, ROLES, Conversation, Message, RowError
+from draftforge.data.prepare import PrepareResult, load_tokenizer, prepare
+from draftforge.data.readers import Source, read_conversations
+from draftforge.data.report import DataError, DataReport
+from draftforge.data.template import ChatTemplate, load_template
+from draftforge.data.vocab import (
+    DraftVocab,
+    build_draft_vocab,
+    count_supervised,
+    draft_vocab_from_counts,
+    load_draft_vocab,
+    save_draft_vocab,
+)
+
+__all__ = [
+    "FORMATS",
+    "ROLES",
+    "ChatTemplate",
+    "Conversation",
+    "DataError",
+    "DataReport",
+    "DraftVocab",
+    "Message",
+    "PrepareResult",
+    "RowError",
+    "Source",
+    "TokenizeSettings",
+    "TokenizedDataset",
+    "build_draft_vocab",
+    "cache_key",
+    "count_supervised",
+    "draft_vocab_from_counts",
+    "load_draft_vocab",
+    "load_template",
+    "load_tokenizer",
+    "prepare",
+    "prepare_dataset",
+    "read_conversations",
+    "save_draft_vocab",
+]

@@ -1,0 +1,134 @@
+"""Training checkpoints: written atomically, verified on load, rotated.
+
+A checkpoint is a directory ``step_00000123/`` holding the draft weights (safetensors), the
+trainer state (optimizer, scheduler, RNG, data position; loaded with ``weights_only=True``)
+and ``manifest.json`` with each file's size and sha256. It is written under a temporary
+name and renamed into place only when complete, so a killed process never leaves a
+checkpoint that looks finished; a file damaged later fails its checksum and is skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+WEIGHTS = "draft.safetensors"
+STATE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or damaged."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    weights: dict[str, torch.Tensor],
+    state: dict[str, Any],
+    extra: dict[str, str],
+) -> Path:
+    """Write ``root/step_{step}`` atomically; ``extra`` maps file names to text contents."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:08d}-", dir=root))
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / WEIGHTS)
+        torch.save(state, tmp / STATE)
+        for name, text in extra.items():
+            (tmp / name).write_text(text)
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            for name in files
+        }
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
+        for p in tmp.iterdir():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+        if final.exists():  # a re-run of the same step replaces it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def verify(path: Path) -> None:
+    """Raise :class:`CheckpointError` unless every file matches the manifest."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: no readable {MANIFEST} ({err})") from None
+    for name, meta in manifest["files"].items():
+        file = path / name
+        if (
+            not file.is_file()
+            or file.stat().st_size != meta["bytes"]
+            or _sha256(file) != meta["sha256"]
+        ):
+            raise CheckpointError(
+                f"{file}: missing or damaged (size or sha256 differs from {MANIFEST})"
+            )
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Finished checkpoint directories, oldest first (temporary ones are never listed)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_valid(root: Path) -> Path | None:
+    """The newest checkpoint that passes :func:`verify`; damaged ones are reported and skipped."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify(path)
+        except CheckpointError as err:
+            print(f"skipping checkpoint: {err}", flush=True)
+            continue
+        return path
+    return None
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Verified weights and trainer state of one checkpoint."""
+    verify(path)
+    return load_file(path / WEIGHTS), torch.load(path / STATE, weights_only=True)
+
+
+def rotate(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints, and stale temporary directories."""
+    for stale in root.glob(".step_*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)

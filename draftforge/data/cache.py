@@ -1,0 +1,257 @@
+"""Tokenise a conversation dataset once, in parallel, and keep the result on disk.
+
+Cache entry `<cache_dir>/<key>/`, written to a temporary folder and renamed into place:
+
+- `tokens.safetensors`: `input_ids` int32 [N], `loss_mask` uint8 [N] (all rows
+  concatenated) and `offsets` int64 [rows + 1] (row r is `offsets[r]:offsets[r+1]`).
+- `meta.json`: the key's inputs, row ids, stats and the skip report.
+
+The key hashes everything the tokens depend on: the tokenizer (its full serialised state
+and special tokens), the chat template text, every setting, and the input's identity
+(content hashes of local files, or a Hub dataset's fingerprint). `num_workers` is not in
+it: the result does not depend on it.
+"""
+
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from draftforge.data.conversation import Conversation, RowError
+from draftforge.data.readers import Source, read_conversations
+from draftforge.data.report import DataReport
+from draftforge.data.template import ChatTemplate
+
+CACHE_VERSION = 1
+DEFAULT_CACHE_DIR = Path("~/.cache/draftforge/datasets")
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    """Everything besides tokenizer, template and input that changes the tokens."""
+
+    fmt: str = "auto"
+    max_length: int = 2048
+    last_turn_only: bool = False
+    supervise_empty_think: bool = False
+    # In the key because a strict run must fail on rows that a lenient run skipped.
+    strict: bool = False
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of the tokenizer's vocabulary, merges, normaliser, added and special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
+    digest = hashlib.sha256(state.encode("utf-8"))
+    # Templates read bos_token/eos_token etc. by name, so the names matter too.
+    digest.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def cache_key(
+    tokenizer: Any, template: str, settings: TokenizeSettings, source_fingerprint: str
+) -> str:
+    payload = {
+        "version": CACHE_VERSION,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "template": template,
+        "settings": asdict(settings),
+        "input": source_fingerprint,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """A tokenised dataset loaded from a cache entry; rows are views into flat arrays."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        tensors = load_file(self.path / "tokens.safetensors")
+        self.input_ids: torch.Tensor = tensors["input_ids"]  # int32 [N]
+        self.loss_mask: torch.Tensor = tensors["loss_mask"]  # uint8 [N]
+        self.offsets: torch.Tensor = tensors["offsets"]  # int64 [rows + 1]
+        meta = json.loads((self.path / "meta.json").read_text(encoding="utf-8"))
+        self.key: str = meta["key"]
+        self.ids: list[str] = meta["ids"]
+        self.stats: dict[str, Any] = meta["stats"]
+        self.report = DataReport.from_dict(meta["report"])
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+        return {
+            "id": self.ids[i],
+            "input_ids": self.input_ids[start:end].long(),
+            "loss_mask": self.loss_mask[start:end].bool(),
+        }
+
+
+# (input_ids int32, loss_mask uint8, whether it was truncated), or why the row was dropped
+_Result = tuple[np.ndarray, np.ndarray, bool] | RowError
+
+
+def _encode(template: ChatTemplate, max_length: int, conversation: Conversation) -> _Result:
+    try:
+        ids, mask = template.encode(conversation.messages)
+    except RowError as err:
+        return err
+    truncated = len(ids) > max_length
+    ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask):
+        return RowError(
+            "no_supervised_tokens", f"no assistant token in the first {len(ids)} tokens"
+        )
+    return np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8), truncated
+
+
+# Set once per worker process by the pool initializer, so that the tokenizer crosses the
+# process boundary once instead of with every task.
+_worker_args: tuple[ChatTemplate, int] | None = None
+
+
+def _init_worker(template: ChatTemplate, max_length: int) -> None:
+    global _worker_args
+    _worker_args = template, max_length
+
+
+def _encode_in_worker(conversation: Conversation) -> _Result:
+    assert _worker_args is not None, "the pool initializer did not run"
+    return _encode(*_worker_args, conversation)
+
+
+def _encode_all(
+    conversations: list[Conversation], template: ChatTemplate, max_length: int, num_workers: int
+) -> Iterator[_Result]:
+    """Results in input order, from `num_workers` processes (in this one when 1)."""
+    if num_workers <= 1 or len(conversations) < 2:
+        for conversation in conversations:
+            yield _encode(template, max_length, conversation)
+        return
+    # Fork where the platform has it: workers inherit the tokenizer instead of unpickling
+    # it, and skip re-importing torch. They only run the tokenizer and numpy.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else None)
+    chunksize = max(1, min(64, len(conversations) // (4 * num_workers)))
+    with context.Pool(num_workers, _init_worker, (template, max_length)) as pool:
+        yield from pool.imap(_encode_in_worker, conversations, chunksize=chunksize)
+
+
+def _write_entry(
+    entry: Path,
+    key: str,
+    ids: list[str],
+    arrays: list[tuple[np.ndarray, np.ndarray]],
+    stats: dict[str, Any],
+    report: DataReport,
+    description: dict[str, Any],
+) -> None:
+    lengths = np.fromiter((len(a) for a, _ in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    empty = np.zeros(0, dtype=np.int32)
+    tensors = {
+        "input_ids": np.concatenate([a for a, _ in arrays]) if arrays else empty,
+        "loss_mask": np.concatenate([m for _, m in arrays]) if arrays else empty.astype(np.uint8),
+        "offsets": offsets,
+    }
+    meta = {**description, "key": key, "ids": ids, "stats": stats, "report": report.to_dict()}
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.parent / f".tmp-{entry.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        save_file(tensors, str(tmp / "tokens.safetensors"))
+        (tmp / "meta.json").write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
+        try:
+            tmp.rename(entry)
+        except OSError:
+            # Another process finished the same entry first; its content is identical.
+            if not (entry / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def prepare_dataset(
+    path: str | Path | Source,
+    tokenizer: Any,
+    *,
+    split: str = "train",
+    fmt: str = "auto",
+    max_length: int = 2048,
+    last_turn_only: bool = False,
+    supervise_empty_think: bool = False,
+    chat_template: str | None = None,
+    cache_dir: str | Path | None = None,
+    num_workers: int | None = None,
+    strict: bool = False,
+    progress: bool = True,
+) -> TokenizedDataset:
+    """Read, template, mask and tokenise `path` once; later calls load the cached result.
+
+    `chat_template` replaces the tokenizer's own template (the jinja text itself).
+    `num_workers` defaults to the number of CPU cores.
+    """
+    source = path if isinstance(path, Source) else Source.open(path, split)
+    template = ChatTemplate(
+        tokenizer,
+        chat_template,
+        last_turn_only=last_turn_only,
+        supervise_empty_think=supervise_empty_think,
+    )
+    settings = TokenizeSettings(fmt, max_length, last_turn_only, supervise_empty_think, strict)
+    key = cache_key(tokenizer, template.template, settings, source.fingerprint())
+    entry = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / key
+    if (entry / "meta.json").exists():
+        return TokenizedDataset(entry)
+
+    conversations, report = read_conversations(source, fmt=fmt, strict=strict)
+    workers = num_workers if num_workers is not None else os.cpu_count() or 1
+    ids, arrays, truncated = [], [], 0
+    # closing(): a strict-mode DataError must also shut the worker pool down.
+    with closing(_encode_all(conversations, template, max_length, workers)) as results:
+        bar = tqdm(results, total=len(conversations), desc="tokenising", disable=not progress)
+        for conversation, result in zip(conversations, bar, strict=True):
+            if isinstance(result, RowError):
+                report.skip(result.reason, conversation.source, result.detail)
+                continue
+            ids.append(conversation.id)
+            arrays.append(result[:2])
+            truncated += result[2]
+    tokens = sum(len(a) for a, _ in arrays)
+    stats = {
+        "rows": len(arrays),
+        "tokens": tokens,
+        "supervised_tokens": int(sum(int(m.sum()) for _, m in arrays)),
+        "max_row_tokens": max((len(a) for a, _ in arrays), default=0),
+        "mean_row_tokens": tokens / len(arrays) if arrays else 0.0,
+        "rows_truncated": truncated,
+    }
+    description = {
+        "settings": asdict(settings),
+        "source": source.name,
+        "template": template.template,
+    }
+    _write_entry(entry, key, ids, arrays, stats, report, description)
+    return TokenizedDataset(entry)

@@ -1,0 +1,97 @@
+"""`draftforge prepare`: read, template, mask, tokenise and cache a dataset, then build the
+draft vocabulary from it."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from draftforge.data.cache import TokenizedDataset, prepare_dataset
+from draftforge.data.template import load_template
+from draftforge.data.vocab import DraftVocab, build_draft_vocab, load_draft_vocab, save_draft_vocab
+
+
+def load_tokenizer(tokenizer: str | Path | Any) -> Any:
+    """A tokenizer object from a Hub name, a folder, or a `.gguf` file (objects pass through)."""
+    if not isinstance(tokenizer, (str, Path)):
+        return tokenizer
+    from transformers import AutoTokenizer  # slow to import; only needed here
+
+    local = Path(tokenizer).expanduser()
+    if local.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(local.parent), gguf_file=local.name)
+    return AutoTokenizer.from_pretrained(str(tokenizer))
+
+
+@dataclass
+class PrepareResult:
+    dataset: TokenizedDataset
+    vocab: DraftVocab
+    vocab_path: Path
+
+    def summary(self) -> str:
+        stats = self.dataset.stats
+        tokens, supervised = stats["tokens"], stats["supervised_tokens"]
+        share = supervised / tokens if tokens else 0.0
+        return "\n".join(
+            [
+                f"dataset cache: {self.dataset.path}",
+                *self.dataset.report.lines(),
+                f"tokens: {tokens}, supervised: {supervised} ({share:.1%}), "
+                f"rows cut at max_length: {stats['rows_truncated']}",
+                f"draft vocab: {len(self.vocab.d2t)} of {len(self.vocab.t2d)} target tokens, "
+                f"coverage {self.vocab.coverage:.2%} ({self.vocab_path})",
+            ]
+        )
+
+
+def prepare(
+    path: str | Path,
+    *,
+    split: str = "train",
+    fmt: str = "auto",
+    tokenizer: str | Path | Any,
+    max_length: int = 2048,
+    last_turn_only: bool = False,
+    supervise_empty_think: bool = False,
+    chat_template: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    num_workers: int | None = None,
+    strict: bool = False,
+    draft_vocab_size: int = 32000,
+    target_vocab_size: int | None = None,
+    progress: bool = True,
+) -> PrepareResult:
+    """Tokenised dataset (cached) and its draft vocabulary (saved beside the cache entry).
+
+    `chat_template` overrides the tokenizer's template: jinja text or a path to a file.
+    `target_vocab_size` is the length of `t2d`; pass the target model's `vocab_size` when
+    its embedding is larger than the tokenizer (default: `len(tokenizer)`).
+    """
+    tok = load_tokenizer(tokenizer)
+    dataset = prepare_dataset(
+        path,
+        tok,
+        split=split,
+        fmt=fmt,
+        max_length=max_length,
+        last_turn_only=last_turn_only,
+        supervise_empty_think=supervise_empty_think,
+        chat_template=load_template(chat_template),
+        cache_dir=cache_dir,
+        num_workers=num_workers,
+        strict=strict,
+        progress=progress,
+    )
+    target_vocab_size = target_vocab_size or len(tok)
+    vocab_path = dataset.path / f"draft_vocab_{draft_vocab_size}_of_{target_vocab_size}.safetensors"
+    if vocab_path.exists():
+        vocab = load_draft_vocab(vocab_path)
+    else:
+        vocab = build_draft_vocab(
+            dataset.input_ids,
+            dataset.loss_mask,
+            target_vocab_size=target_vocab_size,
+            draft_vocab_size=draft_vocab_size,
+        )
+        save_draft_vocab(vocab, vocab_path)
+    return PrepareResult(dataset, vocab, vocab_path)

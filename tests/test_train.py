@@ -1,0 +1,211 @@
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from draftforge import checkpoint
+from draftforge.cli import main
+from draftforge.config import load_config
+from draftforge.target import load_target
+from draftforge.testing import tiny_target, tiny_tokenizer
+from draftforge.models import build_draft
+from draftforge.train import (
+    TrainingError,
+    collate,
+    epoch_plan,
+    lr_factor,
+    online_features,
+    pack,
+    split_eval,
+    train,
+    train_step,
+)
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A tiny target with confident predictions and a small conversation set."""
+    root = tmp_path_factory.mktemp("train")
+    # Random layers barely move the residual stream, so the next-token argmax is mostly a
+    # function of the current token; a scaled-up head makes the teacher confident. A draft
+    # can learn that quickly, which is what these tests need to see.
+    model = tiny_target("llama")
+    model.lm_head.weight.data *= 30
+    model.save_pretrained(root / "target")
+    tiny_tokenizer().save_pretrained(root / "target")
+    rng = random.Random(0)
+    with (root / "data.jsonl").open("w") as f:
+        for _ in range(120):
+            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+            answer = " ".join(sorted(question.split())) + ". " + " ".join(WORDS[: rng.randint(2, 10)])
+            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return root
+
+
+def _overrides(workdir: Path, out: Path, **extra) -> list[str]:
+    settings = {
+        "target.path": workdir / "target",
+        "target.aux_layers": "[0,1,2]",
+        "target.cache_dir": workdir / "cache",
+        "data.path": workdir / "data.jsonl",
+        "data.max_length": 256,
+        "data.num_workers": 1,
+        "training.tokens_per_batch": 256,
+        "draft.draft_vocab_size": 320,
+        "training.lr": 3e-3,
+        "training.warmup_steps": 2,
+        "training.log_every": 5,
+        "training.eval_every": 0,
+        "training.save_every": 0,
+        "output.dir": out,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def _metrics(run: Path, split: str = "train") -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == split]
+
+
+def test_training_lowers_loss_and_raises_acc(workdir):
+    out = workdir / "run_learn"
+    cfg = load_config(None, _overrides(workdir, out, **{"training.max_steps": 40, "training.eval_every": 40}))
+    result = train(cfg)
+    train_rows = _metrics(out)
+    first, last = train_rows[0], train_rows[-1]
+    assert result.step == 40
+    assert last["loss"] < 0.8 * first["loss"], (first["loss"], last["loss"])
+    assert last["acc_0"] > first["acc_0"] + 0.15, (first["acc_0"], last["acc_0"])
+    assert last["al_estimate"] > first["al_estimate"]
+    (evaluated,) = _metrics(out, "eval")
+    assert evaluated["step"] == 40 and 0 < evaluated["acc_0"] <= 1
+    assert checkpoint.list_checkpoints(out / "checkpoints")[-1].name == "step_00000040"
+
+
+def _train_cmd(workdir: Path, out: Path, steps: int, save_every: int) -> list[str]:
+    args = _overrides(workdir, out, **{"training.max_steps": steps, "training.save_every": save_every})
+    return [sys.executable, "-m", "draftforge.cli", "train", *args]
+
+
+def test_resume_after_sigkill_is_bitwise_identical(workdir):
+    steps = 12
+    # The uninterrupted reference run.
+    subprocess.run(_train_cmd(workdir, workdir / "run_full", steps, 6), check=True, capture_output=True)
+    # The interrupted run: killed with SIGKILL once its step-6 checkpoint is on disk.
+    out = workdir / "run_killed"
+    proc = subprocess.Popen(
+        _train_cmd(workdir, out, steps, 6), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while not (out / "checkpoints" / "step_00000006").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its checkpoint"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / f"step_{steps:08d}").exists()
+    resumed = subprocess.run(_train_cmd(workdir, out, steps, 6), check=True, capture_output=True, text=True)
+    assert "resumed from" in resumed.stdout
+    final = f"checkpoints/step_{steps:08d}/{checkpoint.WEIGHTS}"
+    a, b = load_file(workdir / "run_full" / final), load_file(out / final)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_damaged_and_unfinished_checkpoints_are_never_picked(tmp_path):
+    root = tmp_path / "ckpt"
+    weights = {"w": torch.arange(6.0)}
+    good = checkpoint.save_checkpoint(root, 1, weights, {"step": 1}, {})
+    newer = checkpoint.save_checkpoint(root, 2, weights, {"step": 2}, {})
+    (root / ".step_00000003-abc").mkdir()  # what a killed writer leaves behind
+    (root / ".step_00000003-abc" / checkpoint.WEIGHTS).write_bytes(b"partial")
+    assert checkpoint.latest_valid(root) == newer
+    data = (newer / checkpoint.WEIGHTS).read_bytes()
+    (newer / checkpoint.WEIGHTS).write_bytes(data[: len(data) // 2])  # truncated later
+    assert checkpoint.latest_valid(root) == good
+    with pytest.raises(checkpoint.CheckpointError, match="damaged"):
+        checkpoint.load_checkpoint(newer)
+    checkpoint.rotate(root, keep=1)
+    assert [p.name for p in checkpoint.list_checkpoints(root)] == ["step_00000002"]
+    assert not list(root.glob(".step_*"))
+
+
+def test_a_step_without_supervised_tokens_is_skipped(workdir, tmp_path):
+    # The data pipeline already drops rows with no assistant token (counted in its report);
+    # a step whose rows supervise nothing anyway must not touch the weights.
+    cfg = load_config(None, _overrides(workdir, tmp_path / "run"))
+    target = load_target(cfg.target)
+    draft = build_draft("eagle3", target.config, [0, 1, 2], 320)
+    draft.load_target_embedding(target.embed_weight())
+    sample = {"input_ids": torch.randint(0, 256, (30,)), "loss_mask": torch.zeros(30, dtype=torch.bool)}
+    batch = collate([sample], [0], 256)
+    feats = online_features(target, batch, draft.draft_ids(), 64)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=1.0)
+    before = {k: v.clone() for k, v in draft.state_dict().items()}
+    assert train_step(draft, [(batch, feats)], optimizer, cfg, torch.device("cpu")) is None
+    assert all(torch.equal(before[k], v) for k, v in draft.state_dict().items())
+    sample["loss_mask"][20:] = True
+    batch = collate([sample], [0], 256)
+    stats = train_step(draft, [(batch, feats)], optimizer, cfg, torch.device("cpu"))
+    assert stats is not None and stats.counts.tolist() == [10] * 7  # tokens 20..29
+
+
+def test_nan_loss_stops_with_a_clear_error(workdir, tmp_path):
+    cfg = load_config(None, _overrides(workdir, tmp_path / "run", **{"training.max_steps": 3}))
+    target = load_target(cfg.target)
+    target.model.model.layers[0].mlp.down_proj.weight.data.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="NaN"):
+        train(cfg, target)
+
+
+def test_bad_settings_are_one_line_errors(workdir, tmp_path, capsys):
+    for extra, message in [
+        ({"target.aux_layers": "[0,1,7]"}, "outside the target's 4 layers"),
+        ({"draft.draft_vocab_size": 100000}, "larger than the target vocabulary"),
+        ({"data.max_length": 4096}, "exceeds training.tokens_per_batch"),
+        ({"data.path": tmp_path / "missing.jsonl"}, "missing.jsonl"),
+    ]:
+        assert main(["train", *_overrides(workdir, tmp_path / "run", **extra)]) == 2
+        err = capsys.readouterr().err
+        (line,) = [line for line in err.splitlines() if "error:" in line]
+        assert message in line and "Traceback" not in err, err
+
+
+def test_packing_and_epoch_plans():
+    lengths = [5, 3, 4, 8, 2, 9]
+    assert pack([0, 1, 2, 3, 4, 5], lengths, 8) == [[0, 1], [2], [3], [4], [5]]
+    plan = epoch_plan(list(range(6)), lengths, 10, seed=3, epoch=0)
+    assert sorted(i for row in plan for i in row) == list(range(6))
+    assert all(sum(min(lengths[i], 10) for i in row) <= 10 for row in plan)
+    assert plan == epoch_plan(list(range(6)), lengths, 10, seed=3, epoch=0)
+    assert plan != epoch_plan(list(range(6)), lengths, 10, seed=3, epoch=1)
+
+
+def test_eval_split_is_stable_and_disjoint():
+    ids = [f"conv-{i}" for i in range(1000)]
+    train_rows, eval_rows = split_eval(ids, 0.1)
+    assert not set(train_rows) & set(eval_rows)
+    assert 60 < len(eval_rows) < 140
+    shuffled = list(reversed(ids))
+    _, eval_again = split_eval(shuffled, 0.1)
+    assert {shuffled[i] for i in eval_again} == {ids[i] for i in eval_rows}
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 4, 100, 0.1) == pytest.approx(0.25)
+    assert lr_factor(3, 4, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(4, 4, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 4, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(52, 4, 100, 0.1) == pytest.approx(0.55)
