@@ -251,7 +251,7 @@ def capture_layers(model: nn.Module, layer_ids: list[int]) -> Iterator[list[Tens
     layers = decoder_layers(model)
     captured: list[Tensor | None] = [None] * len(layer_ids)
 
-    def hook_for(slot: int):  # noqa: ANN202
+    def hook_for(slot: int):
         def hook(_module: nn.Module, _args: object, output: Tensor | tuple) -> None:
             captured[slot] = output[0] if isinstance(output, tuple) else output
 

@@ -77,7 +77,7 @@ def test_bad_override_names_the_key():
         ConfigError, match=r"unknown config key 'training\.lrate'.*valid keys: .*lr"
     ):
         load_config(None, ["training.lrate=1"])
-    with pytest.raises(ConfigError, match="must look like section.key=value"):
+    with pytest.raises(ConfigError, match=r"must look like section\.key=value"):
         load_config(None, ["training.lr"])
     with pytest.raises(ConfigError, match="is a section"):
         load_config(None, ["training=1"])

@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from draftforge import checkpoint
 from draftforge.cli import main
 from draftforge.config import load_config
+from draftforge.models import build_draft
 from draftforge.target import load_target
 from draftforge.testing import tiny_target, tiny_tokenizer
-from draftforge.models import build_draft
 from draftforge.train import (
     TrainingError,
     collate,
@@ -29,7 +29,20 @@ from draftforge.train import (
     train_step,
 )
 
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +60,13 @@ def workdir(tmp_path_factory) -> Path:
     with (root / "data.jsonl").open("w") as f:
         for _ in range(120):
             question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-            answer = " ".join(sorted(question.split())) + ". " + " ".join(WORDS[: rng.randint(2, 10)])
-            messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            answer = (
+                " ".join(sorted(question.split())) + ". " + " ".join(WORDS[: rng.randint(2, 10)])
+            )
+            messages = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
             f.write(json.dumps({"messages": messages}) + "\n")
     return root
 
@@ -81,7 +99,9 @@ def _metrics(run: Path, split: str = "train") -> list[dict]:
 
 def test_training_lowers_loss_and_raises_acc(workdir):
     out = workdir / "run_learn"
-    cfg = load_config(None, _overrides(workdir, out, **{"training.max_steps": 40, "training.eval_every": 40}))
+    cfg = load_config(
+        None, _overrides(workdir, out, **{"training.max_steps": 40, "training.eval_every": 40})
+    )
     result = train(cfg)
     train_rows = _metrics(out)
     first, last = train_rows[0], train_rows[-1]
@@ -95,14 +115,18 @@ def test_training_lowers_loss_and_raises_acc(workdir):
 
 
 def _train_cmd(workdir: Path, out: Path, steps: int, save_every: int) -> list[str]:
-    args = _overrides(workdir, out, **{"training.max_steps": steps, "training.save_every": save_every})
+    args = _overrides(
+        workdir, out, **{"training.max_steps": steps, "training.save_every": save_every}
+    )
     return [sys.executable, "-m", "draftforge.cli", "train", *args]
 
 
 def test_resume_after_sigkill_is_bitwise_identical(workdir):
     steps = 12
     # The uninterrupted reference run.
-    subprocess.run(_train_cmd(workdir, workdir / "run_full", steps, 6), check=True, capture_output=True)
+    subprocess.run(
+        _train_cmd(workdir, workdir / "run_full", steps, 6), check=True, capture_output=True
+    )
     # The interrupted run: killed with SIGKILL once its step-6 checkpoint is on disk.
     out = workdir / "run_killed"
     proc = subprocess.Popen(
@@ -110,12 +134,16 @@ def test_resume_after_sigkill_is_bitwise_identical(workdir):
     )
     deadline = time.time() + 300
     while not (out / "checkpoints" / "step_00000006").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before its checkpoint"
+        assert proc.poll() is None and time.time() < deadline, (
+            "training ended before its checkpoint"
+        )
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoints" / f"step_{steps:08d}").exists()
-    resumed = subprocess.run(_train_cmd(workdir, out, steps, 6), check=True, capture_output=True, text=True)
+    resumed = subprocess.run(
+        _train_cmd(workdir, out, steps, 6), check=True, capture_output=True, text=True
+    )
     assert "resumed from" in resumed.stdout
     final = f"checkpoints/step_{steps:08d}/{checkpoint.WEIGHTS}"
     a, b = load_file(workdir / "run_full" / final), load_file(out / final)
@@ -149,7 +177,10 @@ def test_a_step_without_supervised_tokens_is_skipped(workdir, tmp_path):
     target = load_target(cfg.target)
     draft = build_draft("eagle3", target.config, [0, 1, 2], 320)
     draft.load_target_embedding(target.embed_weight())
-    sample = {"input_ids": torch.randint(0, 256, (30,)), "loss_mask": torch.zeros(30, dtype=torch.bool)}
+    sample = {
+        "input_ids": torch.randint(0, 256, (30,)),
+        "loss_mask": torch.zeros(30, dtype=torch.bool),
+    }
     batch = collate([sample], [0], 256)
     feats = online_features(target, batch, draft.draft_ids(), 64)
     optimizer = torch.optim.AdamW(draft.parameters(), lr=1.0)
