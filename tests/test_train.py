@@ -240,3 +240,26 @@ def test_lr_schedule():
     assert lr_factor(4, 4, 100, 0.1) == pytest.approx(1.0)
     assert lr_factor(100, 4, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(52, 4, 100, 0.1) == pytest.approx(0.55)
+
+
+@pytest.mark.slow
+def test_smollm2_training_raises_acc0(smollm2, tmp_path):
+    assets = Path(__file__).parents[1] / "draftforge" / "assets"
+    overrides = [
+        f"data.path={assets / 'smoke_conversations.jsonl'}",
+        "data.max_length=256",
+        "data.eval_fraction=0",
+        "training.tokens_per_batch=256",
+        "draft.draft_vocab_size=2048",
+        "training.max_steps=200",
+        "training.lr=1e-3",
+        "training.warmup_steps=10",
+        "training.log_every=20",
+        "training.save_every=0",
+        f"target.cache_dir={tmp_path / 'cache'}",
+        f"output.dir={tmp_path / 'run'}",
+    ]
+    train(load_config(None, overrides), smollm2)
+    rows = _metrics(tmp_path / "run")
+    assert rows[-1]["acc_0"] > rows[0]["acc_0"] + 0.3, (rows[0]["acc_0"], rows[-1]["acc_0"])
+    assert rows[-1]["loss"] < rows[0]["loss"]

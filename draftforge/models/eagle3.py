@@ -27,6 +27,9 @@ from draftforge.ttt_attention import ttt_attention
 # attend(q [B,Hq,T,D], k [B,Hkv,T,D], v [B,Hkv,T,D]) -> [B,Hq,T,D]: the caller decides which
 # keys a query sees (TTT pattern in training, KV cache when decoding).
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
+# The TTT attention at step k: (q, k0, v0, k_diag, v_diag, *, segment_ids) -> [B,Hq,T,D]; see
+# draftforge.ttt_attention. Other implementations plug in here for benchmarks.
+TTTAttention = Callable[..., Tensor]
 
 
 class DraftShapeError(ValueError):
@@ -189,6 +192,7 @@ class Eagle3Draft(nn.Module):
         *,
         steps: int = 7,
         decay: float = 0.8,
+        attention: TTTAttention = ttt_attention,
     ) -> TTTOutput:
         """The TTT unroll on a packed batch.
 
