@@ -89,8 +89,11 @@ def run_one(method: str, seq: int, repeats: int) -> dict[str, float]:
     return {"seconds": seconds, "peak_mib": max(peak - base, 0) / 2**20}
 
 
-def child(method: str, seq: int, repeats: int, env: dict[str, str]) -> dict[str, float]:
+def child(
+    method: str, seq: int, repeats: int, threads: int, env: dict[str, str]
+) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--child", method, str(seq), "--repeats", str(repeats)]
+    cmd += ["--threads", str(threads)]
     proc = subprocess.run(
         cmd, env={**os.environ, **env}, capture_output=True, text=True, check=False
     )
@@ -104,8 +107,12 @@ def main() -> None:
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=2, help="timed runs, best is shown")
+    parser.add_argument(
+        "--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads"
+    )
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
         print(json.dumps(run_one(args.child[0], int(args.child[1]), args.repeats)))
         return
@@ -122,8 +129,10 @@ def main() -> None:
             try:
                 # Time with the default allocator (a low mmap threshold costs page faults);
                 # measure the peak in a second child where freed memory leaves the RSS.
-                seconds = child(method, seq, args.repeats, {})["seconds"]
-                peak = child(method, seq, 1, {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)})
+                seconds = child(method, seq, args.repeats, args.threads, {})["seconds"]
+                peak = child(
+                    method, seq, 1, args.threads, {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+                )
             except RuntimeError as err:
                 print(f"{seq:>5}  {method:<22}failed: {err}")
                 continue

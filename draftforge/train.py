@@ -8,14 +8,13 @@ packing) derives from ``training.seed``, so a resumed run is bitwise the uninter
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +24,9 @@ from draftforge import checkpoint, ttt
 from draftforge.config import Config, ConfigError, dump_config, to_dict
 from draftforge.models import build_draft
 from draftforge.target import Target, chunk_tokens, load_target, teacher
+
+if TYPE_CHECKING:
+    from draftforge.data import PrepareResult
 
 
 class TrainingError(RuntimeError):
@@ -114,26 +116,33 @@ class Features:
     teacher_argmax: Tensor  # [1, T] target argmax (target ids)
 
 
+def sample_features(target: Target, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Aux states [T, 3H] and final hidden [T, H] of one sample, run alone.
+
+    One sample per forward (no padding, no packing) makes a sample's features independent of
+    what it is batched with, so online training and offline capture see identical numbers.
+    """
+    aux, last = target.features(input_ids[None].to(target.device))
+    return aux[0], last[0]
+
+
 def online_features(
     target: Target, batch: MicroBatch, draft_ids: Tensor, chunk_mb: int
 ) -> Features:
-    """Run the target over the batch's samples (right-padded, one per row, so no sample sees
-    another) and lay the results out along the packed row."""
-    device = target.device
-    n, longest = len(batch.lengths), max(batch.lengths)
-    pad = target.tokenizer.pad_token_id or 0
-    ids = torch.full((n, longest), pad, dtype=torch.long)
-    attn = torch.zeros(n, longest, dtype=torch.long)
-    starts = [0, *torch.tensor(batch.lengths).cumsum(0).tolist()]
-    for r, (a, b) in enumerate(itertools.pairwise(starts)):
-        ids[r, : b - a] = batch.input_ids[0, a:b]
-        attn[r, : b - a] = 1
-    aux, last = target.features(ids.to(device), attn.to(device))
-    keep = attn.bool().to(device)
-    aux, last = aux[keep], last[keep]  # [T, 3H], [T, H] in packed order
+    """Run the target over the batch's samples and lay the results out along the packed row."""
+    pieces = [sample_features(target, ids) for ids in batch.input_ids[0].split(batch.lengths)]
+    aux = torch.cat([a for a, _ in pieces])
+    last = torch.cat([h for _, h in pieces])
+    return features_from_hidden(target, aux, last, draft_ids, chunk_mb)
+
+
+def features_from_hidden(
+    target: Target, aux: Tensor, last: Tensor, draft_ids: Tensor, chunk_mb: int
+) -> Features:
+    """The teacher over the draft vocab from final hidden states [T, H] (target's lm_head)."""
     weight, bias = target.lm_head()
     probs, argmax = teacher(
-        last,
+        last.to(weight.dtype),
         weight,
         draft_ids,
         lm_head_bias=bias,
@@ -345,27 +354,25 @@ def evaluate(
     return summarize(loss, correct, counts, ce_sums)
 
 
-def load_data(cfg: Config, target: Target) -> tuple[Any, Tensor]:
-    """The tokenised dataset (cached) and the draft vocabulary's target ids."""
+def prepare_data(cfg: Config, tokenizer: Any, target_vocab_size: int) -> PrepareResult:
+    """`draftforge.data.prepare` with the run config's data, target and draft fields.
+
+    Shared by `train` and `draftforge prepare`, so both build and reuse the same cache entry.
+    """
     from draftforge.data import prepare
 
     if not cfg.data.path:
         raise ConfigError("data.path is empty: point it at a conversations file or directory")
-    if cfg.data.max_length > cfg.training.tokens_per_batch:
-        raise ConfigError(
-            f"data.max_length ({cfg.data.max_length}) exceeds training.tokens_per_batch "
-            f"({cfg.training.tokens_per_batch}): raise the budget or lower max_length"
-        )
-    if cfg.draft.draft_vocab_size > target.vocab_size:
+    if cfg.draft.draft_vocab_size > target_vocab_size:
         raise ConfigError(
             f"draft.draft_vocab_size ({cfg.draft.draft_vocab_size}) is larger than the target "
-            f"vocabulary ({target.vocab_size}); use at most {target.vocab_size}"
+            f"vocabulary ({target_vocab_size}); use at most {target_vocab_size}"
         )
-    result = prepare(
+    return prepare(
         cfg.data.path,
         split=cfg.data.split,
         fmt=cfg.data.format,
-        tokenizer=target.tokenizer,
+        tokenizer=tokenizer,
         max_length=cfg.data.max_length,
         last_turn_only=cfg.data.last_turn_only,
         supervise_empty_think=cfg.data.supervise_empty_think,
@@ -374,8 +381,18 @@ def load_data(cfg: Config, target: Target) -> tuple[Any, Tensor]:
         num_workers=cfg.data.num_workers or None,
         strict=cfg.data.strict,
         draft_vocab_size=cfg.draft.draft_vocab_size,
-        target_vocab_size=target.vocab_size,
+        target_vocab_size=target_vocab_size,
     )
+
+
+def load_data(cfg: Config, target: Target) -> tuple[Any, Tensor]:
+    """The tokenised dataset (cached) and the draft vocabulary's target ids."""
+    if cfg.data.max_length > cfg.training.tokens_per_batch:
+        raise ConfigError(
+            f"data.max_length ({cfg.data.max_length}) exceeds training.tokens_per_batch "
+            f"({cfg.training.tokens_per_batch}): raise the budget or lower max_length"
+        )
+    result = prepare_data(cfg, target.tokenizer, target.vocab_size)
     print(result.summary(), flush=True)
     return result.dataset, result.vocab.target_ids
 
