@@ -105,7 +105,10 @@ class TrainingConfig:
     min_lr_ratio: float = opt(0.1, "final learning rate as a share of the peak")
     max_steps: int = opt(1000, "optimizer steps to train")
     tokens_per_batch: int = opt(2048, "token budget of one packed micro-batch")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    grad_accum: int = opt(
+        1, "packed micro-batches per optimizer step, over all data-parallel ranks together"
+    )
+    optimizer: Literal["adamw", "sgd"] = opt("adamw", "optimizer (sgd: plain, for exactness checks)")
     grad_clip: float = opt(0.5, "max gradient norm")
     precision: Literal["auto", "fp32", "bf16"] = opt(
         "auto", "auto = fp32 on CPU, bf16 autocast on GPU"
@@ -123,8 +126,11 @@ class TrainingConfig:
 class ParallelConfig:
     """torch.distributed layout (torchrun sets the world size)."""
 
-    tp: int = opt(1, "tensor-parallel size for the target")
-    fsdp: int = opt(1, "FSDP2 shard size")
+    tp: int = opt(1, "tensor-parallel size of the target (processes per tp group)")
+    fsdp: Literal["none", "draft", "target", "both"] = opt(
+        "none", "what FSDP2 shards over the data-parallel ranks"
+    )
+    compile: bool = opt(False, "torch.compile the draft's decoder layer")
     timeout_minutes: float = opt(10.0, "collective timeout; a dead rank ends the job after this")
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from draftforge.config import TargetConfig
 
@@ -270,20 +271,32 @@ def capture_layers(model: nn.Module, layer_ids: list[int]) -> Iterator[list[Tens
     result.extend(t for t in captured if t is not None)
 
 
-def load_target(cfg: TargetConfig, device: torch.device | str = "cpu") -> Target:
-    """Load the target frozen, in eval mode, with its tokenizer and checked aux layers."""
+def load_target(
+    cfg: TargetConfig, device: torch.device | str = "cpu", tp_mesh: DeviceMesh | None = None
+) -> Target:
+    """Load the target frozen, in eval mode, with its tokenizer and checked aux layers.
+
+    With ``tp_mesh``, transformers shards the weights over it by the model's own tensor-
+    parallel plan (``tp_plan="auto"``, which covers dense and MoE blocks where it exists).
+    """
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     path = resolve_target_path(cfg.path, cfg.cache_dir)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    kwargs = {"tp_plan": "auto", "device_mesh": tp_mesh} if tp_mesh is not None else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
+            path,
+            dtype=pick_dtype(cfg.dtype, device),
+            trust_remote_code=cfg.trust_remote_code,
+            **kwargs,
         )
     except (OSError, ValueError) as err:
         raise TargetError(f"cannot load the model at {path}: {str(err).splitlines()[0]}") from None
-    model.to(device).eval().requires_grad_(False)
+    if tp_mesh is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
     n = model.config.get_text_config().num_hidden_layers
     aux = check_aux_layers(
         cfg.aux_layers if cfg.aux_layers is not None else default_aux_layers(n), n

@@ -11,19 +11,28 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm import tqdm
 
-from draftforge import checkpoint, ttt
+from draftforge import checkpoint, parallel, ttt
 from draftforge.config import Config, ConfigError, dump_config, to_dict
 from draftforge.models import build_draft
-from draftforge.target import Target, chunk_tokens, load_target, teacher
+from draftforge.models.eagle3 import TTTOutput
+from draftforge.parallel import Layout
+from draftforge.target import Target, chunk_tokens, decoder_layers, load_target, teacher
 
 if TYPE_CHECKING:
     from draftforge.data import PrepareResult
@@ -180,16 +189,21 @@ def train_step(
     batches: list[tuple[MicroBatch, Features]],
     optimizer: torch.optim.Optimizer,
     cfg: Config,
-    device: torch.device,
+    layout: Layout,
 ) -> StepStats | None:
-    """One optimizer step; ``None`` (and no update) when no index in it is supervised."""
+    """One optimizer step over this rank's micro-batches; ``None`` (and no update on any
+    rank) when nothing in the global step is supervised."""
     tc = cfg.training
-    # Denominators come from the whole step's data, so the loss is the same however the
-    # step is split into micro-batches (and, later, ranks).
-    counts = sum(ttt.step_counts(b.loss_mask, b.segment_ids, tc.ttt_steps) for b, _ in batches)
+    device = layout.device
+    # Denominators count the whole global step (all micro-batches on all ranks), so the loss
+    # and its gradient do not depend on how the step is split.
+    counts = torch.zeros(tc.ttt_steps, dtype=torch.long)
+    for batch, _ in batches:
+        counts += ttt.step_counts(batch.loss_mask, batch.segment_ids, tc.ttt_steps)
+    counts = parallel.all_reduce_sum(counts.to(device), layout)
     if int(counts[0]) == 0:
         return None
-    norms = counts.to(device).float()
+    norms = counts.float()
     autocast = torch.autocast(
         device.type, dtype=torch.bfloat16, enabled=_use_bf16(tc.precision, device)
     )
@@ -198,23 +212,14 @@ def train_step(
     correct = torch.zeros(tc.ttt_steps, dtype=torch.long, device=device)
     for batch, feats in batches:
         with autocast:
-            out = draft(
-                feats.aux,
-                batch.input_ids.to(device),
-                batch.position_ids.to(device),
-                batch.loss_mask.to(device),
-                feats.teacher_probs,
-                feats.teacher_argmax,
-                norms,
-                batch.segment_ids.to(device),
-                steps=tc.ttt_steps,
-                decay=tc.loss_decay,
-            )
+            out = _forward(draft, batch, feats, norms, cfg, device)
         out.loss.backward()
         loss_sum += out.loss.detach()
         ce_sums += out.ce_sums
         correct += out.correct
     params = [p for p in draft.parameters() if p.requires_grad]
+    if cfg.parallel.fsdp not in ("draft", "both"):
+        parallel.sync_grads(params, layout)
     try:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, error_if_nonfinite=True)
     except RuntimeError as err:
@@ -226,8 +231,33 @@ def train_step(
         ) from None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b.input_ids.shape[1] for b, _ in batches)
+    for total in (loss_sum, ce_sums, correct):
+        parallel.all_reduce_sum(total, layout)
+    tokens = sum(b.input_ids.shape[1] for b, _ in batches) * layout.dp
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
     return StepStats(loss_sum, ce_sums, correct, counts, tokens, grad_norm.detach())
+
+
+def _forward(
+    draft: nn.Module,
+    batch: MicroBatch,
+    feats: Features,
+    norms: Tensor,
+    cfg: Config,
+    device: torch.device,
+) -> TTTOutput:
+    return draft(
+        feats.aux,
+        batch.input_ids.to(device),
+        batch.position_ids.to(device),
+        batch.loss_mask.to(device),
+        feats.teacher_probs,
+        feats.teacher_argmax,
+        norms,
+        batch.segment_ids.to(device),
+        steps=cfg.training.ttt_steps,
+        decay=cfg.training.loss_decay,
+    )
 
 
 def _use_bf16(precision: str, device: torch.device) -> bool:
@@ -248,10 +278,11 @@ def summarize(loss: float, correct: Tensor, counts: Tensor, ce_sums: Tensor) -> 
 
 
 class Trackers:
-    """metrics.jsonl always; tensorboard and wandb when asked for (optional extras)."""
+    """metrics.jsonl always; tensorboard and wandb when asked for (optional extras).
+    Only rank 0 writes (``enabled``)."""
 
-    def __init__(self, names: list[str], run_dir: Path, cfg: Config) -> None:
-        self.jsonl = (run_dir / "metrics.jsonl").open("a")
+    def __init__(self, names: list[str], run_dir: Path, cfg: Config, enabled: bool = True) -> None:
+        self.jsonl = (run_dir / "metrics.jsonl").open("a") if enabled else None
         self.tb = self.wandb = None
         for name in names:
             if name == "tensorboard":
@@ -276,6 +307,8 @@ class Trackers:
                 )
 
     def log(self, split: str, step: int, metrics: dict[str, float]) -> None:
+        if self.jsonl is None:
+            return
         self.jsonl.write(json.dumps({"split": split, "step": step, **metrics}) + "\n")
         self.jsonl.flush()
         for key, value in metrics.items():
@@ -285,7 +318,8 @@ class Trackers:
             self.wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
 
     def close(self) -> None:
-        self.jsonl.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
         if self.wandb is not None:
@@ -316,42 +350,67 @@ def micro_batches(
         epoch, index = epoch + 1, 0
 
 
+def rank_share(items: list[Any], layout: Layout) -> list[Any]:
+    """This dp rank's items: every dp-th one, starting at its dp rank."""
+    return items[layout.dp_rank :: layout.dp]
+
+
+def features_for(
+    target: Target, batches: list[MicroBatch], draft_ids: Tensor, cfg: Config, layout: Layout
+) -> list[Features]:
+    """Online features of this rank's micro-batches.
+
+    An FSDP-sharded target runs collectives in every forward, so every dp rank must run as
+    many forwards as the busiest one: the others run one-token forwards to keep in step.
+    """
+    feats = [online_features(target, b, draft_ids, cfg.target.teacher_chunk_mb) for b in batches]
+    if cfg.parallel.fsdp in ("target", "both"):
+        mine = sum(len(b.lengths) for b in batches)
+        for _ in range(parallel.all_reduce_max(mine, layout) - mine):
+            target.features(torch.zeros(1, 1, dtype=torch.long, device=target.device))
+    return feats
+
+
 @torch.no_grad()
 def evaluate(
-    draft: nn.Module, target: Target, dataset: Any, rows: list[int], lengths: list[int], cfg: Config
+    draft: nn.Module,
+    target: Target,
+    dataset: Any,
+    rows: list[int],
+    lengths: list[int],
+    cfg: Config,
+    layout: Layout,
 ) -> dict[str, float]:
-    """Loss, acc_k and AL estimate over the held-out rows."""
+    """Loss, acc_k and AL estimate over the held-out rows (shared out over dp ranks)."""
     tc = cfg.training
-    device = target.device
     draft.eval()
     plan = pack(rows, lengths, tc.tokens_per_batch)
-    loss = 0.0
-    ce_sums = torch.zeros(tc.ttt_steps)
-    correct = torch.zeros(tc.ttt_steps, dtype=torch.long)
+    # Equal micro-batch counts on every rank (a sharded draft runs collectives per forward):
+    # short ranks repeat a batch with nothing supervised, which adds nothing to the sums.
+    per_rank = -(-len(plan) // layout.dp)
+    mine = [collate(dataset, r, tc.tokens_per_batch) for r in rank_share(plan, layout)]
+    while len(mine) < per_rank:
+        filler = collate(dataset, plan[0], tc.tokens_per_batch)
+        filler.loss_mask.zero_()
+        mine.append(filler)
     counts = torch.zeros(tc.ttt_steps, dtype=torch.long)
-    batches = [collate(dataset, r, tc.tokens_per_batch) for r in plan]
-    for batch in batches:
+    for batch in mine:
         counts += ttt.step_counts(batch.loss_mask, batch.segment_ids, tc.ttt_steps)
-    norms = counts.float().to(device)
-    for batch in batches:
-        feats = online_features(target, batch, draft.draft_ids(), cfg.target.teacher_chunk_mb)
-        out = draft(
-            feats.aux,
-            batch.input_ids.to(device),
-            batch.position_ids.to(device),
-            batch.loss_mask.to(device),
-            feats.teacher_probs,
-            feats.teacher_argmax,
-            norms,
-            batch.segment_ids.to(device),
-            steps=tc.ttt_steps,
-            decay=tc.loss_decay,
-        )
-        loss += float(out.loss)
-        ce_sums += out.ce_sums.cpu()
-        correct += out.correct.cpu()
+    counts = parallel.all_reduce_sum(counts.to(layout.device), layout)
+    loss = torch.zeros((), device=layout.device)
+    ce_sums = torch.zeros(tc.ttt_steps, device=layout.device)
+    correct = torch.zeros(tc.ttt_steps, dtype=torch.long, device=layout.device)
+    for batch, feats in zip(
+        mine, features_for(target, mine, draft.draft_ids(), cfg, layout), strict=True
+    ):
+        out = _forward(draft, batch, feats, counts.float(), cfg, layout.device)
+        loss += out.loss
+        ce_sums += out.ce_sums
+        correct += out.correct
+    for total in (loss, ce_sums, correct):
+        parallel.all_reduce_sum(total, layout)
     draft.train()
-    return summarize(loss, correct, counts, ce_sums)
+    return summarize(float(loss), correct, counts, ce_sums)
 
 
 def prepare_data(cfg: Config, tokenizer: Any, target_vocab_size: int) -> PrepareResult:
@@ -385,7 +444,7 @@ def prepare_data(cfg: Config, tokenizer: Any, target_vocab_size: int) -> Prepare
     )
 
 
-def load_data(cfg: Config, target: Target) -> tuple[Any, Tensor]:
+def load_data(cfg: Config, target: Target, log: Callable[..., None] = print) -> tuple[Any, Tensor]:
     """The tokenised dataset (cached) and the draft vocabulary's target ids."""
     if cfg.data.max_length > cfg.training.tokens_per_batch:
         raise ConfigError(
@@ -393,7 +452,7 @@ def load_data(cfg: Config, target: Target) -> tuple[Any, Tensor]:
             f"({cfg.training.tokens_per_batch}): raise the budget or lower max_length"
         )
     result = prepare_data(cfg, target.tokenizer, target.vocab_size)
-    print(result.summary(), flush=True)
+    log(result.summary(), flush=True)
     return result.dataset, result.vocab.target_ids
 
 
@@ -406,11 +465,34 @@ class TrainResult:
 
 
 def train(cfg: Config, target: Target | None = None) -> TrainResult:
-    """Train a draft as ``cfg`` says; resumes from the newest checkpoint when asked."""
+    """Train a draft as ``cfg`` says; resumes from the newest checkpoint when asked.
+
+    Runs as one process or under torchrun (see :mod:`draftforge.parallel`).
+    """
+    layout = parallel.setup(cfg.parallel)
+    try:
+        return _train(cfg, target, layout)
+    finally:
+        parallel.teardown(layout)
+
+
+def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
     tc = cfg.training
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    target = target or load_target(cfg.target, device)
-    dataset, draft_ids = load_data(cfg, target)
+    if tc.grad_accum % layout.dp:
+        raise ConfigError(
+            f"training.grad_accum ({tc.grad_accum}) must be a multiple of the {layout.dp} "
+            "data-parallel ranks: each step's micro-batches are shared out evenly"
+        )
+    log = print if layout.is_main else _quiet
+    target = target or load_target(cfg.target, layout.device, tp_mesh=layout.tp_mesh())
+    if cfg.parallel.fsdp in ("target", "both"):
+        parallel.shard_target(target.model, layout, decoder_layers(target.model))
+    # Rank 0 builds the tokenised cache; the others then find it there.
+    if layout.is_main:
+        dataset, draft_ids = load_data(cfg, target, log)
+    parallel.barrier(layout)
+    if not layout.is_main:
+        dataset, draft_ids = load_data(cfg, target, log)
     lengths = [int(n) for n in (dataset.offsets[1:] - dataset.offsets[:-1]).tolist()]
     train_rows, eval_rows = split_eval(dataset.ids, cfg.data.eval_fraction)
     if not train_rows:
@@ -428,70 +510,94 @@ def train(cfg: Config, target: Target | None = None) -> TrainResult:
     )
     draft.load_target_embedding(target.embed_weight())
     draft.set_vocab(draft_ids)
-    draft.to(device).train()
-    params = [p for p in draft.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
+    draft.to(layout.device).train()
+    draft = parallel.parallelize_draft(
+        draft,
+        layout,
+        fsdp=cfg.parallel.fsdp in ("draft", "both"),
+        compile=cfg.parallel.compile,
+        bf16=_use_bf16(tc.precision, layout.device),
     )
+    params = [p for p in draft.parameters() if p.requires_grad]
+    if tc.optimizer == "sgd":
+        optimizer: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=tc.lr, weight_decay=tc.weight_decay
+        )
+    else:
+        optimizer = torch.optim.AdamW(
+            params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
     )
 
     run_dir = Path(cfg.output.dir)
     ckpt_root = run_dir / "checkpoints"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if layout.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     step, skipped, position = 0, 0, Position()
     resume_from = _resume_path(tc.resume, ckpt_root)
     if resume_from is not None:
         weights, state = checkpoint.load_checkpoint(resume_from)
-        draft.load_state_dict(weights, strict=False)  # the frozen embedding is the target's
-        optimizer.load_state_dict(state["optimizer"])
+        # Full (unsharded) state dicts: a checkpoint resumes on any world size.
+        set_model_state_dict(
+            draft, weights, options=StateDictOptions(full_state_dict=True, strict=False)
+        )
+        set_optimizer_state_dict(
+            draft, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         step, skipped = state["step"], state["skipped"]
         position = Position(state["epoch"], state["index"])
-        print(f"resumed from {resume_from} at step {step}", flush=True)
+        log(f"resumed from {resume_from} at step {step}", flush=True)
 
     def save() -> None:
-        weights = {k: v for k, v in draft.state_dict().items() if not k.startswith("embed_tokens.")}
-        state = {
-            "step": step,
-            "skipped": skipped,
-            "epoch": position.epoch,
-            "index": position.index,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-        }
-        extra = {
-            "config.yaml": dump_config(cfg),
-            "draft_config.json": draft.config.to_json_string(),
-        }
-        checkpoint.save_checkpoint(ckpt_root, step, weights, state, extra)
-        checkpoint.rotate(ckpt_root, tc.keep_checkpoints)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = get_model_state_dict(draft, options=full)  # collective when sharded
+        optimizer_state = get_optimizer_state_dict(draft, optimizer, options=full)
+        if layout.is_main:
+            state = {
+                "step": step,
+                "skipped": skipped,
+                "epoch": position.epoch,
+                "index": position.index,
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+            }
+            extra = {
+                "config.yaml": dump_config(cfg),
+                "draft_config.json": draft.config.to_json_string(),
+            }
+            weights = {k: v for k, v in weights.items() if not k.startswith("embed_tokens.")}
+            checkpoint.save_checkpoint(ckpt_root, step, weights, state, extra)
+            checkpoint.rotate(ckpt_root, tc.keep_checkpoints)
+        parallel.barrier(layout)
 
-    trackers = Trackers(tc.trackers, run_dir, cfg)
+    trackers = Trackers(tc.trackers if layout.is_main else [], run_dir, cfg, layout.is_main)
     stream = micro_batches(dataset, train_rows, lengths, cfg, position)
     window: list[StepStats] = []
     window_start = time.perf_counter()
     metrics: dict[str, float] = {}
-    bar = tqdm(total=tc.max_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=tc.max_steps,
+        initial=step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not layout.is_main,
+    )
     try:
         while step < tc.max_steps:
-            batches = []
+            step_rows = []
             for _ in range(tc.grad_accum):
                 next_position, rows = next(stream)
-                batch = collate(dataset, rows, tc.tokens_per_batch)
-                batches.append(
-                    (
-                        batch,
-                        online_features(
-                            target, batch, draft.draft_ids(), cfg.target.teacher_chunk_mb
-                        ),
-                    )
-                )
-            stats = train_step(draft, batches, optimizer, cfg, device)
+                step_rows.append(rows)
+            mine = [collate(dataset, r, tc.tokens_per_batch) for r in rank_share(step_rows, layout)]
+            feats = features_for(target, mine, draft.draft_ids(), cfg, layout)
+            stats = train_step(draft, list(zip(mine, feats, strict=True)), optimizer, cfg, layout)
             position = Position(next_position.epoch, next_position.index + 1)
             if stats is None:
                 skipped += 1
@@ -513,14 +619,14 @@ def train(cfg: Config, target: Target | None = None) -> TrainResult:
                 window, window_start = [], time.perf_counter()
             if eval_rows and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
                 trackers.log(
-                    "eval", step, evaluate(draft, target, dataset, eval_rows, lengths, cfg)
+                    "eval", step, evaluate(draft, target, dataset, eval_rows, lengths, cfg, layout)
                 )
             if tc.save_every and step % tc.save_every == 0:
                 save()
     except KeyboardInterrupt:
         # Between steps the state is consistent: keep what was learnt, then stop.
         bar.close()
-        print(f"\ninterrupted at step {step}: saving a checkpoint to resume from", flush=True)
+        log(f"\ninterrupted at step {step}: saving a checkpoint to resume from", flush=True)
         save()
         trackers.close()
         raise
@@ -530,6 +636,10 @@ def train(cfg: Config, target: Target | None = None) -> TrainResult:
         save()
     trackers.close()
     return TrainResult(step=step, run_dir=run_dir, metrics=metrics, skipped=skipped)
+
+
+def _quiet(*_args: object, **_kwargs: object) -> None:
+    """``print`` for ranks other than 0."""
 
 
 def _window_metrics(

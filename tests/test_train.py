@@ -15,6 +15,7 @@ from draftforge import checkpoint
 from draftforge.cli import main
 from draftforge.config import load_config
 from draftforge.models import build_draft
+from draftforge.parallel import setup
 from draftforge.target import load_target
 from draftforge.testing import tiny_target, tiny_tokenizer
 from draftforge.train import (
@@ -185,11 +186,11 @@ def test_a_step_without_supervised_tokens_is_skipped(workdir, tmp_path):
     feats = online_features(target, batch, draft.draft_ids(), 64)
     optimizer = torch.optim.AdamW(draft.parameters(), lr=1.0)
     before = {k: v.clone() for k, v in draft.state_dict().items()}
-    assert train_step(draft, [(batch, feats)], optimizer, cfg, torch.device("cpu")) is None
+    assert train_step(draft, [(batch, feats)], optimizer, cfg, setup(cfg.parallel)) is None
     assert all(torch.equal(before[k], v) for k, v in draft.state_dict().items())
     sample["loss_mask"][20:] = True
     batch = collate([sample], [0], 256)
-    stats = train_step(draft, [(batch, feats)], optimizer, cfg, torch.device("cpu"))
+    stats = train_step(draft, [(batch, feats)], optimizer, cfg, setup(cfg.parallel))
     assert stats is not None and stats.counts.tolist() == [10] * 7  # tokens 20..29
 
 

@@ -1,0 +1,149 @@
+"""torch.distributed layout: data parallel, FSDP2 and tensor parallelism, on CPU or GPU.
+
+The same code runs as one plain process or under ``torchrun``. The device mesh has two
+dimensions, ``("dp", "tp")``: ranks in one tp group share a batch and split the target's
+weights; dp groups read disjoint micro-batches. Nothing here is module-level state: the
+:class:`Layout` is passed to whoever needs it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from draftforge.config import ConfigError, ParallelConfig
+
+
+@dataclass
+class Layout:
+    """This process's place in the job."""
+
+    rank: int
+    world: int
+    dp: int
+    dp_rank: int
+    tp: int
+    device: torch.device
+    mesh: DeviceMesh | None  # None in a single process
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    def dp_mesh(self) -> DeviceMesh | None:
+        return self.mesh["dp"] if self.mesh is not None else None
+
+    def tp_mesh(self) -> DeviceMesh | None:
+        return self.mesh["tp"] if self.mesh is not None and self.tp > 1 else None
+
+
+def setup(cfg: ParallelConfig) -> Layout:
+    """Join the job ``torchrun`` started (or stay a single process) and build the mesh."""
+    cuda = torch.cuda.is_available()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        if cfg.tp != 1:
+            raise ConfigError(
+                f"parallel.tp={cfg.tp} needs {cfg.tp} processes: launch with torchrun --nproc-per-node {cfg.tp}"
+            )
+        return Layout(0, 1, 1, 0, 1, torch.device("cuda" if cuda else "cpu"), None)
+    if world % cfg.tp:
+        raise ConfigError(f"parallel.tp={cfg.tp} does not divide the {world} processes")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # A collective that waits longer than this fails instead of hanging the job, so a
+        # dead rank ends the run with an error.
+        dist.init_process_group(
+            backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=cfg.timeout_minutes)
+        )
+    rank = dist.get_rank()
+    mesh = init_device_mesh(device.type, (world // cfg.tp, cfg.tp), mesh_dim_names=("dp", "tp"))
+    return Layout(rank, world, world // cfg.tp, mesh["dp"].get_local_rank(), cfg.tp, device, mesh)
+
+
+def teardown(layout: Layout) -> None:
+    if layout.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(layout: Layout) -> None:
+    if layout.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(x: Tensor, layout: Layout) -> Tensor:
+    """Sum over data-parallel ranks (tp ranks hold the same values)."""
+    if layout.dp > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=layout.dp_mesh().get_group())
+    return x
+
+
+def all_reduce_max(value: int, layout: Layout) -> int:
+    if layout.world == 1:
+        return value
+    t = torch.tensor([value], device=layout.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def sync_grads(params: list[nn.Parameter], layout: Layout) -> None:
+    """Sum gradients of a replicated draft over dp ranks.
+
+    The loss is already divided by the global supervised-token count, so the sum of the
+    ranks' gradients is the gradient of the global loss: no averaging.
+    """
+    if layout.dp == 1:
+        return
+    group = layout.dp_mesh().get_group()
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
+
+
+def parallelize_draft(
+    draft: nn.Module, layout: Layout, *, fsdp: bool, compile: bool, bf16: bool
+) -> nn.Module:
+    """Apply, in this fixed order: (tensor parallelism: none, a draft is one layer), torch.compile
+    of the decoder layer, then FSDP2 ``fully_shard`` over the dp ranks.
+
+    FSDP2 must wrap the module whose ``forward`` runs the whole TTT unroll: calling a sharded
+    submodule from outside would mix DTensors and plain tensors.
+    """
+    if compile:
+        draft.midlayer.compile()
+    if fsdp and layout.dp > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+        )
+        fully_shard(draft, mesh=layout.dp_mesh(), mp_policy=policy)
+        # Sum, not average: the loss is normalised by the global token count already.
+        draft.set_gradient_divide_factor(1.0)
+    return draft
+
+
+def shard_target(model: nn.Module, layout: Layout, decoder_layers: nn.ModuleList) -> nn.Module:
+    """FSDP2-shard a frozen target over the dp ranks, one unit per decoder layer, so each
+    rank holds 1/dp of its weights and gathers one layer at a time."""
+    from torch.distributed.fsdp import fully_shard
+
+    if layout.dp == 1:
+        return model
+    for layer in decoder_layers:
+        fully_shard(layer, mesh=layout.dp_mesh(), reshard_after_forward=True)
+    fully_shard(model, mesh=layout.dp_mesh(), reshard_after_forward=True)
+    return model
