@@ -99,3 +99,60 @@ def save_tiny_target(
     tiny_target(family, seed, **overrides).save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+
+
+def write_tiny_run(root: str | Path, conversations: int = 120) -> Path:
+    """A tiny target with confident predictions plus a small conversation set, for training
+    tests: ``root/target`` and ``root/data.jsonl``.
+
+    Random layers barely move the residual stream, so the next-token argmax is mostly a
+    function of the current token; a scaled-up head makes the teacher confident. A draft
+    learns that in a few dozen steps, which is what training tests need to see.
+    """
+    import json
+    import random
+
+    root = Path(root)
+    model = tiny_target("llama")
+    model.lm_head.weight.data *= 30
+    model.save_pretrained(root / "target")
+    tiny_tokenizer().save_pretrained(root / "target")
+    rng = random.Random(0)
+    with (root / "data.jsonl").open("w") as f:
+        for _ in range(conversations):
+            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
+            answer = (
+                " ".join(sorted(question.split())) + ". " + " ".join(WORDS[: rng.randint(2, 10)])
+            )
+            messages = [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": answer},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return root
+
+
+def tiny_run_overrides(root: str | Path, out: str | Path, **extra: Any) -> list[str]:
+    """``section.key=value`` overrides that train on :func:`write_tiny_run`'s files."""
+    root = Path(root)
+    settings: dict[str, Any] = {
+        "target.path": root / "target",
+        "target.aux_layers": "[0,1,2]",
+        "target.cache_dir": root / "cache",
+        "data.path": root / "data.jsonl",
+        "data.max_length": 256,
+        "data.num_workers": 1,
+        "training.tokens_per_batch": 256,
+        "draft.draft_vocab_size": 320,
+        "training.lr": 3e-3,
+        "training.warmup_steps": 2,
+        "training.log_every": 5,
+        "training.eval_every": 0,
+        "training.save_every": 0,
+        "output.dir": out,
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in settings.items()]

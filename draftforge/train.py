@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +159,45 @@ def features_from_hidden(
         chunk=chunk_tokens(weight.shape[0], chunk_mb),
     )
     return Features(aux=aux[None].float(), teacher_probs=probs[None], teacher_argmax=argmax[None])
+
+
+class FeatureSource(Protocol):
+    """Where micro-batches' features come from: the target run here, or captured shards
+    (:mod:`draftforge.offline`)."""
+
+    def features(self, batches: list[MicroBatch], draft_ids: Tensor) -> list[Features]: ...
+
+    def steps(
+        self, plan: Iterator[tuple[Position, list[MicroBatch]]], draft_ids: Tensor
+    ) -> Iterator[tuple[Position, list[MicroBatch], list[Features]]]:
+        """Each step of ``plan`` with its features, in order."""
+        ...
+
+
+class OnlineFeatures:
+    """The target runs in this process, for each step as it comes."""
+
+    def __init__(self, target: Target, cfg: Config, layout: Layout) -> None:
+        self.target, self.cfg, self.layout = target, cfg, layout
+
+    def features(self, batches: list[MicroBatch], draft_ids: Tensor) -> list[Features]:
+        return features_for(self.target, batches, draft_ids, self.cfg, self.layout)
+
+    def steps(
+        self, plan: Iterator[tuple[Position, list[MicroBatch]]], draft_ids: Tensor
+    ) -> Iterator[tuple[Position, list[MicroBatch], list[Features]]]:
+        for position, batches in plan:
+            yield position, batches, self.features(batches, draft_ids)
+
+
+def feature_source(cfg: Config, target: Target, dataset: Any, layout: Layout) -> FeatureSource:
+    """Online or offline features, as ``data.mode`` says; an offline capture is verified here,
+    before training starts."""
+    if cfg.data.mode == "offline":
+        from draftforge.offline import open_features
+
+        return open_features(cfg, target, dataset, layout)
+    return OnlineFeatures(target, cfg, layout)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -355,6 +394,20 @@ def rank_share(items: list[Any], layout: Layout) -> list[Any]:
     return items[layout.dp_rank :: layout.dp]
 
 
+def step_batches(
+    stream: Iterator[tuple[Position, list[int]]], dataset: Any, cfg: Config, layout: Layout
+) -> Iterator[tuple[Position, list[MicroBatch]]]:
+    """This rank's collated micro-batches of each optimizer step, with the position of the
+    step's last micro-batch."""
+    while True:
+        step_rows = []
+        for _ in range(cfg.training.grad_accum):
+            position, rows = next(stream)
+            step_rows.append(rows)
+        budget = cfg.training.tokens_per_batch
+        yield position, [collate(dataset, r, budget) for r in rank_share(step_rows, layout)]
+
+
 def features_for(
     target: Target, batches: list[MicroBatch], draft_ids: Tensor, cfg: Config, layout: Layout
 ) -> list[Features]:
@@ -374,7 +427,7 @@ def features_for(
 @torch.no_grad()
 def evaluate(
     draft: nn.Module,
-    target: Target,
+    source: FeatureSource,
     dataset: Any,
     rows: list[int],
     lengths: list[int],
@@ -400,9 +453,7 @@ def evaluate(
     loss = torch.zeros((), device=layout.device)
     ce_sums = torch.zeros(tc.ttt_steps, device=layout.device)
     correct = torch.zeros(tc.ttt_steps, dtype=torch.long, device=layout.device)
-    for batch, feats in zip(
-        mine, features_for(target, mine, draft.draft_ids(), cfg, layout), strict=True
-    ):
+    for batch, feats in zip(mine, source.features(mine, draft.draft_ids()), strict=True):
         out = _forward(draft, batch, feats, counts.float(), cfg, layout.device)
         loss += out.loss
         ce_sums += out.ce_sums
@@ -493,6 +544,7 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
     parallel.barrier(layout)
     if not layout.is_main:
         dataset, draft_ids = load_data(cfg, target, log)
+    source = feature_source(cfg, target, dataset, layout)
     lengths = [int(n) for n in (dataset.offsets[1:] - dataset.offsets[:-1]).tolist()]
     train_rows, eval_rows = split_eval(dataset.ids, cfg.data.eval_fraction)
     if not train_rows:
@@ -510,6 +562,19 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
     )
     draft.load_target_embedding(target.embed_weight())
     draft.set_vocab(draft_ids)
+    if cfg.draft.init_from:
+        from draftforge.export import load_draft
+
+        start = load_draft(cfg.draft.init_from, target)
+        if not torch.equal(start.draft_ids(), draft.draft_ids()):
+            log(f"draft.init_from: keeping the draft vocabulary of {cfg.draft.init_from}")
+        try:
+            draft.load_state_dict(start.state_dict())
+        except RuntimeError as err:
+            raise ConfigError(
+                f"draft.init_from {cfg.draft.init_from} does not fit this draft ({str(err).splitlines()[-1].strip()}); "
+                "match draft.draft_vocab_size and the target to the starting draft"
+            ) from None
     draft.to(layout.device).train()
     draft = parallel.parallelize_draft(
         draft,
@@ -577,7 +642,10 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
         parallel.barrier(layout)
 
     trackers = Trackers(tc.trackers if layout.is_main else [], run_dir, cfg, layout.is_main)
-    stream = micro_batches(dataset, train_rows, lengths, cfg, position)
+    steps = source.steps(
+        step_batches(micro_batches(dataset, train_rows, lengths, cfg, position), dataset, cfg, layout),
+        draft.draft_ids(),
+    )
     window: list[StepStats] = []
     window_start = time.perf_counter()
     metrics: dict[str, float] = {}
@@ -591,12 +659,7 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
     )
     try:
         while step < tc.max_steps:
-            step_rows = []
-            for _ in range(tc.grad_accum):
-                next_position, rows = next(stream)
-                step_rows.append(rows)
-            mine = [collate(dataset, r, tc.tokens_per_batch) for r in rank_share(step_rows, layout)]
-            feats = features_for(target, mine, draft.draft_ids(), cfg, layout)
+            next_position, mine, feats = next(steps)
             stats = train_step(draft, list(zip(mine, feats, strict=True)), optimizer, cfg, layout)
             position = Position(next_position.epoch, next_position.index + 1)
             if stats is None:
@@ -619,7 +682,7 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
                 window, window_start = [], time.perf_counter()
             if eval_rows and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
                 trackers.log(
-                    "eval", step, evaluate(draft, target, dataset, eval_rows, lengths, cfg, layout)
+                    "eval", step, evaluate(draft, source, dataset, eval_rows, lengths, cfg, layout)
                 )
             if tc.save_every and step % tc.save_every == 0:
                 save()

@@ -1,6 +1,5 @@
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,11 +12,11 @@ from safetensors.torch import load_file
 
 from draftforge import checkpoint
 from draftforge.cli import main
-from draftforge.config import load_config
+from draftforge.config import ConfigError, load_config
 from draftforge.models import build_draft
 from draftforge.parallel import setup
 from draftforge.target import load_target
-from draftforge.testing import tiny_target, tiny_tokenizer
+from draftforge.testing import tiny_run_overrides, write_tiny_run
 from draftforge.train import (
     TrainingError,
     collate,
@@ -30,67 +29,14 @@ from draftforge.train import (
     train_step,
 )
 
-WORDS = [
-    "alpha",
-    "beta",
-    "gamma",
-    "delta",
-    "epsilon",
-    "zeta",
-    "eta",
-    "theta",
-    "iota",
-    "kappa",
-    "lambda",
-    "mu",
-]
-
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A tiny target with confident predictions and a small conversation set."""
-    root = tmp_path_factory.mktemp("train")
-    # Random layers barely move the residual stream, so the next-token argmax is mostly a
-    # function of the current token; a scaled-up head makes the teacher confident. A draft
-    # can learn that quickly, which is what these tests need to see.
-    model = tiny_target("llama")
-    model.lm_head.weight.data *= 30
-    model.save_pretrained(root / "target")
-    tiny_tokenizer().save_pretrained(root / "target")
-    rng = random.Random(0)
-    with (root / "data.jsonl").open("w") as f:
-        for _ in range(120):
-            question = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8)))
-            answer = (
-                " ".join(sorted(question.split())) + ". " + " ".join(WORDS[: rng.randint(2, 10)])
-            )
-            messages = [
-                {"role": "user", "content": question},
-                {"role": "assistant", "content": answer},
-            ]
-            f.write(json.dumps({"messages": messages}) + "\n")
-    return root
+    return write_tiny_run(tmp_path_factory.mktemp("train"))
 
 
 def _overrides(workdir: Path, out: Path, **extra) -> list[str]:
-    settings = {
-        "target.path": workdir / "target",
-        "target.aux_layers": "[0,1,2]",
-        "target.cache_dir": workdir / "cache",
-        "data.path": workdir / "data.jsonl",
-        "data.max_length": 256,
-        "data.num_workers": 1,
-        "training.tokens_per_batch": 256,
-        "draft.draft_vocab_size": 320,
-        "training.lr": 3e-3,
-        "training.warmup_steps": 2,
-        "training.log_every": 5,
-        "training.eval_every": 0,
-        "training.save_every": 0,
-        "output.dir": out,
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in settings.items()]
+    return tiny_run_overrides(workdir, out, **extra)
 
 
 def _metrics(run: Path, split: str = "train") -> list[dict]:
@@ -264,3 +210,27 @@ def test_smollm2_training_raises_acc0(smollm2, tmp_path):
     rows = _metrics(tmp_path / "run")
     assert rows[-1]["acc_0"] > rows[0]["acc_0"] + 0.3, (rows[0]["acc_0"], rows[-1]["acc_0"])
     assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_init_from_an_export_starts_from_its_weights(workdir, tmp_path):
+    from draftforge.export import export_checkpoint
+
+    first = tmp_path / "first"
+    train(load_config(None, _overrides(workdir, first, **{"training.max_steps": 3})))
+    export_checkpoint(first, "hf", tmp_path / "hf")
+    second = tmp_path / "second"
+    overrides = _overrides(
+        workdir, second, **{"training.max_steps": 0, "draft.init_from": tmp_path / "hf"}
+    )
+    train(load_config(None, overrides))
+    a = load_file(first / "checkpoints" / "step_00000003" / checkpoint.WEIGHTS)
+    b = load_file(second / "checkpoints" / "step_00000000" / checkpoint.WEIGHTS)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    mismatched = _overrides(
+        workdir,
+        tmp_path / "third",
+        **{"draft.init_from": tmp_path / "hf", "draft.draft_vocab_size": 100},
+    )
+    with pytest.raises(ConfigError, match="does not fit this draft"):
+        train(load_config(None, mismatched))
