@@ -78,6 +78,23 @@ class DataConfig:
     mode: Literal["online", "offline"] = opt(
         "online", "online: run the target every step; offline: read captured features"
     )
+    features_dir: str = opt(
+        "",
+        "captured features (`draftforge capture` writes them, mode=offline reads them); "
+        "empty: a folder under target.cache_dir/features named by the capture settings",
+    )
+    storage_dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
+        "auto", "dtype of captured hidden states on disk; auto = the target's (exact)"
+    )
+    shard_mb: float = opt(256.0, "size of one captured feature shard file, in MB")
+    prefetch: int = opt(
+        4, "offline: optimizer steps of features a background thread reads ahead; 0 = none"
+    )
+    verify_checksums: bool = opt(
+        True,
+        "offline: check every shard's sha256 before training (sizes, headers and tokens "
+        "are always checked)",
+    )
     num_workers: int = opt(0, "preprocessing processes; 0 = one per CPU core")
     strict: bool = opt(False, "stop at the first malformed row instead of skipping it")
 
@@ -106,9 +123,13 @@ class TrainingConfig:
     max_steps: int = opt(1000, "optimizer steps to train")
     tokens_per_batch: int = opt(2048, "token budget of one packed micro-batch")
     grad_accum: int = opt(
-        1, "packed micro-batches per optimizer step, over all data-parallel ranks together"
+        0,
+        "packed micro-batches per optimizer step, over all data-parallel ranks together; "
+        "0 = one per rank",
     )
-    optimizer: Literal["adamw", "sgd"] = opt("adamw", "optimizer (sgd: plain, for exactness checks)")
+    optimizer: Literal["adamw", "sgd"] = opt(
+        "adamw", "optimizer (sgd: plain, for exactness checks)"
+    )
     grad_clip: float = opt(0.5, "max gradient norm")
     precision: Literal["auto", "fp32", "bf16"] = opt(
         "auto", "auto = fp32 on CPU, bf16 autocast on GPU"

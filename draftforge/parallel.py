@@ -131,8 +131,10 @@ def parallelize_draft(
             param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
         )
         fully_shard(draft, mesh=layout.dp_mesh(), mp_policy=policy)
-        # Sum, not average: the loss is normalised by the global token count already.
+        # Sum, not average: the loss is normalised by the global token count already. Plain
+        # SUM collectives (no NCCL PreMulSum), which gloo also has.
         draft.set_gradient_divide_factor(1.0)
+        draft.set_force_sum_reduction_for_comms(True)
     return draft
 
 
@@ -145,5 +147,7 @@ def shard_target(model: nn.Module, layout: Layout, decoder_layers: nn.ModuleList
         return model
     for layer in decoder_layers:
         fully_shard(layer, mesh=layout.dp_mesh(), reshard_after_forward=True)
-    fully_shard(model, mesh=layout.dp_mesh(), reshard_after_forward=True)
+    # The root unit is the base model, whose forward draftforge calls (the teacher uses the
+    # head on its own, gathered once), so its embedding and final norm are unsharded in time.
+    fully_shard(model.base_model, mesh=layout.dp_mesh(), reshard_after_forward=True)
     return model

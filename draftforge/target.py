@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -198,6 +198,7 @@ class Target:
     tokenizer: object
     aux_layers: list[int]
     path: str
+    _head: tuple[Tensor, Tensor | None] | None = field(default=None, repr=False)
 
     @property
     def config(self):  # noqa: ANN201 (a transformers PretrainedConfig)
@@ -220,11 +221,21 @@ class Target:
         return next(self.model.parameters()).device
 
     def embed_weight(self) -> Tensor:
-        return self.model.get_input_embeddings().weight
+        """The input embedding as one plain tensor (gathered if sharded)."""
+        return _full(self.model.get_input_embeddings().weight)
 
     def lm_head(self) -> tuple[Tensor, Tensor | None]:
-        head = self.model.get_output_embeddings()
-        return head.weight, head.bias
+        """The output head's weight and bias as plain tensors.
+
+        A sharded head (FSDP or tensor parallel) is gathered once and kept: the teacher needs
+        all of it on every rank. The first call is a collective when the head is sharded, so
+        every rank must make it at the same point.
+        """
+        if self._head is None:
+            head = self.model.get_output_embeddings()
+            bias = _full(head.bias) if head.bias is not None else None
+            self._head = (_full(head.weight), bias)
+        return self._head
 
     @property
     def logit_softcap(self) -> float | None:
@@ -241,6 +252,14 @@ class Target:
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             )
         return torch.cat(captured, dim=-1), out.last_hidden_state
+
+
+def _full(t: Tensor) -> Tensor:
+    """A plain tensor from a possibly sharded parameter (DTensor under FSDP2 or TP)."""
+    from torch.distributed.tensor import DTensor
+
+    full = t.full_tensor() if isinstance(t, DTensor) else t
+    return full.detach()
 
 
 @contextmanager
@@ -284,7 +303,11 @@ def load_target(
     device = torch.device(device)
     path = resolve_target_path(cfg.path, cfg.cache_dir)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-    kwargs = {"tp_plan": "auto", "device_mesh": tp_mesh} if tp_mesh is not None else {}
+    kwargs = {}
+    if tp_mesh is not None:
+        from transformers import DistributedConfig
+
+        kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_mesh.size())
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path,

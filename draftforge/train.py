@@ -1,4 +1,5 @@
-"""The online trainer: the target runs in this process each step; the draft learns by TTT.
+"""The trainer: the draft learns by TTT from target features computed in this process each
+step (online) or read from a capture (offline, :mod:`draftforge.offline`).
 
 ``train()`` is the whole loop, written out; ``train_step()`` is one optimizer step over
 ``grad_accum`` packed micro-batches. Everything that decides the result (init, data order,
@@ -320,8 +321,17 @@ class Trackers:
     """metrics.jsonl always; tensorboard and wandb when asked for (optional extras).
     Only rank 0 writes (``enabled``)."""
 
-    def __init__(self, names: list[str], run_dir: Path, cfg: Config, enabled: bool = True) -> None:
-        self.jsonl = (run_dir / "metrics.jsonl").open("a") if enabled else None
+    def __init__(
+        self, names: list[str], run_dir: Path, cfg: Config, enabled: bool = True, step: int = 0
+    ) -> None:
+        path = run_dir / "metrics.jsonl"
+        if enabled and path.exists():
+            # A resumed run repeats the steps after its checkpoint: drop their old records.
+            kept = [
+                line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = path.open("a") if enabled else None
         self.tb = self.wandb = None
         for name in names:
             if name == "tensorboard":
@@ -529,6 +539,8 @@ def train(cfg: Config, target: Target | None = None) -> TrainResult:
 
 def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
     tc = cfg.training
+    if tc.grad_accum == 0:
+        tc.grad_accum = layout.dp
     if tc.grad_accum % layout.dp:
         raise ConfigError(
             f"training.grad_accum ({tc.grad_accum}) must be a multiple of the {layout.dp} "
@@ -538,6 +550,7 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
     target = target or load_target(cfg.target, layout.device, tp_mesh=layout.tp_mesh())
     if cfg.parallel.fsdp in ("target", "both"):
         parallel.shard_target(target.model, layout, decoder_layers(target.model))
+    target.lm_head()  # gathers a sharded head now, on every rank at once
     # Rank 0 builds the tokenised cache; the others then find it there.
     if layout.is_main:
         dataset, draft_ids = load_data(cfg, target, log)
@@ -609,16 +622,23 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
         set_model_state_dict(
             draft, weights, options=StateDictOptions(full_state_dict=True, strict=False)
         )
-        set_optimizer_state_dict(
-            draft, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
-        )
+        if state["optimizer"]["state"]:  # plain SGD keeps none (and torch cannot load "none")
+            set_optimizer_state_dict(
+                draft, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True)
+            )
         scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr(), strict=True):
+            group["lr"] = lr  # the rate the next step uses
         torch.set_rng_state(state["rng"])
         step, skipped = state["step"], state["skipped"]
         position = Position(state["epoch"], state["index"])
         log(f"resumed from {resume_from} at step {step}", flush=True)
 
+    saved_at = step if resume_from is not None else -1
+
     def save() -> None:
+        nonlocal saved_at
+        saved_at = step
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(draft, options=full)  # collective when sharded
         optimizer_state = get_optimizer_state_dict(draft, optimizer, options=full)
@@ -641,9 +661,11 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
             checkpoint.rotate(ckpt_root, tc.keep_checkpoints)
         parallel.barrier(layout)
 
-    trackers = Trackers(tc.trackers if layout.is_main else [], run_dir, cfg, layout.is_main)
+    trackers = Trackers(tc.trackers if layout.is_main else [], run_dir, cfg, layout.is_main, step)
     steps = source.steps(
-        step_batches(micro_batches(dataset, train_rows, lengths, cfg, position), dataset, cfg, layout),
+        step_batches(
+            micro_batches(dataset, train_rows, lengths, cfg, position), dataset, cfg, layout
+        ),
         draft.draft_ids(),
     )
     window: list[StepStats] = []
@@ -694,8 +716,7 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
         trackers.close()
         raise
     bar.close()
-    finished = checkpoint.list_checkpoints(ckpt_root)
-    if not finished or finished[-1].name != f"step_{step:08d}":
+    if saved_at != step:
         save()
     trackers.close()
     return TrainResult(step=step, run_dir=run_dir, metrics=metrics, skipped=skipped)

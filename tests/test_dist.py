@@ -1,0 +1,166 @@
+"""Multi-process training on gloo: the same numbers as one process, whatever the layout.
+
+Runs compare with plain SGD: Adam divides by sqrt(v), which turns the last-bit differences of
+a different reduction order into visible weight differences, while SGD keeps them at 1e-7.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from draftforge import checkpoint
+from draftforge.testing import tiny_run_overrides, write_tiny_run
+
+pytestmark = pytest.mark.dist
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    root = write_tiny_run(tmp_path_factory.mktemp("dist"), conversations=80)
+    # Build the tokenised cache once, before processes race for it.
+    subprocess.run(
+        _cmd(1, root, root / "warm", **{"training.max_steps": 1}), check=True, capture_output=True
+    )
+    return root
+
+
+def _cmd(procs: int, root: Path, out: Path, **extra) -> list[str]:
+    settings = {
+        "training.optimizer": "sgd",
+        "training.lr": 0.5,
+        "training.grad_accum": 2,
+        "training.tokens_per_batch": 128,
+        "data.max_length": 128,
+        "training.log_every": 1,
+        "training.max_steps": STEPS,
+        **extra,
+    }
+    args = ["-m", "draftforge.cli", "train", *tiny_run_overrides(root, out, **settings)]
+    if procs == 1:
+        return [sys.executable, *args]
+    return [*_torchrun(procs), *args]
+
+
+def _torchrun(procs: int) -> list[str]:
+    # --standalone picks a free rendezvous port, so runs never collide.
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(procs),
+    ]
+
+
+def _run(procs: int, root: Path, out: Path, **extra) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        _cmd(procs, root, out, **extra), capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def _weights(out: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"step_{step:08d}" / checkpoint.WEIGHTS)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    la, lb = _losses(a), _losses(b)
+    assert len(la) == len(lb) == STEPS
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-6, atol=1e-6)
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=1e-6, atol=1e-6, msg=key)
+
+
+@pytest.fixture(scope="module")
+def single(workdir) -> Path:
+    out = workdir / "single"
+    _run(1, workdir, out)
+    return out
+
+
+def test_data_parallel_matches_one_process(workdir, single):
+    out = workdir / "dp2"
+    _run(2, workdir, out)
+    _assert_same_run(single, out)
+
+
+def test_fsdp_sharded_draft_matches_one_process(workdir, single):
+    out = workdir / "fsdp2"
+    _run(2, workdir, out, **{"parallel.fsdp": "draft"})
+    _assert_same_run(single, out)
+
+
+def test_tensor_parallel_target_matches_one_process(workdir, single):
+    out = workdir / "tp2"
+    _run(2, workdir, out, **{"parallel.tp": 2})
+    _assert_same_run(single, out)
+
+
+def test_sharded_target_matches_one_process(workdir, single):
+    out = workdir / "fsdp_target"
+    _run(2, workdir, out, **{"parallel.fsdp": "target"})
+    _assert_same_run(single, out)
+
+
+@pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(workdir, single, first, second):
+    out = workdir / f"resume_{first}_{second}"
+    half = out / "checkpoints" / f"step_{STEPS // 2:08d}"
+    # The first run is killed once its mid-run checkpoint exists, as a preempted job would be.
+    proc = subprocess.Popen(
+        _cmd(first, workdir, out, **{"training.save_every": STEPS // 2}),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not half.exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its checkpoint"
+        time.sleep(0.05)
+    # torchrun's workers run in sessions of their own: kill every process of this run.
+    subprocess.run(["pkill", "-KILL", "-f", f"output.dir={out}"], check=False)
+    proc.wait()
+    resumed = _run(second, workdir, out)
+    assert f"resumed from {half}" in resumed.stdout
+    _assert_same_run(single, out)
+
+
+def test_a_dead_rank_fails_the_job_naming_it(workdir, tmp_path):
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, sys\n"
+        "import draftforge.train as t\n"
+        "from draftforge.cli import main\n"
+        "step = t.train_step\n"
+        "calls = [0]\n"
+        "def dying(*args, **kwargs):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 3 and os.environ['RANK'] == '1':\n"
+        "        os._exit(7)\n"
+        "    return step(*args, **kwargs)\n"
+        "t.train_step = dying\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = tiny_run_overrides(
+        workdir, tmp_path / "run", **{"training.max_steps": 6, "parallel.timeout_minutes": 1}
+    )
+    cmd = [*_torchrun(2), str(script), "train", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "rank: 1" in proc.stderr and "exitcode: 7" in proc.stderr, proc.stderr[-2000:]
