@@ -138,7 +138,9 @@ def parallelize_draft(
     return draft
 
 
-def shard_target(model: nn.Module, layout: Layout, decoder_layers: nn.ModuleList) -> nn.Module:
+def shard_target(
+    model: nn.Module, layout: Layout, decoder: nn.Module, decoder_layers: nn.ModuleList
+) -> nn.Module:
     """FSDP2-shard a frozen target over the dp ranks, one unit per decoder layer, so each
     rank holds 1/dp of its weights and gathers one layer at a time."""
     from torch.distributed.fsdp import fully_shard
@@ -147,7 +149,7 @@ def shard_target(model: nn.Module, layout: Layout, decoder_layers: nn.ModuleList
         return model
     for layer in decoder_layers:
         fully_shard(layer, mesh=layout.dp_mesh(), reshard_after_forward=True)
-    # The root unit is the base model, whose forward draftforge calls (the teacher uses the
+    # The root unit is the decoder, whose forward draftforge calls (the teacher uses the
     # head on its own, gathered once), so its embedding and final norm are unsharded in time.
-    fully_shard(model.base_model, mesh=layout.dp_mesh(), reshard_after_forward=True)
+    fully_shard(decoder, mesh=layout.dp_mesh(), reshard_after_forward=True)
     return model

@@ -190,6 +190,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise TargetError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
+def decoder_module(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder layers: embeddings + layers + final norm, no head.
+
+    Found structurally, because ``get_decoder``/``base_model`` return the whole model for
+    some families (Llama-4's text model, for one).
+    """
+    layers = decoder_layers(model)
+    for module in model.modules():
+        if any(child is layers for child in module.children()):
+            return module
+    raise TargetError(f"cannot find the decoder of {type(model).__name__}")
+
+
 @dataclass
 class Target:
     """A frozen target model with its tokenizer and aux-layer choice."""
@@ -248,7 +261,7 @@ class Target:
         """Aux states ``[B, T, 3H]`` (the 3 aux layers concatenated) and the final-norm hidden
         ``[B, T, H]``, from one forward without logits over the vocabulary."""
         with capture_layers(self.model, self.aux_layers) as captured:
-            out = self.model.base_model(
+            out = decoder_module(self.model)(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=False
             )
         return torch.cat(captured, dim=-1), out.last_hidden_state

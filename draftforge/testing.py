@@ -43,6 +43,49 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "MixtralForCausalLM",
         {"num_local_experts": 4, "num_experts_per_tok": 2},
     ),
+    # Multi-head latent attention: the rotary part of a head is qk_rope_head_dim wide.
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        {
+            **_MOE,
+            "n_routed_experts": 4,
+            "n_shared_experts": 1,
+            "first_k_dense_replace": 1,
+            "n_group": 1,
+            "topk_group": 1,
+            "kv_lora_rank": 16,
+            "q_lora_rank": None,
+            "qk_rope_head_dim": 8,
+            "qk_nope_head_dim": 8,
+            "v_head_dim": 16,
+            "head_dim": 8,
+        },
+    ),
+    "llama4": (
+        "Llama4TextConfig",
+        "Llama4ForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size_mlp": 128},
+    ),
+    # YaRN RoPE and sliding-window layers.
+    "gpt_oss": (
+        "GptOssConfig",
+        "GptOssForCausalLM",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "sliding_window": 64,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 150000.0,
+                "factor": 8.0,
+                "original_max_position_embeddings": 64,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+            },
+        },
+    ),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 64}),
 }
 
 
@@ -101,10 +144,23 @@ def save_tiny_target(
     return directory
 
 
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+]
 
 
-def write_tiny_run(root: str | Path, conversations: int = 120) -> Path:
+def write_tiny_run(root: str | Path, conversations: int = 120, family: str = "llama") -> Path:
     """A tiny target with confident predictions plus a small conversation set, for training
     tests: ``root/target`` and ``root/data.jsonl``.
 
@@ -116,7 +172,7 @@ def write_tiny_run(root: str | Path, conversations: int = 120) -> Path:
     import random
 
     root = Path(root)
-    model = tiny_target("llama")
+    model = tiny_target(family)
     model.lm_head.weight.data *= 30
     model.save_pretrained(root / "target")
     tiny_tokenizer().save_pretrained(root / "target")

@@ -33,7 +33,14 @@ from draftforge.config import Config, ConfigError, dump_config, to_dict
 from draftforge.models import build_draft
 from draftforge.models.eagle3 import TTTOutput
 from draftforge.parallel import Layout
-from draftforge.target import Target, chunk_tokens, decoder_layers, load_target, teacher
+from draftforge.target import (
+    Target,
+    chunk_tokens,
+    decoder_layers,
+    decoder_module,
+    load_target,
+    teacher,
+)
 
 if TYPE_CHECKING:
     from draftforge.data import PrepareResult
@@ -549,7 +556,9 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
     log = print if layout.is_main else _quiet
     target = target or load_target(cfg.target, layout.device, tp_mesh=layout.tp_mesh())
     if cfg.parallel.fsdp in ("target", "both"):
-        parallel.shard_target(target.model, layout, decoder_layers(target.model))
+        parallel.shard_target(
+            target.model, layout, decoder_module(target.model), decoder_layers(target.model)
+        )
     target.lm_head()  # gathers a sharded head now, on every rank at once
     # Rank 0 builds the tokenised cache; the others then find it there.
     if layout.is_main:

@@ -56,6 +56,8 @@ def eagle3_config(
     hidden = target_config.hidden_size
     heads = target_config.num_attention_heads
     head_dim = getattr(target_config, "head_dim", None) or hidden // heads
+    if getattr(target_config, "kv_lora_rank", None):
+        head_dim = hidden // heads  # an MLA target's head dims are not a Llama layer's
     vocab = target_config.vocab_size
     if draft_vocab_size < 1:
         raise DraftShapeError(f"draft.draft_vocab_size must be positive, got {draft_vocab_size}")
