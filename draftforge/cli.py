@@ -10,6 +10,11 @@ from collections.abc import Callable
 from draftforge.checkpoint import CheckpointError
 from draftforge.config import ConfigError, describe_options, dump_config, load_config
 from draftforge.data import DataError
+from draftforge.export import ExportError
+from draftforge.models.eagle3 import DraftShapeError
+from draftforge.offline import ShardError
+from draftforge.spec.commands import add_commands as add_spec_commands
+from draftforge.spec.errors import SpecError
 from draftforge.target import TargetError
 from draftforge.train import TrainingError
 
@@ -20,6 +25,10 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DataError,
     TrainingError,
     CheckpointError,
+    ExportError,
+    DraftShapeError,
+    SpecError,
+    ShardError,
     FileNotFoundError,
 )
 
@@ -76,6 +85,84 @@ def cmd_target(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from draftforge.target import load_tokenizer, resolve_target_path
+    from draftforge.train import prepare_data
+
+    cfg = load_config(*_split_config_args(args))
+    path = resolve_target_path(cfg.target.path, cfg.target.cache_dir)
+    tokenizer = load_tokenizer(path, cfg.target.trust_remote_code)
+    # The vocabulary size from config.json, without loading the weights.
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.target.trust_remote_code)
+    result = prepare_data(cfg, tokenizer, model_config.get_text_config().vocab_size)
+    print(result.summary())
+    return 0
+
+
+def cmd_regenerate(args: argparse.Namespace) -> int:
+    from draftforge.data import GenerationSettings, HFBackend, HTTPBackend, regenerate
+    from draftforge.data.template import load_template
+    from draftforge.target import load_target, load_tokenizer, resolve_target_path
+
+    cfg = load_config(*_split_config_args(args))
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
+    template = load_template(cfg.data.chat_template)
+    backend: HFBackend | HTTPBackend
+    if args.backend == "hf":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        target = load_target(cfg.target, device)
+        backend = HFBackend(
+            target.model,
+            target.tokenizer,
+            settings,
+            batch_size=args.batch_size,
+            chat_template=template,
+        )
+    else:
+        if not args.model:
+            raise ConfigError("--backend http needs --model: the model name the server serves")
+        tokenizer = None
+        if args.max_prompt_tokens is not None:  # counting prompt tokens needs the tokenizer
+            path = resolve_target_path(cfg.target.path, cfg.target.cache_dir)
+            tokenizer = load_tokenizer(path, cfg.target.trust_remote_code)
+        backend = HTTPBackend(
+            args.url,
+            args.model,
+            settings,
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            retries=args.retries,
+            backoff=args.backoff,
+            api_key=args.api_key,
+            tokenizer=tokenizer,
+            chat_template=template,
+        )
+    result = regenerate(
+        args.input,
+        args.out,
+        backend,
+        split=cfg.data.split,
+        fmt=cfg.data.format,
+        strict=args.strict or cfg.data.strict,
+        progress=not args.no_progress,
+    )
+    print(result.summary())
+    if isinstance(backend, HTTPBackend):
+        print(f"requests retried: {backend.retried}")
+    # Failed conversations are not in the output; a nonzero status tells scripts to rerun.
+    return 1 if result.failed else 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from draftforge.train import train
 
@@ -88,6 +175,45 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"trained {result.step} steps ({result.skipped} empty batches skipped): {summary}")
     print(f"checkpoints and metrics in {result.run_dir}")
+    return 0
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from draftforge.offline import capture
+
+    cfg = load_config(*_split_config_args(args))
+    result = capture(cfg, progress=not args.no_progress)
+    if result.rank == 0:
+        print(result.summary())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from draftforge.export import export_checkpoint
+
+    result = export_checkpoint(
+        args.checkpoint,
+        args.format,
+        args.out,
+        force=args.force,
+        target=args.target,
+        include_embedding=not args.no_embedding,
+        speculative_tokens=args.speculative_tokens,
+    )
+    print(f"exported {result.source} as {result.fmt} to {result.out}")
+    print(f"aux layers (output of layer i): {result.aux_layers}")
+    for what, command in result.commands:
+        print(f"\n# {what}\n{command}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from draftforge.plan import format_plan, load_text_config, plan_layouts
+
+    for path in args.configs:
+        config = load_text_config(path)
+        plans = plan_layouts(config, args.sizes, args.tokens, args.steps, args.draft_vocab)
+        print(format_plan(path, config, plans, args.tokens) + "\n")
     return 0
 
 
@@ -118,6 +244,51 @@ def build_parser() -> argparse.ArgumentParser:
     commands["target"] = cmd_target
 
     p = sub.add_parser(
+        "prepare",
+        help="read, template, mask and tokenise data.path (cached) and build the draft vocab",
+        epilog=_options_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(p)
+    commands["prepare"] = cmd_prepare
+
+    p = sub.add_parser(
+        "regenerate",
+        help="rewrite the assistant turns of a dataset with the target (resumable)",
+        description="Answer every user turn of INPUT with the target, turn by turn, and "
+        "append the conversations to --out (JSONL, messages format). Rerunning the same "
+        "command continues where a run stopped and retries the failed conversations. The "
+        "config (target.*, data.format, data.split, data.chat_template) selects the model "
+        "and how INPUT is read.",
+    )
+    p.add_argument("input", help="conversations or prompts: a file, a folder or a hub dataset")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="output JSONL; appended to, never rewritten")
+    p.add_argument("--backend", choices=("hf", "http"), default="hf")
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible API base")
+    p.add_argument("--model", help="model name the server serves (needed with --backend http)")
+    p.add_argument("--api-key", help="sent as a bearer token, for servers that ask for one")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-prompt-tokens", type=int, help="skip conversations whose prompt grows longer"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="hf backend: rows per generate")
+    p.add_argument("--concurrency", type=int, default=8, help="http backend: requests in flight")
+    p.add_argument("--timeout", type=float, default=300.0, help="http backend: seconds a request")
+    p.add_argument("--retries", type=int, default=5, help="http backend: tries after the first")
+    p.add_argument(
+        "--backoff", type=float, default=1.0, help="http backend: first retry delay, doubling"
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first row that cannot be answered"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    commands["regenerate"] = cmd_regenerate
+
+    p = sub.add_parser(
         "train",
         help="train a draft online (the target runs in this process); resumable",
         epilog=_options_epilog(),
@@ -126,13 +297,80 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     commands["train"] = cmd_train
 
+    p = sub.add_parser(
+        "plan",
+        help="per-GPU memory of online training for a target config.json, at several TP/FSDP sizes",
+    )
+    p.add_argument("configs", nargs="+", help="target config.json files (no weights needed)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="GPUs per layout")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per packed micro-batch")
+    p.add_argument("--steps", type=int, default=7, help="TTT steps")
+    p.add_argument("--draft-vocab", type=int, default=32000)
+    commands["plan"] = cmd_plan
+
+    p = sub.add_parser(
+        "capture",
+        help="run the target over the prepared data once and store its features for "
+        "data.mode=offline (resumable; split over processes under torchrun)",
+        epilog=_options_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    commands["capture"] = cmd_capture
+
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a draft SGLang or vLLM serves as it is (or draftforge's own)",
+    )
+    p.add_argument("checkpoint", help="a checkpoint step_XXXXXXXX/ or a run directory (its newest)")
+    p.add_argument("--format", required=True, choices=["sglang", "vllm", "hf"])
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--target",
+        help="the target as the serving machine finds it (default: the run's target.path)",
+    )
+    p.add_argument(
+        "--no-embedding",
+        action="store_true",
+        help="vllm: leave the target's embedding out (vLLM then shares the target's)",
+    )
+    p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=3,
+        help="draft tokens per step in the written config and printed commands",
+    )
+    commands["export"] = cmd_export
+
+    add_spec_commands(sub, commands)  # eval, bench
+
     parser.set_defaults(_commands=commands)
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, letting the config file and overrides come after flags.
+
+    argparse fills the positionals of one run of arguments at a time, so in
+    `regenerate in.jsonl --out o.jsonl target.path=m` the trailing override would be
+    "unrecognized"; such leftovers are the config file and overrides.
+    """
+    args, extra = parser.parse_known_args(argv)
+    flags = [a for a in extra if a.startswith("-")]
+    if flags or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(flags or extra)}")
+    if extra and args.config is None:
+        args.config, extra = extra[0], extra[1:]
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     try:
         return args._commands[args.command](args)
     except USER_ERRORS as err:

@@ -1,9 +1,17 @@
-"""Datasets for draft training: readers, chat-template loss masks, tokenised cache, draft vocab."""
+"""Datasets for draft training: readers, regeneration by the target, chat-template loss masks,
+tokenised cache, draft vocab."""
 
 from draftforge.data.cache import TokenizedDataset, TokenizeSettings, cache_key, prepare_dataset
 from draftforge.data.conversation import FORMATS, ROLES, Conversation, Message, RowError
 from draftforge.data.prepare import PrepareResult, load_tokenizer, prepare
 from draftforge.data.readers import Source, read_conversations
+from draftforge.data.regenerate import (
+    GenerationSettings,
+    HFBackend,
+    HTTPBackend,
+    RegenerateResult,
+    regenerate,
+)
 from draftforge.data.report import DataError, DataReport
 from draftforge.data.template import ChatTemplate, load_template
 from draftforge.data.vocab import (
@@ -23,8 +31,12 @@ __all__ = [
     "DataError",
     "DataReport",
     "DraftVocab",
+    "GenerationSettings",
+    "HFBackend",
+    "HTTPBackend",
     "Message",
     "PrepareResult",
+    "RegenerateResult",
     "RowError",
     "Source",
     "TokenizeSettings",
@@ -39,5 +51,6 @@ __all__ = [
     "prepare",
     "prepare_dataset",
     "read_conversations",
+    "regenerate",
     "save_draft_vocab",
 ]

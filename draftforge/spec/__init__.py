@@ -1,0 +1,26 @@
+"""Speculative decoding with EAGLE-3 drafts: the engine, lossless verification, evaluation.
+
+``SpecEngine(target, draft, TreeShape(num_steps, topk, num_draft_tokens), SamplingParams(...))
+.generate(prompt_ids, max_new_tokens)`` decodes one sequence; ``evaluate`` runs a prompt set
+and reports acceptance length and speed (``draftforge eval`` / ``draftforge bench``).
+"""
+
+from draftforge.spec.engine import Generation, SpecEngine
+from draftforge.spec.errors import SpecError
+from draftforge.spec.evaluate import evaluate, load_prompts
+from draftforge.spec.loading import load_draft_for
+from draftforge.spec.sampling import SamplingParams, verify_tree, warp
+from draftforge.spec.tree import TreeShape
+
+__all__ = [
+    "Generation",
+    "SamplingParams",
+    "SpecEngine",
+    "SpecError",
+    "TreeShape",
+    "evaluate",
+    "load_draft_for",
+    "load_prompts",
+    "verify_tree",
+    "warp",
+]

@@ -1,0 +1,411 @@
+"""Acceptance length and speed of a draft on a prompt set: ``draftforge eval`` and ``bench``.
+
+Acceptance length (AL) is tokens emitted per target verification forward, the bonus or
+correction token included (DESIGN.md); the prefill's first token is not a verification.
+``accept_rate_per_position[d]`` is conditional: of the rounds whose walk reached a node at
+depth d that has drafted children, the share that accepted one of them (so AL is about
+1 + sum_d prod_{j<=d} rate_j, the training-time estimate, when every node has children).
+Speed is compared with the same engine with drafting off (one token per target forward through
+the same code) and with transformers' ``generate``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import GenerationConfig
+
+from draftforge.models.eagle3 import Eagle3Draft
+from draftforge.spec.engine import Generation, SpecEngine
+from draftforge.spec.errors import SpecError
+from draftforge.spec.sampling import SamplingParams
+from draftforge.spec.tree import TreeShape
+from draftforge.target import Target
+
+BUILTIN_PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "eval_prompts.jsonl"
+WARMUP_TOKENS = 4  # a short first generation so one-time costs stay out of the timings
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Prompt:
+    """One evaluation prompt: chat messages ending with a user turn."""
+
+    id: str
+    messages: list[dict[str, str]]
+
+
+def _row_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    if "messages" in row:
+        messages = [dict(m) for m in row["messages"]]
+        while messages and messages[-1].get("role") == "assistant":
+            messages.pop()  # the answer is what we generate
+        if not messages or messages[-1].get("role") != "user":
+            raise SpecError(f"{where}: `messages` must contain a user turn to answer")
+        return messages
+    if "turns" in row:  # MT-Bench style: the first turn is the prompt
+        turns = row["turns"]
+        if not turns or not isinstance(turns[0], str):
+            raise SpecError(f"{where}: `turns` must be a non-empty list of strings")
+        return [{"role": "user", "content": turns[0]}]
+    if isinstance(row.get("prompt"), str):
+        return [{"role": "user", "content": row["prompt"]}]
+    raise SpecError(f"{where}: expected a `messages`, `turns` or `prompt` field, got {sorted(row)}")
+
+
+def load_prompts(path: str | Path | None = None) -> list[Prompt]:
+    """Prompts from a JSONL file (default: the built-in set). Each row holds chat
+    ``messages``, MT-Bench ``turns`` (first turn used) or a plain ``prompt``."""
+    path = Path(path) if path is not None else BUILTIN_PROMPTS
+    prompts = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise SpecError(f"{where}: not JSON ({err})") from None
+        if not isinstance(row, dict):
+            raise SpecError(f"{where}: each line must be a JSON object")
+        ident = row.get("id", row.get("question_id", number))
+        prompts.append(Prompt(id=str(ident), messages=_row_messages(row, where)))
+    if not prompts:
+        raise SpecError(f"{path} holds no prompts: one JSON object per line is expected")
+    return prompts
+
+
+def encode(target: Target, prompt: Prompt) -> list[int]:
+    """The prompt through the target's chat template, ready for the assistant's answer."""
+    tokenizer = target.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise SpecError(
+            f"the tokenizer of {target.path} has no chat template: use an instruct target"
+        )
+    encoded = tokenizer.apply_chat_template(
+        prompt.messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return list(encoded["input_ids"])
+
+
+def fit_prompt(ids: list[int], max_positions: int, max_new_tokens: int) -> list[int]:
+    """Drop tokens from the left so the prompt and its answer fit the target's positions
+    (at least one prompt token is kept)."""
+    room = max(1, max_positions - max_new_tokens)
+    return ids[-room:]
+
+
+@dataclass
+class Totals:
+    """Sums over a prompt set for one way of decoding."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    rounds: int = 0
+    verified: int = 0
+    attempts: list[int] = field(default_factory=list)
+    accepts: list[int] = field(default_factory=list)
+
+    def add(self, gen: Generation) -> None:
+        self.tokens += len(gen.tokens)
+        self.seconds += gen.seconds
+        self.rounds += gen.rounds
+        self.verified += gen.verified
+        if not self.attempts:
+            self.attempts = [0] * len(gen.attempts)
+            self.accepts = [0] * len(gen.accepts)
+        for d, (tried, took) in enumerate(zip(gen.attempts, gen.accepts, strict=True)):
+            self.attempts[d] += tried
+            self.accepts[d] += took
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "tokens": self.tokens,
+            "seconds": round(self.seconds, 4),
+            "tokens_per_s": round(self.tokens_per_s, 3),
+        }
+        if self.rounds:
+            out["verify_forwards"] = self.rounds
+            out["acceptance_length"] = self.verified / self.rounds
+            out["accept_rate_per_position"] = [
+                took / tried if tried else None
+                for tried, took in zip(self.attempts, self.accepts, strict=True)
+            ]
+        return out
+
+
+def hf_generate(
+    target: Target,
+    ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_ids: frozenset[int],
+) -> tuple[list[int], float]:
+    """transformers' own generate with the same sampling settings: new tokens and seconds."""
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=not sampling.greedy,
+        temperature=sampling.temperature if not sampling.greedy else None,
+        top_p=sampling.top_p if not sampling.greedy else None,
+        top_k=sampling.top_k if not sampling.greedy else None,
+        eos_token_id=sorted(stop_ids) or None,
+        pad_token_id=min(stop_ids) if stop_ids else 0,
+    )
+    inputs = torch.tensor([ids], device=target.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = target.model.generate(
+            inputs, attention_mask=torch.ones_like(inputs), generation_config=config
+        )
+    return out[0, len(ids) :].tolist(), time.perf_counter() - start
+
+
+def evaluate(
+    target: Target,
+    draft: Eagle3Draft | None,
+    prompts: Sequence[Prompt],
+    shape: TreeShape,
+    sampling: SamplingParams,
+    max_new_tokens: int = 256,
+    *,
+    seed: int = 0,
+    baseline: bool = True,
+    generate: bool = True,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Run every prompt through the speculative engine (and the baselines) and report."""
+    engine = SpecEngine(target, draft, shape, sampling, seed=seed)
+    plain = SpecEngine(target, None, TreeShape(num_steps=0), sampling, seed=seed)
+    encoded, truncated = [], []
+    for prompt in prompts:
+        ids = encode(target, prompt)
+        fitted = fit_prompt(ids, engine.max_positions, max_new_tokens)
+        if len(fitted) < len(ids):
+            log(f"prompt {prompt.id}: {len(ids)} tokens, kept the last {len(fitted)}")
+            truncated.append(prompt.id)
+        encoded.append(fitted)
+    engine.generate(encoded[0], WARMUP_TOKENS)
+    if baseline:
+        plain.generate(encoded[0], WARMUP_TOKENS)
+
+    spec, base, hf = Totals(), Totals(), Totals()
+    matches = {"baseline": 0, "generate": 0}
+    rows = []
+    for prompt, ids in zip(prompts, encoded, strict=True):
+        gen = engine.generate(ids, max_new_tokens)
+        spec.add(gen)
+        row: dict[str, Any] = {
+            "id": prompt.id,
+            "prompt_tokens": len(ids),
+            "new_tokens": len(gen.tokens),
+            "verify_forwards": gen.rounds,
+            "acceptance_length": gen.acceptance_length,
+            "tokens_per_s": round(len(gen.tokens) / gen.seconds, 3),
+            "stop": gen.stop,
+        }
+        if baseline:
+            ref = plain.generate(ids, max_new_tokens)
+            base.add(ref)
+            row["baseline_tokens_per_s"] = round(len(ref.tokens) / ref.seconds, 3)
+            matches["baseline"] += ref.tokens == gen.tokens
+        if generate:
+            tokens, seconds = hf_generate(target, ids, max_new_tokens, sampling, engine.stop_ids)
+            hf.tokens += len(tokens)
+            hf.seconds += seconds
+            row["generate_tokens_per_s"] = round(len(tokens) / seconds, 3)
+            matches["generate"] += tokens == gen.tokens
+        rows.append(row)
+        al = "-" if gen.acceptance_length is None else f"{gen.acceptance_length:.2f}"
+        log(f"{prompt.id}: {len(gen.tokens)} tokens, AL {al}, {row['tokens_per_s']:.1f} tok/s")
+
+    report: dict[str, Any] = {
+        "target": target.path,
+        "num_prompts": len(prompts),
+        "settings": {
+            **asdict(shape),
+            "num_draft_tokens": shape.draft_tokens if shape.drafting else 1,
+            **asdict(sampling),
+            "max_new_tokens": max_new_tokens,
+            "seed": seed,
+        },
+        "acceptance_length": spec.summary().get("acceptance_length"),
+        "accept_rate_per_position": spec.summary().get("accept_rate_per_position", []),
+        "speculative": spec.summary(),
+        "truncated_prompts": truncated,
+    }
+    if baseline:
+        report["baseline"] = base.summary()
+        report["speedup_vs_baseline"] = _ratio(spec.tokens_per_s, base.tokens_per_s)
+    if generate:
+        report["generate"] = hf.summary()
+        report["speedup_vs_generate"] = _ratio(spec.tokens_per_s, hf.tokens_per_s)
+    if sampling.greedy:
+        # Greedy speculation must reproduce the target's own greedy output token for token:
+        # how many prompts did, against each reference that ran.
+        ran = {"baseline": baseline, "generate": generate}
+        report["greedy_identical_prompts"] = {k: v for k, v in matches.items() if ran[k]}
+    report["per_prompt"] = rows
+    return report
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return round(a / b, 4) if b > 0 else None
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """One draft shape's result in a sweep."""
+
+    shape: TreeShape
+    acceptance_length: float | None
+    tokens_per_s: float
+    speedup: float | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "num_steps": self.shape.num_steps,
+            "topk": self.shape.topk,
+            "num_draft_tokens": self.shape.draft_tokens,
+            "acceptance_length": self.acceptance_length,
+            "tokens_per_s": self.tokens_per_s,
+            "speedup": self.speedup,
+        }
+
+
+def shapes_to_sweep(
+    steps: Sequence[int], topks: Sequence[int], draft_tokens: Sequence[int | None]
+) -> list[TreeShape]:
+    """Every valid (num_steps, topk, num_draft_tokens) combination, in sweep order.
+
+    Chains verify num_steps + 1 tokens whatever the list says; tree settings that ask for more
+    nodes than the tree drafts are left out."""
+    shapes: list[TreeShape] = []
+    for topk in topks:
+        for n in draft_tokens if topk > 1 else [None]:
+            for s in steps:
+                if topk > 1 and n is not None and n > TreeShape(s, topk).candidates + 1:
+                    continue
+                shape = TreeShape(s, topk, n)
+                if shape not in shapes:
+                    shapes.append(shape)
+    return shapes
+
+
+def sweep(
+    target: Target,
+    draft: Eagle3Draft,
+    prompts: Sequence[Prompt],
+    shapes: Sequence[TreeShape],
+    sampling: SamplingParams,
+    max_new_tokens: int,
+    *,
+    seed: int = 0,
+    log: Log = print,
+) -> tuple[float, list[SweepRow]]:
+    """Baseline tokens/s (drafting off) and one row per draft shape."""
+
+    def quiet(_: str) -> None:
+        return None
+
+    base = evaluate(
+        target,
+        None,
+        prompts,
+        TreeShape(num_steps=0),
+        sampling,
+        max_new_tokens,
+        seed=seed,
+        baseline=False,
+        generate=False,
+        log=quiet,
+    )["speculative"]["tokens_per_s"]
+    log(f"baseline (no drafting): {base:.2f} tok/s")
+    log(format_rows([]))
+    rows = []
+    for shape in shapes:
+        report = evaluate(
+            target,
+            draft,
+            prompts,
+            shape,
+            sampling,
+            max_new_tokens,
+            seed=seed,
+            baseline=False,
+            generate=False,
+            log=quiet,
+        )
+        tps = report["speculative"]["tokens_per_s"]
+        row = SweepRow(
+            shape=shape,
+            acceptance_length=report["acceptance_length"],
+            tokens_per_s=tps,
+            speedup=_ratio(tps, base),
+        )
+        rows.append(row)
+        log(format_rows([row], header=False))
+    return base, rows
+
+
+def format_rows(rows: Sequence[SweepRow], header: bool = True) -> str:
+    """A fixed-width table of sweep rows (the header alone for no rows)."""
+    lines = [f"{'steps':>5} {'topk':>4} {'tokens':>6} {'AL':>6} {'tok/s':>8} {'speedup':>7}"]
+    for r in rows:
+        al = "-" if r.acceptance_length is None else f"{r.acceptance_length:.3f}"
+        speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+        lines.append(
+            f"{r.shape.num_steps:>5} {r.shape.topk:>4} {r.shape.draft_tokens:>6} {al:>6} "
+            f"{r.tokens_per_s:>8.2f} {speedup:>7}"
+        )
+    return "\n".join(lines if header else lines[1:])
+
+
+def plot_sweep(rows: Sequence[SweepRow], path: str | Path, title: str = "") -> Path:
+    """AL and speedup against num_steps, one line per (topk, num_draft_tokens) setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (ax_al, ax_speed) = plt.subplots(1, 2, figsize=(10, 4))
+    groups: dict[str, list[SweepRow]] = {}
+    for r in rows:
+        label = "chain" if r.shape.topk == 1 else f"topk {r.shape.topk}"
+        if r.shape.topk > 1 and r.shape.num_draft_tokens is not None:
+            label += f", {r.shape.num_draft_tokens} tokens"
+        groups.setdefault(label, []).append(r)
+    for label, group in groups.items():
+        group = sorted(group, key=lambda r: r.shape.num_steps)
+        steps = [r.shape.num_steps for r in group]
+        ax_al.plot(steps, [r.acceptance_length or 0 for r in group], marker="o", label=label)
+        ax_speed.plot(steps, [r.speedup or 0 for r in group], marker="o", label=label)
+    ax_al.set(xlabel="num_steps", ylabel="acceptance length (tokens / verify)")
+    ax_speed.set(xlabel="num_steps", ylabel="speedup vs no drafting")
+    ax_speed.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    for ax in (ax_al, ax_speed):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,247 @@
+"""The speculative engine on tiny float64 targets: greedy output identical to the target's own,
+draft KV path identical to the training unroll, losslessness end to end, bad inputs."""
+
+import pytest
+import torch
+
+from draftforge import checkpoint, ttt
+from draftforge.config import Config, dump_config
+from draftforge.models import build_draft
+from draftforge.models.eagle3 import DraftShapeError
+from draftforge.spec import engine as engine_module
+from draftforge.spec.engine import DraftCache, SpecEngine
+from draftforge.spec.errors import SpecError
+from draftforge.spec.loading import load_draft_for
+from draftforge.spec.sampling import SamplingParams, warp
+from draftforge.spec.testing import as_target, bigram_like_target, chi_square_p, oracle_draft
+from draftforge.spec.tree import TreeShape
+from draftforge.testing import tiny_target
+from draftforge.ttt_attention import ttt_attention
+
+NEW_TOKENS = 200
+PROMPT_LEN = 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two shared cores: intra-op threads spinning against other processes make the many tiny
+    # ops of decoding up to 50x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_draft(target, seed: int, draft_vocab: int = 300):
+    """An untrained draft over a random subset of the target vocab (exercises d2t)."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randperm(target.vocab_size, generator=gen)[:draft_vocab].sort().values
+    torch.manual_seed(seed)
+    draft = build_draft("eagle3", target.config, target.aux_layers, draft_vocab)
+    draft.load_target_embedding(target.embed_weight())
+    draft.set_vocab(ids)
+    return draft.to(target.model.dtype).eval()
+
+
+def vocab_subset(target, size: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randperm(target.vocab_size, generator=gen)[:size].sort().values
+
+
+def prompts(count: int, seed: int, vocab: int) -> torch.Tensor:
+    return torch.randint(
+        0, vocab, (count, PROMPT_LEN), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def greedy_reference(target, ids: torch.Tensor, new_tokens: int) -> list[list[int]]:
+    """The target's own greedy continuation of equal-length prompts, batched."""
+    out = target.model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[:, ids.shape[1] :].tolist()
+
+
+# name -> (target builder, draft builder, shapes cycled over the prompts, prompt count):
+# 20 distinct prompts in all, each decoded for 200 tokens.
+CASES = {
+    "llama-oracle": (
+        lambda: as_target(bigram_like_target("llama", seed=1)),
+        lambda t: oracle_draft(t, vocab_subset(t, 300, 0)),
+        [TreeShape(4, 1), TreeShape(3, 2, 6), TreeShape(4, 3, 10), TreeShape(5, 4, 12)],
+        9,
+    ),
+    "qwen2-oracle": (
+        lambda: as_target(bigram_like_target("qwen2", seed=2)),
+        lambda t: oracle_draft(t),
+        [TreeShape(3, 1), TreeShape(3, 2, 4), TreeShape(4, 3, 8), TreeShape(2, 3, 7)],
+        8,
+    ),
+    "llama-random": (
+        lambda: as_target(bigram_like_target("llama", seed=3, embed_scale=1, head_scale=1)),
+        lambda t: random_draft(t, seed=3),
+        [TreeShape(3, 1), TreeShape(3, 2, 6)],
+        3,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_output_is_the_targets_own(case, monkeypatch):
+    make_target, make_draft, shapes, count = CASES[case]
+    target = make_target()
+    draft = make_draft(target)
+    ids = prompts(count, seed=sorted(CASES).index(case), vocab=target.vocab_size)
+    expected = greedy_reference(target, ids, NEW_TOKENS)
+    compactions: list[list[int]] = []
+    real_compact = engine_module.compact_cache
+
+    def spy(cache, start, keep):
+        compactions.append(keep.tolist())
+        real_compact(cache, start, keep)
+
+    monkeypatch.setattr(engine_module, "compact_cache", spy)
+    lengths = []
+    for i in range(count):
+        shape = shapes[i % len(shapes)]
+        gen = SpecEngine(target, draft, shape).generate(ids[i], NEW_TOKENS, stop_ids=())
+        assert gen.tokens == expected[i], f"{case} prompt {i} {shape}"
+        assert gen.stop == "length" and len(gen.tokens) == NEW_TOKENS
+        lengths.append(gen.acceptance_length)
+    mean_al = sum(lengths) / len(lengths)
+    if case.endswith("random"):
+        assert mean_al < 1.2, lengths  # an untrained draft is (almost) always rejected
+    else:
+        assert mean_al > 2.0, lengths
+        assert max(len(k) for k in compactions) >= 4  # long accepted paths
+        # A sibling other than the first was accepted: the cache rows had to be moved.
+        assert any(k != list(range(len(k))) for k in compactions)
+
+
+def test_draft_cache_path_equals_the_training_unroll():
+    """Extend + tree steps with a KV cache give the hidden states TTT trains (alignment,
+    RoPE positions t + k, the diagonal)."""
+    target = as_target(bigram_like_target("llama", seed=4, embed_scale=1, head_scale=1))
+    draft = random_draft(target, seed=4)
+    engine = SpecEngine(target, draft, TreeShape(3, 1))
+    steps, committed = 3, 10
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, target.vocab_size, (1, committed + steps + 1), generator=gen)
+    aux, _ = target.features(ids)
+    positions = torch.arange(ids.shape[1])[None]
+
+    keys, values = [], []
+
+    def ttt_attend(q, k, v):
+        keys.append(k)
+        values.append(v)
+        return ttt_attention(q, keys[0], values[0], keys[1:], values[1:])
+
+    hidden = draft.fc(aux)
+    expected = []
+    for k in range(steps):
+        hidden = draft.step(hidden, ttt.shift_left(ids, 1 + k), positions + k, ttt_attend)
+        expected.append(hidden[0, committed - 1])
+
+    cache = DraftCache()
+    got = [engine._extend_draft(cache, aux[0, :committed], ids[0, 1 : committed + 1].tolist(), 0)]
+    speculative = ([], [])
+    for k in range(1, steps):
+        seen = torch.ones(1, k - 1, dtype=torch.bool)
+        out = engine._tree_step(
+            cache, speculative, got[-1][None], ids[0, committed + k][None], committed - 1 + k, seen
+        )
+        got.append(out[0])
+    for k in range(steps):
+        torch.testing.assert_close(got[k], expected[k])
+
+
+@pytest.mark.parametrize(
+    ("shape", "sampling"),
+    [
+        (TreeShape(2, 1), SamplingParams(temperature=1.0)),
+        (TreeShape(2, 2, 4), SamplingParams(temperature=0.8, top_p=0.9)),
+    ],
+)
+def test_sampling_end_to_end_matches_target_distribution(shape, sampling):
+    """The second token (the first one verification emits) over many runs, against the exact
+    distribution sum_a p(a | prompt) p(b | prompt, a) computed from the target."""
+    model = tiny_target("llama", seed=5, vocab_size=8).double()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(5)  # a few likely tokens: drafts get accepted and rejected
+    target = as_target(model)
+    draft = random_draft(target, seed=5, draft_vocab=6)  # two target tokens it can never propose
+    prompt = torch.tensor([[1, 5, 2, 7, 3]])
+    with torch.no_grad():
+        first = warp(model(prompt).logits[0, -1], sampling)
+        both = torch.cat([prompt.expand(8, -1), torch.arange(8)[:, None]], 1)
+        second = warp(model(both).logits[:, -1], sampling)
+    exact = (first[:, None] * second).sum(0)
+    engine = SpecEngine(target, draft, shape, sampling, seed=0)
+    runs = 300
+    counts = torch.zeros(8)
+    accepted = 0
+    for _ in range(runs):
+        gen = engine.generate(prompt[0], 2, stop_ids=())
+        counts[gen.tokens[1]] += 1
+        accepted += gen.accepts[0] if gen.accepts else 0
+    assert chi_square_p(counts, exact) > 1e-3, (counts, exact * runs)
+    assert 0 < accepted < runs  # both acceptance and rejection happened
+
+
+def test_stops_at_eos_and_at_the_position_limit():
+    target = as_target(bigram_like_target("llama", seed=6))
+    draft = oracle_draft(target)
+    ids = prompts(1, seed=6, vocab=target.vocab_size)[0]
+    full = SpecEngine(target, draft, TreeShape(3, 2, 6)).generate(ids, 40, stop_ids=())
+    stop = full.tokens[0]
+    at_once = SpecEngine(target, draft, TreeShape(3, 2, 6)).generate(ids, 40, stop_ids={stop})
+    assert at_once.tokens == [stop] and at_once.stop == "eos" and at_once.rounds == 0
+    assert at_once.acceptance_length is None
+    later = full.tokens[5]
+    cut = SpecEngine(target, draft, TreeShape(3, 2, 6)).generate(ids, 40, stop_ids={later})
+    assert cut.tokens == full.tokens[: full.tokens.index(later) + 1]
+
+    # 505 prompt tokens + 7 new ones fill the 512 positions; drafting shrinks to fit.
+    limit = target.config.max_position_embeddings
+    long_ids = torch.randint(0, 300, (1, limit - 7), generator=torch.Generator().manual_seed(0))
+    gen = SpecEngine(target, draft, TreeShape(4, 2, 6)).generate(long_ids[0], 50, stop_ids=())
+    assert gen.stop == "max_positions" and len(gen.tokens) == 7
+    assert gen.tokens == greedy_reference(target, long_ids, 7)[0]
+
+
+def test_refuses_bad_prompts():
+    target = as_target(bigram_like_target("llama", seed=7))
+    engine = SpecEngine(target, oracle_draft(target))
+    with pytest.raises(SpecError, match="empty"):
+        engine.generate([], 8)
+    with pytest.raises(SpecError, match="512 positions"):
+        engine.generate(list(range(512)), 8)
+
+
+def test_refuses_drafts_that_do_not_fit_the_target(tmp_path):
+    target = as_target(tiny_target("llama", seed=0))
+    narrow = as_target(tiny_target("llama", seed=0, hidden_size=32, intermediate_size=64))
+    small_vocab = as_target(tiny_target("llama", seed=0, vocab_size=300))
+    deep = as_target(tiny_target("llama", seed=0, num_hidden_layers=8), aux_layers=[1, 3, 6])
+    with pytest.raises(DraftShapeError, match="hidden_size 32 != target hidden_size 64"):
+        SpecEngine(target, random_draft(narrow, seed=0))
+    with pytest.raises(DraftShapeError, match="vocab_size 300 != target vocab 320"):
+        SpecEngine(target, random_draft(small_vocab, seed=0, draft_vocab=200))
+    with pytest.raises(DraftShapeError, match=r"aux layers \[1, 3, 6\] do not fit the target's 4"):
+        SpecEngine(target, random_draft(deep, seed=0))
+
+    # The same check guards loading a training checkpoint, before any weight is assembled.
+    draft = random_draft(narrow, seed=0)
+    weights = {k: v for k, v in draft.state_dict().items() if not k.startswith("embed_tokens.")}
+    extra = {
+        "config.yaml": dump_config(Config()),
+        "draft_config.json": draft.config.to_json_string(),
+    }
+    step = checkpoint.save_checkpoint(tmp_path / "checkpoints", 5, weights, {}, extra)
+    with pytest.raises(DraftShapeError, match="hidden_size 32"):
+        load_draft_for(step, target)

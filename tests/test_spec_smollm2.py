@@ -1,0 +1,38 @@
+"""The speculative engine on the real default target (SmolLM2-135M-Instruct), untrained draft."""
+
+import pytest
+import torch
+
+from draftforge.models import build_draft
+from draftforge.spec.engine import SpecEngine
+from draftforge.spec.evaluate import encode, hf_generate, load_prompts
+from draftforge.spec.sampling import SamplingParams
+from draftforge.spec.tree import TreeShape
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Batch-1 decoding on two shared cores: extra intra-op threads only spin.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("shape", [TreeShape(3, 1), TreeShape(3, 4, 8)])
+def test_greedy_output_is_smollm2s_own(smollm2, shape):
+    torch.manual_seed(0)
+    draft = build_draft("eagle3", smollm2.config, smollm2.aux_layers, 32000)
+    draft.load_target_embedding(smollm2.embed_weight())
+    draft.eval().requires_grad_(False)
+    engine = SpecEngine(smollm2, draft, shape)
+    lengths = []
+    for prompt in load_prompts()[:2]:
+        ids = encode(smollm2, prompt)
+        expected, _ = hf_generate(smollm2, ids, 32, SamplingParams(), engine.stop_ids)
+        gen = engine.generate(ids, 32)
+        assert gen.tokens == expected, prompt.id
+        lengths.append(gen.acceptance_length)
+    assert all(al < 1.3 for al in lengths), lengths  # an untrained draft is rejected
