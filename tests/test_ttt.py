@@ -221,3 +221,41 @@ def test_acceptance_length_estimate():
     acc = torch.tensor([0.5, 0.5, 0.0, 1.0])
     assert ttt.acceptance_length(acc).item() == pytest.approx(1 + 0.5 + 0.25)
     assert ttt.acceptance_length(torch.ones(7)).item() == 8
+
+
+ROPE_TYPES = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 128,
+    },
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 128,
+    },
+}
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_TYPES))
+def test_draft_uses_the_targets_rope_scaling(rope):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    target_config = tiny_config("llama", rope_parameters=ROPE_TYPES[rope])
+    draft = build_draft("eagle3", target_config, [0, 1, 2], 40).double()
+    assert draft.config.rope_parameters["rope_type"] == rope
+    x = torch.zeros(1, 5, 64, dtype=torch.float64)
+    positions = torch.arange(5)[None] + 3
+    expected = LlamaRotaryEmbedding(target_config)(x, positions)
+    for got, want in zip(draft.rotary_emb(x, positions), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    batch = _batch(False)
+    out = _efficient(draft, batch, 3, 0.8, ttt.step_counts(batch["loss_mask"], None, 3))
+    assert torch.isfinite(out.loss)
