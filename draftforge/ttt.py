@@ -44,13 +44,9 @@ def step_weights(steps: int, decay: float) -> list[float]:
     return [decay**k for k in range(steps)]
 
 
-def soft_cross_entropy(logits: Tensor, probs: Tensor) -> Tensor:
-    """-sum_v p(v) log q(v), over the last dim; fp32 for the log-softmax."""
-    return -(probs * torch.log_softmax(logits.float(), dim=-1)).sum(dim=-1)
-
-
 def step_loss_terms(
-    logits: Tensor,
+    normed: Tensor,
+    head_weight: Tensor,
     teacher_probs: Tensor,
     teacher_argmax: Tensor,
     mask: Tensor,
@@ -59,17 +55,84 @@ def step_loss_terms(
 ) -> tuple[Tensor, Tensor]:
     """Sum of soft cross-entropies and count of correct argmaxes at one step.
 
-    logits: [B, L, Vd] draft logits; teacher_probs: [B, L, Vd] and teacher_argmax: [B, L]
-    already aligned with them; mask: [B, L] supervised indices (from :func:`step_mask`).
-    Indices whose teacher argmax is outside the draft vocab add no loss (the draft cannot
-    put mass there) but count as wrong: the draft would be rejected there when decoding.
+    normed: [B, L, H] the draft's final-norm states; head_weight: [Vd, H] its lm_head;
+    teacher_probs: [B, L, Vd] and teacher_argmax: [B, L] aligned with them; mask: [B, L]
+    supervised indices (from :func:`step_mask`). Indices whose teacher argmax is outside the
+    draft vocab add no loss (the draft cannot put mass there) but count as wrong: the draft
+    would be rejected there when decoding.
     """
-    ce = soft_cross_entropy(logits, teacher_probs)  # [B, L]
-    in_vocab = t2d[teacher_argmax]
-    ce_sum = torch.where(mask & in_vocab, ce, 0.0).sum()
-    draft_pred = logits.argmax(dim=-1)
+    weights = (mask & t2d[teacher_argmax]).to(torch.float32)
+    ce_sum, draft_pred = head_soft_cross_entropy(
+        normed.flatten(0, 1), head_weight, teacher_probs.flatten(0, 1), weights.flatten()
+    )
+    draft_pred = draft_pred.view(mask.shape)
     correct = ((draft_pred + d2t[draft_pred] == teacher_argmax) & mask).sum()
     return ce_sum, correct
+
+
+def head_soft_cross_entropy(
+    h: Tensor, weight: Tensor, probs: Tensor, row_weights: Tensor, chunk: int = 1024
+) -> tuple[Tensor, Tensor]:
+    """sum_n w_n * CE(probs_n, softmax(h_n @ weight^T)), and each row's argmax.
+
+    Equals -sum(p * log_softmax(h @ weight.T)) row by row, but keeps only ``h`` for
+    backward and recomputes the logits there, ``chunk`` rows at a time: the K steps' [T, Vd]
+    logits (the largest activations of the unroll) are never alive together.
+    h: [N, H]; weight: [Vd, H]; probs: [N, Vd]; row_weights: [N] float. Returns a scalar
+    and [N] int64 argmaxes (ties: first index, as torch.argmax).
+    """
+    return _HeadSoftCE.apply(h, weight, probs, row_weights, chunk)
+
+
+class _HeadSoftCE(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        h: Tensor,
+        weight: Tensor,
+        probs: Tensor,
+        row_weights: Tensor,
+        chunk: int,
+    ) -> tuple[Tensor, Tensor]:
+        # Softmax statistics in fp32 at least (bf16 inputs), fp64 when the inputs are.
+        acc = torch.promote_types(h.dtype, torch.float32)
+        total = torch.zeros((), dtype=acc, device=h.device)
+        preds = torch.empty(h.shape[0], dtype=torch.long, device=h.device)
+        w = weight.to(h.dtype)
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            logits = (h[rows] @ w.T).to(acc)  # [c, Vd]
+            p = probs[rows].to(acc)
+            # CE = lse * sum(p) - <p, logits>: no log-softmax tensor is formed.
+            ce = torch.logsumexp(logits, dim=-1) * p.sum(-1) - (p * logits).sum(-1)
+            total += (ce * row_weights[rows]).sum()
+            preds[rows] = logits.argmax(dim=-1)
+        ctx.save_for_backward(h, weight, probs, row_weights)
+        ctx.chunk = chunk
+        ctx.mark_non_differentiable(preds)
+        return total, preds
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor, _grad_preds: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        h, weight, probs, row_weights = ctx.saved_tensors
+        w = weight.to(h.dtype)
+        grad_h = torch.empty_like(h)
+        acc = torch.promote_types(h.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        for start in range(0, h.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            logits = (h[rows] @ w.T).to(acc)
+            p = probs[rows].to(acc)
+            # d CE / d logits = softmax * sum(p) - p, per row, times the row's weight.
+            g = (torch.softmax(logits, dim=-1) * p.sum(-1, keepdim=True) - p) * (
+                row_weights[rows] * grad_total
+            )[:, None]
+            g = g.to(h.dtype)
+            grad_h[rows] = g @ w
+            grad_w += (g.T @ h[rows]).to(acc)
+        return grad_h, grad_w.to(weight.dtype), None, None, None
 
 
 def acceptance_length(acc: Tensor) -> Tensor:

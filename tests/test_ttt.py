@@ -259,3 +259,46 @@ def test_draft_uses_the_targets_rope_scaling(rope):
     batch = _batch(False)
     out = _efficient(draft, batch, 3, 0.8, ttt.step_counts(batch["loss_mask"], None, 3))
     assert torch.isfinite(out.loss)
+
+
+def test_attention_implementation_is_pluggable():
+    from draftforge.ttt_attention import ttt_attention
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[3]))  # the number of diagonal keys = the step index
+        return ttt_attention(*args, **kwargs)
+
+    draft, batch = _draft(), _batch(True)
+    norms = ttt.step_counts(batch["loss_mask"], batch["segment_ids"], 4)
+    probs = torch.softmax(batch["teacher_logits"][..., draft.draft_ids()], dim=-1)
+    args = [batch[k] for k in ("aux", "input_ids", "position_ids", "loss_mask")]
+    draft(
+        *args,
+        probs,
+        batch["teacher_argmax"],
+        norms,
+        batch["segment_ids"],
+        steps=4,
+        attention=counting,
+    )
+    assert calls == [0, 1, 2, 3]
+
+
+def test_chunked_head_loss_matches_plain_soft_cross_entropy():
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(13, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float64, generator=gen, requires_grad=True)
+    probs = torch.softmax(torch.randn(13, 11, dtype=torch.float64, generator=gen), -1)
+    row_weights = (torch.rand(13, generator=gen) < 0.6).double()
+    total, preds = ttt.head_soft_cross_entropy(h, w, probs, row_weights, chunk=4)
+    total.backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    logits = h2 @ w2.T
+    expected = (-(probs * torch.log_softmax(logits, -1)).sum(-1) * row_weights).sum()
+    expected.backward()
+    torch.testing.assert_close(total, expected)
+    assert torch.equal(preds, logits.argmax(-1))
+    torch.testing.assert_close(h.grad, h2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)

@@ -211,9 +211,7 @@ class Eagle3Draft(nn.Module):
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             keys.append(k)
             values.append(v)
-            return ttt_attention(
-                q, keys[0], values[0], keys[1:], values[1:], segment_ids=segment_ids
-            )
+            return attention(q, keys[0], values[0], keys[1:], values[1:], segment_ids=segment_ids)
 
         loss = aux.new_zeros((), dtype=torch.float32)
         ce_sums, correct = [], []
@@ -223,7 +221,8 @@ class Eagle3Draft(nn.Module):
             n = max(t - 1 - k, 0)  # indices whose teacher position t+1+k exists
             mask = ttt.step_mask(loss_mask, segment_ids, k)[:, :n]
             ce_sum, right = ttt.step_loss_terms(
-                self.logits(hidden[:, :n]),
+                self.norm(hidden[:, :n]),
+                self.lm_head.weight,
                 teacher_probs[:, 1 + k :],
                 teacher_argmax[:, 1 + k :],
                 mask,
