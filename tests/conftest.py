@@ -18,6 +18,16 @@ def _deterministic():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def one_thread():
+    """Batch-1 decoding and other tiny-op tests on two shared cores: extra intra-op threads
+    only spin against other processes and slow these tests several times."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a plain HF directory (converted from its GGUF once)."""

@@ -22,14 +22,7 @@ NEW_TOKENS = 200
 PROMPT_LEN = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: intra-op threads spinning against other processes make the many tiny
-    # ops of decoding up to 50x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_draft(target, seed: int, draft_vocab: int = 300):

@@ -18,13 +18,7 @@ from draftforge.testing import tiny_target, tiny_tokenizer
 LONG = "tell me more about bytes " * 30  # > 512 byte tokens: longer than the tiny target allows
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: intra-op threads spinning against other processes slow decoding.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def save_target(model, directory: Path) -> Path:

@@ -25,14 +25,7 @@ V = 8
 DRAWS = 200_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: intra-op threads spinning against other processes slow these small
-    # tensor ops down several times.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_dist(gen: torch.Generator, *shape: int, zeros: int = 0) -> torch.Tensor:

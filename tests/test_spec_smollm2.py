@@ -9,16 +9,7 @@ from draftforge.spec.evaluate import encode, hf_generate, load_prompts
 from draftforge.spec.sampling import SamplingParams
 from draftforge.spec.tree import TreeShape
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Batch-1 decoding on two shared cores: extra intra-op threads only spin.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 @pytest.mark.parametrize("shape", [TreeShape(3, 1), TreeShape(3, 4, 8)])
