@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint test-speculators
+.PHONY: setup demo test lint test-slow test-speculators
 
 # Reinstalls only when pyproject.toml changes; a second `make` is instant.
 $(STAMP): pyproject.toml
@@ -35,8 +35,13 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The default suite: everything but the end-to-end runs on the real SmolLM2 target (`slow`,
+# about 12 more minutes on 2 cores; `make test-slow`) and the speculators client checks.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow and not speculators"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
 
 # Real-client check of the exports with vLLM's speculators library. Installed without its
 # dependencies, which would pull torchvision and another torch; the light ones it imports are

@@ -52,6 +52,7 @@ def step_loss_terms(
     mask: Tensor,
     d2t: Tensor,
     t2d: Tensor,
+    keep_grad: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Sum of soft cross-entropies and count of correct argmaxes at one step.
 
@@ -59,11 +60,15 @@ def step_loss_terms(
     teacher_probs: [B, L, Vd] and teacher_argmax: [B, L] aligned with them; mask: [B, L]
     supervised indices (from :func:`step_mask`). Indices whose teacher argmax is outside the
     draft vocab add no loss (the draft cannot put mass there) but count as wrong: the draft
-    would be rejected there when decoding.
+    would be rejected there when decoding. ``keep_grad``: see :func:`head_soft_cross_entropy`.
     """
     weights = (mask & t2d[teacher_argmax]).to(torch.float32)
     ce_sum, draft_pred = head_soft_cross_entropy(
-        normed.flatten(0, 1), head_weight, teacher_probs.flatten(0, 1), weights.flatten()
+        normed.flatten(0, 1),
+        head_weight,
+        teacher_probs.flatten(0, 1),
+        weights.flatten(),
+        keep_grad=keep_grad,
     )
     draft_pred = draft_pred.view(mask.shape)
     correct = ((draft_pred + d2t[draft_pred] == teacher_argmax) & mask).sum()
@@ -71,17 +76,24 @@ def step_loss_terms(
 
 
 def head_soft_cross_entropy(
-    h: Tensor, weight: Tensor, probs: Tensor, row_weights: Tensor, chunk: int = 1024
+    h: Tensor,
+    weight: Tensor,
+    probs: Tensor,
+    row_weights: Tensor,
+    chunk: int = 1024,
+    keep_grad: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """sum_n w_n * CE(probs_n, softmax(h_n @ weight^T)), and each row's argmax.
 
-    Equals -sum(p * log_softmax(h @ weight.T)) row by row, but keeps only ``h`` for
-    backward and recomputes the logits there, ``chunk`` rows at a time: the K steps' [T, Vd]
-    logits (the largest activations of the unroll) are never alive together.
+    Equals -sum(p * log_softmax(h @ weight.T)) row by row, without a log-softmax tensor.
+    By default only ``h`` is kept for backward, which recomputes the logits ``chunk`` rows at
+    a time: the K steps' [T, Vd] logits (the largest activations of the unroll) are never
+    alive together. ``keep_grad`` instead keeps d(loss)/d(logits) from the forward: one
+    [N, Vd] tensor per step, and no recomputation (faster when it fits).
     h: [N, H]; weight: [Vd, H]; probs: [N, Vd]; row_weights: [N] float. Returns a scalar
     and [N] int64 argmaxes (ties: first index, as torch.argmax).
     """
-    return _HeadSoftCE.apply(h, weight, probs, row_weights, chunk)
+    return _HeadSoftCE.apply(h, weight, probs, row_weights, chunk, keep_grad)
 
 
 class _HeadSoftCE(torch.autograd.Function):
@@ -93,21 +105,30 @@ class _HeadSoftCE(torch.autograd.Function):
         probs: Tensor,
         row_weights: Tensor,
         chunk: int,
+        keep_grad: bool,
     ) -> tuple[Tensor, Tensor]:
         # Softmax statistics in fp32 at least (bf16 inputs), fp64 when the inputs are.
         acc = torch.promote_types(h.dtype, torch.float32)
         total = torch.zeros((), dtype=acc, device=h.device)
         preds = torch.empty(h.shape[0], dtype=torch.long, device=h.device)
         w = weight.to(h.dtype)
+        dlogits = (
+            torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
+            if keep_grad
+            else None
+        )
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
             logits = (h[rows] @ w.T).to(acc)  # [c, Vd]
             p = probs[rows].to(acc)
             # CE = lse * sum(p) - <p, logits>: no log-softmax tensor is formed.
-            ce = torch.logsumexp(logits, dim=-1) * p.sum(-1) - (p * logits).sum(-1)
+            lse = torch.logsumexp(logits, dim=-1)
+            ce = lse * p.sum(-1) - (p * logits).sum(-1)
             total += (ce * row_weights[rows]).sum()
             preds[rows] = logits.argmax(dim=-1)
-        ctx.save_for_backward(h, weight, probs, row_weights)
+            if dlogits is not None:
+                dlogits[rows] = _dlogits(logits, lse, p, row_weights[rows]).to(h.dtype)
+        ctx.save_for_backward(h, weight, probs, row_weights, dlogits)
         ctx.chunk = chunk
         ctx.mark_non_differentiable(preds)
         return total, preds
@@ -116,23 +137,29 @@ class _HeadSoftCE(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad_total: Tensor, _grad_preds: Tensor
     ) -> tuple[Tensor | None, ...]:
-        h, weight, probs, row_weights = ctx.saved_tensors
+        h, weight, probs, row_weights, dlogits = ctx.saved_tensors
         w = weight.to(h.dtype)
         grad_h = torch.empty_like(h)
         acc = torch.promote_types(h.dtype, torch.float32)
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
         for start in range(0, h.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            logits = (h[rows] @ w.T).to(acc)
-            p = probs[rows].to(acc)
-            # d CE / d logits = softmax * sum(p) - p, per row, times the row's weight.
-            g = (torch.softmax(logits, dim=-1) * p.sum(-1, keepdim=True) - p) * (
-                row_weights[rows] * grad_total
-            )[:, None]
-            g = g.to(h.dtype)
+            if dlogits is not None:
+                g = dlogits[rows] * grad_total.to(h.dtype)
+            else:
+                logits = (h[rows] @ w.T).to(acc)
+                lse = torch.logsumexp(logits, dim=-1)
+                g = _dlogits(logits, lse, probs[rows].to(acc), row_weights[rows])
+                g = (g * grad_total).to(h.dtype)
             grad_h[rows] = g @ w
             grad_w += (g.T @ h[rows]).to(acc)
-        return grad_h, grad_w.to(weight.dtype), None, None, None
+        return grad_h, grad_w.to(weight.dtype), None, None, None, None
+
+
+def _dlogits(logits: Tensor, lse: Tensor, p: Tensor, row_weights: Tensor) -> Tensor:
+    """d(w * CE)/d(logits) = w * (softmax * sum(p) - p), row by row."""
+    softmax = torch.exp(logits - lse[:, None])
+    return (softmax * p.sum(-1, keepdim=True) - p) * row_weights.to(logits.dtype)[:, None]
 
 
 def acceptance_length(acc: Tensor) -> Tensor:

@@ -116,7 +116,7 @@ def _naive(draft, batch, steps, decay):
     return rows, loss
 
 
-def _efficient(draft, batch, steps, decay, norms):
+def _efficient(draft, batch, steps, decay, norms, **options):
     draft_ids = draft.draft_ids()
     probs = torch.softmax(batch["teacher_logits"][..., draft_ids], dim=-1)
     return draft(
@@ -130,12 +130,14 @@ def _efficient(draft, batch, steps, decay, norms):
         batch["segment_ids"],
         steps=steps,
         decay=decay,
+        **options,
     )
 
 
 @pytest.mark.parametrize("steps", [1, 3, 7])
 @pytest.mark.parametrize("packed", [False, True])
-def test_efficient_ttt_matches_naive_unroll(steps, packed):
+@pytest.mark.parametrize("head_memory_mb", [0, 512])  # the head's logits recomputed, or kept
+def test_efficient_ttt_matches_naive_unroll(steps, packed, head_memory_mb):
     # A draft vocab that misses some teacher argmaxes exercises the out-of-vocab rule.
     vocab_ids = torch.sort(
         torch.randperm(320, generator=torch.Generator().manual_seed(3))[:40]
@@ -151,7 +153,7 @@ def test_efficient_ttt_matches_naive_unroll(steps, packed):
     draft = _draft(vocab_ids)
     norms = ttt.step_counts(batch["loss_mask"], batch["segment_ids"], steps)
     assert norms.tolist() == [n for *_, n in rows]
-    out = _efficient(draft, batch, steps, 0.8, norms)
+    out = _efficient(draft, batch, steps, 0.8, norms, head_memory_mb=head_memory_mb)
     out.loss.backward()
 
     torch.testing.assert_close(out.loss, ref_loss, rtol=1e-6, atol=1e-8)
@@ -286,13 +288,16 @@ def test_attention_implementation_is_pluggable():
     assert calls == [0, 1, 2, 3]
 
 
-def test_chunked_head_loss_matches_plain_soft_cross_entropy():
+@pytest.mark.parametrize("keep_grad", [False, True])
+def test_chunked_head_loss_matches_plain_soft_cross_entropy(keep_grad):
     gen = torch.Generator().manual_seed(5)
     h = torch.randn(13, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     w = torch.randn(11, 8, dtype=torch.float64, generator=gen, requires_grad=True)
     probs = torch.softmax(torch.randn(13, 11, dtype=torch.float64, generator=gen), -1)
     row_weights = (torch.rand(13, generator=gen) < 0.6).double()
-    total, preds = ttt.head_soft_cross_entropy(h, w, probs, row_weights, chunk=4)
+    total, preds = ttt.head_soft_cross_entropy(
+        h, w, probs, row_weights, chunk=4, keep_grad=keep_grad
+    )
     total.backward()
     h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     logits = h2 @ w2.T

@@ -195,6 +195,7 @@ class Eagle3Draft(nn.Module):
         steps: int = 7,
         decay: float = 0.8,
         attention: TTTAttention = ttt_attention,
+        head_memory_mb: int = 512,
     ) -> TTTOutput:
         """The TTT unroll on a packed batch.
 
@@ -202,6 +203,8 @@ class Eagle3Draft(nn.Module):
         loss_mask (token t supervised), teacher_argmax [B,T]; teacher_probs [B,T,Vd] the
         target's distribution at each position; norms [K] the global per-step supervised
         counts the loss of step k is divided by; segment_ids [B,T] sample of each index.
+        attention: the TTT attention (benchmarks swap in baselines); head_memory_mb: above
+        this many MiB for all steps' logit gradients, they are recomputed in backward.
         """
         t = input_ids.shape[1]
         hidden = self.fc(aux)
@@ -213,6 +216,10 @@ class Eagle3Draft(nn.Module):
             values.append(v)
             return attention(q, keys[0], values[0], keys[1:], values[1:], segment_ids=segment_ids)
 
+        # Keep each step's d(loss)/d(logits) when all K of them fit the budget (no
+        # recomputation in backward); past it, recompute them (long sequences, big vocabs).
+        head_bytes = steps * input_ids.numel() * self.lm_head.out_features * aux.element_size()
+        keep_head_grad = head_bytes <= head_memory_mb * 2**20
         loss = aux.new_zeros((), dtype=torch.float32)
         ce_sums, correct = [], []
         for k, weight in enumerate(ttt.step_weights(steps, decay)):
@@ -228,6 +235,7 @@ class Eagle3Draft(nn.Module):
                 mask,
                 self.d2t,
                 self.t2d,
+                keep_grad=keep_head_grad,
             )
             loss = loss + weight * ce_sum / norms[k].clamp(min=1)
             ce_sums.append(ce_sum.detach())
