@@ -31,7 +31,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or damaged."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -65,7 +66,7 @@ def save_checkpoint(
             (tmp / name).write_text(text)
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {
-            name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+            name: {"bytes": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)}
             for name in files
         }
         (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=1))
@@ -93,7 +94,7 @@ def verify(path: Path) -> None:
         if (
             not file.is_file()
             or file.stat().st_size != meta["bytes"]
-            or _sha256(file) != meta["sha256"]
+            or sha256_file(file) != meta["sha256"]
         ):
             raise CheckpointError(
                 f"{file}: missing or damaged (size or sha256 differs from {MANIFEST})"

@@ -79,6 +79,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from draftforge import __version__, parallel
+from draftforge.checkpoint import sha256_file
 from draftforge.config import Config, ConfigError
 from draftforge.parallel import Layout
 from draftforge.target import Target, load_target
@@ -231,14 +232,6 @@ def _shard_prefix(rank: int, world: int) -> str:
 
 def _progress_path(directory: Path, rank: int, world: int) -> Path:
     return directory / f"progress-r{rank:03d}of{world:03d}.json"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -642,7 +635,7 @@ def _check_shard(
     size = path.stat().st_size
     if size != entry["bytes"]:
         return f"{path}: {size} bytes where {MANIFEST} records {entry['bytes']} (truncated or replaced); {_RECAPTURE}"
-    if checksums and _sha256(path) != entry["sha256"]:
+    if checksums and sha256_file(path) != entry["sha256"]:
         return f"{path}: sha256 differs from {MANIFEST}: the shard is damaged; {_RECAPTURE}"
     n, tokens, hidden = len(entry["rows"]), entry["offsets"][-1], settings["hidden_size"]
     storage = _HEADER_DTYPES[settings["storage_dtype"]]
