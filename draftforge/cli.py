@@ -40,6 +40,17 @@ def _options_epilog() -> str:
     return "\n".join(lines)
 
 
+def _config_parser(
+    sub: argparse._SubParsersAction, name: str, options: str, help_text: str
+) -> argparse.ArgumentParser:
+    """A subcommand that takes a config file and overrides, and lists every option in --help."""
+    p = sub.add_parser(
+        name, help=help_text, epilog=options, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    _add_config_args(p)
+    return p
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", help="YAML config file (optional: defaults otherwise)")
     parser.add_argument(
@@ -223,15 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train EAGLE-3 speculative-decoding drafts for Hugging Face LLMs.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    options = _options_epilog()  # built once, shown by every config-taking command's --help
     commands: dict[str, Callable[[argparse.Namespace], int]] = {}
 
-    p = sub.add_parser(
-        "config",
-        help="print the resolved config (defaults + file + overrides) as YAML",
-        epilog=_options_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    _config_parser(
+        sub, "config", options, "print the resolved config (defaults + file + overrides) as YAML"
     )
-    _add_config_args(p)
     commands["config"] = cmd_config
 
     p = sub.add_parser(
@@ -243,13 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     commands["target"] = cmd_target
 
-    p = sub.add_parser(
+    _config_parser(
+        sub,
         "prepare",
-        help="read, template, mask and tokenise data.path (cached) and build the draft vocab",
-        epilog=_options_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        options,
+        "read, template, mask and tokenise data.path (cached) and build the draft vocab",
     )
-    _add_config_args(p)
     commands["prepare"] = cmd_prepare
 
     p = sub.add_parser(
@@ -288,13 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     commands["regenerate"] = cmd_regenerate
 
-    p = sub.add_parser(
-        "train",
-        help="train a draft online (the target runs in this process); resumable",
-        epilog=_options_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    _config_parser(
+        sub, "train", options, "train a draft online (the target runs in this process); resumable"
     )
-    _add_config_args(p)
     commands["train"] = cmd_train
 
     p = sub.add_parser(
@@ -308,14 +311,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-vocab", type=int, default=32000)
     commands["plan"] = cmd_plan
 
-    p = sub.add_parser(
+    p = _config_parser(
+        sub,
         "capture",
-        help="run the target over the prepared data once and store its features for "
+        options,
+        "run the target over the prepared data once and store its features for "
         "data.mode=offline (resumable; split over processes under torchrun)",
-        epilog=_options_epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _add_config_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     commands["capture"] = cmd_capture
 
