@@ -121,6 +121,12 @@ class TrainingConfig:
     warmup_steps: int = opt(50, "linear warmup steps before the cosine decay")
     min_lr_ratio: float = opt(0.1, "final learning rate as a share of the peak")
     max_steps: int = opt(1000, "optimizer steps to train")
+    time_limit_minutes: float = opt(
+        0.0,
+        "stop after this much training time, summed over resumes, with a checkpoint; the "
+        "cosine decay then follows the clock (it ends at the limit or at max_steps, whichever "
+        "comes first); 0 = no limit",
+    )
     tokens_per_batch: int = opt(2048, "token budget of one packed micro-batch")
     grad_accum: int = opt(
         0,

@@ -91,12 +91,13 @@ def all_reduce_sum(x: Tensor, layout: Layout) -> Tensor:
     return x
 
 
-def all_reduce_max(value: int, layout: Layout) -> int:
+def all_reduce_max(value: float, layout: Layout) -> float:
+    """The largest ``value`` over all ranks."""
     if layout.world == 1:
         return value
-    t = torch.tensor([value], device=layout.device)
+    t = torch.tensor([value], dtype=torch.float64, device=layout.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
+    return float(t)
 
 
 def sync_grads(params: list[nn.Parameter], layout: Layout) -> None:

@@ -211,12 +211,51 @@ def feature_source(cfg: Config, target: Target, dataset: Any, layout: Layout) ->
 # ----------------------------------------------------------------------------- optimisation
 
 
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to ``min_ratio``."""
+def lr_factor(
+    step: int, warmup: int, total: int, min_ratio: float, time_fraction: float = 0.0
+) -> float:
+    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to ``min_ratio``.
+
+    The decay's progress is the share of the steps after warmup that are done, or the share
+    of a time budget that is spent (``time_fraction``), whichever is further along.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Clock:
+    """Training time in seconds, summed over resumes and agreed on by every rank.
+
+    Ranks must stop at the same step and use the same learning rate, so each `tick` takes
+    the largest time over the ranks (one tiny all-reduce per step, only under a limit).
+    """
+
+    def __init__(self, limit_s: float, spent_s: float, layout: Layout) -> None:
+        self.limit_s = limit_s
+        self.spent_s = spent_s
+        self.layout = layout
+        self._start = time.perf_counter()
+
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def tick(self) -> None:
+        if self.limit_s:
+            now = self.spent_s + time.perf_counter() - self._start
+            self.spent_s, self._start = (
+                parallel.all_reduce_max(now, self.layout),
+                time.perf_counter(),
+            )
+
+    @property
+    def fraction(self) -> float:
+        return min(1.0, self.spent_s / self.limit_s) if self.limit_s else 0.0
+
+    @property
+    def out_of_time(self) -> bool:
+        return bool(self.limit_s) and self.spent_s >= self.limit_s
 
 
 @dataclass
@@ -436,7 +475,7 @@ def features_for(
     feats = [online_features(target, b, draft_ids, cfg.target.teacher_chunk_mb) for b in batches]
     if cfg.parallel.fsdp in ("target", "both"):
         mine = sum(len(b.lengths) for b in batches)
-        for _ in range(parallel.all_reduce_max(mine, layout) - mine):
+        for _ in range(int(parallel.all_reduce_max(mine, layout)) - mine):
             target.features(torch.zeros(1, 1, dtype=torch.long, device=target.device))
     return feats
 
@@ -614,8 +653,14 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
         optimizer = torch.optim.AdamW(
             params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
         )
+    if tc.time_limit_minutes < 0:
+        raise ConfigError(
+            f"training.time_limit_minutes must be >= 0 (0 = no limit), got {tc.time_limit_minutes}"
+        )
+    clock = Clock(tc.time_limit_minutes * 60, 0.0, layout)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+        optimizer,
+        lambda s: lr_factor(s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio, clock.fraction),
     )
 
     run_dir = Path(cfg.output.dir)
@@ -640,6 +685,7 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
             group["lr"] = lr  # the rate the next step uses
         torch.set_rng_state(state["rng"])
         step, skipped = state["step"], state["skipped"]
+        clock.spent_s = state.get("train_seconds", 0.0)
         position = Position(state["epoch"], state["index"])
         log(f"resumed from {resume_from} at step {step}", flush=True)
 
@@ -660,6 +706,7 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
                 "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(),
+                "train_seconds": clock.spent_s,
             }
             extra = {
                 "config.yaml": dump_config(cfg),
@@ -680,38 +727,44 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
     window: list[StepStats] = []
     window_start = time.perf_counter()
     metrics: dict[str, float] = {}
+    # Under a time limit the bar counts seconds, so its ETA is the limit's.
+    timed = bool(clock.limit_s)
     bar = tqdm(
-        total=tc.max_steps,
-        initial=step,
+        total=round(clock.limit_s) if timed else tc.max_steps,
+        initial=round(clock.spent_s) if timed else step,
         desc="train",
-        unit="step",
+        unit="s" if timed else "step",
         dynamic_ncols=True,
         disable=not layout.is_main,
     )
+    clock.start()
     try:
-        while step < tc.max_steps:
+        while step < tc.max_steps and not clock.out_of_time:
             next_position, mine, feats = next(steps)
             stats = train_step(draft, list(zip(mine, feats, strict=True)), optimizer, cfg, layout)
             position = Position(next_position.epoch, next_position.index + 1)
             if stats is None:
                 skipped += 1
                 continue
+            clock.tick()
             scheduler.step()
             step += 1
-            bar.update(1)
+            bar.update(min(round(clock.spent_s), bar.total) - bar.n if timed else 1)
             window.append(stats)
-            if step % tc.log_every == 0 or step == tc.max_steps:
+            last = step == tc.max_steps or clock.out_of_time
+            if step % tc.log_every == 0 or last:
                 elapsed = time.perf_counter() - window_start
                 metrics = _window_metrics(window, elapsed, scheduler.get_last_lr()[0], skipped)
                 trackers.log("train", step, metrics)
                 bar.set_postfix(
+                    step=step,
                     loss=f"{metrics['loss']:.3f}",
                     acc0=f"{metrics['acc_0']:.2f}",
                     al=f"{metrics['al_estimate']:.2f}",
                     tok_s=f"{metrics['tokens_per_s']:.0f}",
                 )
                 window, window_start = [], time.perf_counter()
-            if eval_rows and tc.eval_every and (step % tc.eval_every == 0 or step == tc.max_steps):
+            if eval_rows and tc.eval_every and (step % tc.eval_every == 0 or last):
                 trackers.log(
                     "eval", step, evaluate(draft, source, dataset, eval_rows, lengths, cfg, layout)
                 )
@@ -725,6 +778,8 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
         trackers.close()
         raise
     bar.close()
+    if clock.out_of_time and step < tc.max_steps:
+        log(f"time limit of {tc.time_limit_minutes:g} min reached at step {step}", flush=True)
     if saved_at != step:
         save()
     trackers.close()

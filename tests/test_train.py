@@ -187,6 +187,42 @@ def test_lr_schedule():
     assert lr_factor(4, 4, 100, 0.1) == pytest.approx(1.0)
     assert lr_factor(100, 4, 100, 0.1) == pytest.approx(0.1)
     assert lr_factor(52, 4, 100, 0.1) == pytest.approx(0.55)
+    # Under a time budget the decay follows whichever of steps and time is further along.
+    assert lr_factor(10, 4, 100, 0.1, time_fraction=0.5) == pytest.approx(0.55)
+    assert lr_factor(10, 4, 100, 0.1, time_fraction=1.0) == pytest.approx(0.1)
+    assert lr_factor(76, 4, 100, 0.1, time_fraction=0.1) == pytest.approx(
+        lr_factor(76, 4, 100, 0.1)
+    )
+
+
+def test_time_limit_stops_with_a_checkpoint_and_resumes_with_the_time_left(workdir, tmp_path):
+    out = tmp_path / "timed"
+    limit_min = 0.03  # 1.8 s: a few tiny steps
+    extra = {
+        "training.max_steps": 100_000,
+        "training.warmup_steps": 0,
+        "training.save_every": 0,
+        "training.log_every": 1,
+    }
+
+    def run(minutes: float):
+        overrides = _overrides(workdir, out, **extra, **{"training.time_limit_minutes": minutes})
+        return train(load_config(None, overrides))
+
+    first = run(limit_min)
+    assert 0 < first.step < 100_000
+    newest = checkpoint.list_checkpoints(out / "checkpoints")[-1]
+    _, state = checkpoint.load_checkpoint(newest)
+    assert state["step"] == first.step
+    assert state["train_seconds"] >= limit_min * 60
+    # The cosine decay followed the clock: the rate after the last step is the floor
+    # (min_lr_ratio 0.1 of tiny_run_overrides' 3e-3), far before max_steps.
+    assert _metrics(out)[-1]["lr"] == pytest.approx(3e-4, rel=1e-6)
+    # Rerunning with the time spent trains nothing more; a larger budget continues.
+    assert run(limit_min).step == first.step
+    assert run(state["train_seconds"] / 60 + limit_min).step > first.step
+    with pytest.raises(ConfigError, match="time_limit_minutes"):
+        run(-1)
 
 
 @pytest.mark.slow
