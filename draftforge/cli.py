@@ -6,10 +6,12 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from draftforge.checkpoint import CheckpointError
 from draftforge.config import ConfigError, describe_options, dump_config, load_config
 from draftforge.data import DataError
+from draftforge.demo import DemoSettings, run_demo
 from draftforge.export import ExportError
 from draftforge.models.eagle3 import DraftShapeError
 from draftforge.offline import ShardError
@@ -179,6 +181,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(*_split_config_args(args))
     result = train(cfg)
+    if not result.main:
+        return 0
     summary = ", ".join(
         f"{k} {result.metrics[k]:.3f}"
         for k in ("loss", "acc_0", "al_estimate")
@@ -216,6 +220,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     for what, command in result.commands:
         print(f"\n# {what}\n{command}")
     return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.minutes <= 0:
+        raise ConfigError(f"--minutes must be positive, got {args.minutes}")
+    if args.conversations < 10:
+        raise ConfigError(f"--conversations must be at least 10, got {args.conversations}")
+    if args.eval_prompts < 1:
+        raise ConfigError(f"--eval-prompts must be at least 1, got {args.eval_prompts}")
+    settings = DemoSettings(
+        minutes=args.minutes,
+        out=Path(args.out),
+        fresh=args.fresh,
+        conversations=args.conversations,
+        eval_prompts=args.eval_prompts,
+        max_new_tokens=args.max_new_tokens,
+        overrides=args.overrides,
+    )
+    return run_demo(settings)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -347,6 +370,44 @@ def build_parser() -> argparse.ArgumentParser:
     commands["export"] = cmd_export
 
     add_spec_commands(sub, commands)  # eval, bench
+
+    defaults = DemoSettings()
+    p = sub.add_parser(
+        "demo",
+        help="train, evaluate and export a draft for SmolLM2-135M-Instruct on this CPU",
+        description="The CPU demo: built-in SmolLM2-answered data, offline capture, training "
+        "for --minutes, speculative decoding on held-out prompts, SGLang and vLLM exports and "
+        "a report (text, JSON, PNG). Caches are reused across runs; an interrupted run "
+        "resumes.",
+    )
+    p.add_argument("--minutes", type=float, default=defaults.minutes, help="training time budget")
+    p.add_argument("--out", default=str(defaults.out), help="output folder")
+    p.add_argument("--fresh", action="store_true", help="ignore every cache and start over")
+    p.add_argument(
+        "--conversations",
+        type=int,
+        default=defaults.conversations,
+        help="built-in conversations to train on (the first N)",
+    )
+    p.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=defaults.eval_prompts,
+        help="held-out prompts decoded per setting",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=defaults.max_new_tokens,
+        help="tokens generated per held-out prompt",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="run config overrides, applied after the demo's own (e.g. training.lr=1e-3)",
+    )
+    commands["demo"] = cmd_demo
 
     parser.set_defaults(_commands=commands)
     return parser

@@ -569,6 +569,7 @@ class TrainResult:
     run_dir: Path
     metrics: dict[str, float]
     skipped: int
+    main: bool = True  # rank 0 (or the only process): the one that reports
 
 
 def train(cfg: Config, target: Target | None = None) -> TrainResult:
@@ -783,7 +784,7 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
     if saved_at != step:
         save()
     trackers.close()
-    return TrainResult(step=step, run_dir=run_dir, metrics=metrics, skipped=skipped)
+    return TrainResult(step, run_dir, metrics, skipped, layout.is_main)
 
 
 def _quiet(*_args: object, **_kwargs: object) -> None:

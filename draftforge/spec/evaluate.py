@@ -183,8 +183,11 @@ def evaluate(
     baseline: bool = True,
     generate: bool = True,
     log: Log = print,
+    on_prompt: Callable[[], object] = lambda: None,
 ) -> dict[str, Any]:
-    """Run every prompt through the speculative engine (and the baselines) and report."""
+    """Run every prompt through the speculative engine (and the baselines) and report.
+
+    ``on_prompt`` is called after each prompt (e.g. to move a progress bar)."""
     engine = SpecEngine(target, draft, shape, sampling, seed=seed)
     plain = SpecEngine(target, None, TreeShape(num_steps=0), sampling, seed=seed)
     encoded, truncated = [], []
@@ -226,6 +229,7 @@ def evaluate(
             row["generate_tokens_per_s"] = round(len(tokens) / seconds, 3)
             matches["generate"] += tokens == gen.tokens
         rows.append(row)
+        on_prompt()
         al = "-" if gen.acceptance_length is None else f"{gen.acceptance_length:.2f}"
         log(f"{prompt.id}: {len(gen.tokens)} tokens, AL {al}, {row['tokens_per_s']:.1f} tok/s")
 
@@ -315,8 +319,12 @@ def sweep(
     *,
     seed: int = 0,
     log: Log = print,
+    on_prompt: Callable[[], object] = lambda: None,
 ) -> tuple[float, list[SweepRow]]:
-    """Baseline tokens/s (drafting off) and one row per draft shape."""
+    """Baseline tokens/s (drafting off) and one row per draft shape.
+
+    ``on_prompt`` is called after each prompt of each run: ``len(prompts) * (len(shapes) + 1)``
+    times in all."""
 
     def quiet(_: str) -> None:
         return None
@@ -332,6 +340,7 @@ def sweep(
         baseline=False,
         generate=False,
         log=quiet,
+        on_prompt=on_prompt,
     )["speculative"]["tokens_per_s"]
     log(f"baseline (no drafting): {base:.2f} tok/s")
     log(format_rows([]))
@@ -348,6 +357,7 @@ def sweep(
             baseline=False,
             generate=False,
             log=quiet,
+            on_prompt=on_prompt,
         )
         tps = report["speculative"]["tokens_per_s"]
         row = SweepRow(

