@@ -21,15 +21,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Until the full demo lands: a short online training smoke run of an EAGLE-3 draft for the
-# default target (SmolLM2-135M-Instruct) on a few built-in conversations.
+# The CPU demo: trains, evaluates and exports an EAGLE-3 draft for SmolLM2-135M-Instruct
+# (about 20 minutes on 2 cores; `draftforge demo --help` for its options).
 demo: setup
-	@echo "draftforge demo (smoke run): 12 online TTT steps on SmolLM2-135M-Instruct"
-	$(VENV)/bin/draftforge train \
-		data.path=draftforge/assets/smoke_conversations.jsonl data.max_length=512 \
-		training.tokens_per_batch=512 training.max_steps=12 training.lr=1e-3 \
-		training.warmup_steps=2 training.log_every=4 training.eval_every=0 \
-		draft.draft_vocab_size=4096 output.dir=runs/smoke training.resume=never
+	$(VENV)/bin/draftforge demo
 
 lint: setup
 	$(VENV)/bin/ruff check .

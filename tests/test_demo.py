@@ -7,7 +7,7 @@ import pytest
 from draftforge import checkpoint
 from draftforge import train as train_module
 from draftforge.cli import main
-from draftforge.demo import DemoSettings, run_demo
+from draftforge.demo import DEMO_DATA, DemoSettings, heldout_prompts, run_demo, write_subset
 from draftforge.spec.tree import TreeShape
 from draftforge.testing import write_tiny_run
 
@@ -113,6 +113,30 @@ def test_an_interrupted_demo_resumes_training(tiny, tmp_path, monkeypatch, capsy
     assert report["train_steps"] > 3
     _, state = checkpoint.load_checkpoint(checkpoint.latest_valid(out / "run" / "checkpoints"))
     assert state["train_seconds"] >= 0.2 * 60  # the budget is summed over both runs
+
+
+def test_write_subset_keeps_the_file_when_the_rows_are_the_same(tmp_path):
+    out = tmp_path / "train.jsonl"
+    assert write_subset(DEMO_DATA, 5, out) == 5
+    first = out.stat().st_mtime_ns
+    assert write_subset(DEMO_DATA, 5, out) == 5
+    assert out.stat().st_mtime_ns == first
+    assert write_subset(DEMO_DATA, 6, out) == 6
+    assert len(out.read_text().splitlines()) == 6
+
+
+def test_builtin_demo_data_is_smollm2_answered_conversations():
+    with gzip.open(DEMO_DATA, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) >= 500
+    assert len({r["id"] for r in rows}) == len(rows)
+    for row in rows:
+        roles = [m["role"] for m in row["messages"]]
+        assert roles == ["user", "assistant"], row["id"]
+        assert row["messages"][1]["content"].strip(), row["id"]
+    # Held-out prompts come from other template families, so none is a training prompt.
+    train_prompts = {r["messages"][0]["content"] for r in rows}
+    assert not train_prompts & {p.messages[0]["content"] for p in heldout_prompts(200)}
 
 
 def test_demo_cli_rejects_bad_settings(capsys):
