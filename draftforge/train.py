@@ -735,6 +735,11 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
         initial=round(clock.spent_s) if timed else step,
         desc="train",
         unit="s" if timed else "step",
+        bar_format=(
+            "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
+            if timed
+            else None
+        ),
         dynamic_ncols=True,
         disable=not layout.is_main,
     )

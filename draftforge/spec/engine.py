@@ -23,6 +23,7 @@ One round, with N tokens committed (the last one, the root, not yet in the targe
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
@@ -38,6 +39,11 @@ from draftforge.spec.loading import check_compatible, draft_aux_layers
 from draftforge.spec.sampling import SamplingParams, sample, verify_tree, warp
 from draftforge.spec.tree import TreeShape, ancestor_mask, is_chain, select_nodes
 from draftforge.target import Target, capture_layers
+
+# transformers 5.2x warns on every forward that passes `past_key_values`, naming `cache` as its
+# successor, yet a cache passed as `cache` is not used by that version's models: keep the
+# working argument without a warning per decoded token.
+warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 
 @dataclass
