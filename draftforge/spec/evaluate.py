@@ -326,29 +326,10 @@ def sweep(
     ``on_prompt`` is called after each prompt of each run: ``len(prompts) * (len(shapes) + 1)``
     times in all."""
 
-    def quiet(_: str) -> None:
-        return None
-
-    base = evaluate(
-        target,
-        None,
-        prompts,
-        TreeShape(num_steps=0),
-        sampling,
-        max_new_tokens,
-        seed=seed,
-        baseline=False,
-        generate=False,
-        log=quiet,
-        on_prompt=on_prompt,
-    )["speculative"]["tokens_per_s"]
-    log(f"baseline (no drafting): {base:.2f} tok/s")
-    log(format_rows([]))
-    rows = []
-    for shape in shapes:
-        report = evaluate(
+    def run(drafter: Eagle3Draft | None, shape: TreeShape) -> dict[str, Any]:
+        return evaluate(
             target,
-            draft,
+            drafter,
             prompts,
             shape,
             sampling,
@@ -356,9 +337,16 @@ def sweep(
             seed=seed,
             baseline=False,
             generate=False,
-            log=quiet,
+            log=lambda _: None,
             on_prompt=on_prompt,
         )
+
+    base = run(None, TreeShape(num_steps=0))["speculative"]["tokens_per_s"]
+    log(f"baseline (no drafting): {base:.2f} tok/s")
+    log(format_rows([]))
+    rows = []
+    for shape in shapes:
+        report = run(draft, shape)
         tps = report["speculative"]["tokens_per_s"]
         row = SweepRow(
             shape=shape,
