@@ -245,6 +245,21 @@ def _numbers(low: int, high: int) -> tuple[str, ...]:
 # keeps linked values (a book and its author, a rule and its consequence) together.
 # ---------------------------------------------------------------------------------------
 
+LANGUAGES = (
+    "Python",
+    "JavaScript",
+    "TypeScript",
+    "Java",
+    "C",
+    "C++",
+    "Go",
+    "Rust",
+    "Ruby",
+    "C#",
+    "Kotlin",
+    "Swift",
+)
+
 VOCAB: dict[str, tuple[str, ...] | tuple[tuple[str, ...], ...]] = {
     # Passages and code (above).
     "news": NEWS,
@@ -1197,33 +1212,8 @@ VOCAB: dict[str, tuple[str, ...] | tuple[tuple[str, ...], ...]] = {
         "coins",
     ),
     # Coding.
-    "lang": (
-        "Python",
-        "JavaScript",
-        "TypeScript",
-        "Java",
-        "C",
-        "C++",
-        "Go",
-        "Rust",
-        "Ruby",
-        "C#",
-        "Kotlin",
-        "Swift",
-    ),
-    "other_lang": (
-        "JavaScript",
-        "TypeScript",
-        "Java",
-        "C",
-        "C++",
-        "Go",
-        "Rust",
-        "Ruby",
-        "C#",
-        "Kotlin",
-        "Swift",
-    ),
+    "lang": LANGUAGES,
+    "other_lang": tuple(lang for lang in LANGUAGES if lang != "Python"),  # "I know Python"
     "func_task": (
         "reverses a string",
         "checks whether a number is prime",
