@@ -64,7 +64,7 @@ import shutil
 import threading
 import time
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
@@ -755,7 +755,7 @@ class OfflineFeatures:
 
     def steps(
         self, plan: Iterator[tuple[Position, list[MicroBatch]]], draft_ids: Tensor
-    ) -> Iterator[tuple[Position, list[MicroBatch], list[Features]]]:
+    ) -> Generator[tuple[Position, list[MicroBatch], list[Features]], None, None]:
         if self.depth == 0:
             for position, batches in plan:
                 yield position, batches, self.features(batches, draft_ids)
@@ -783,7 +783,8 @@ class OfflineFeatures:
             else:
                 put(None)
 
-        threading.Thread(target=produce, name="offline-prefetch", daemon=True).start()
+        producer = threading.Thread(target=produce, name="offline-prefetch", daemon=True)
+        producer.start()
         try:
             while (item := ready.get()) is not None:
                 if isinstance(item, BaseException):
@@ -791,7 +792,10 @@ class OfflineFeatures:
                 position, batches, loaded = item
                 yield position, batches, self._teacher(loaded, draft_ids)
         finally:
+            # The producer notices within 0.1 s (or after the read in flight): never leave it
+            # running into interpreter shutdown, where a thread inside torch aborts the process.
             stop.set()
+            producer.join()
 
 
 def open_features(cfg: Config, target: Target, dataset: Any, layout: Layout) -> OfflineFeatures:

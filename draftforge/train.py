@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -177,8 +177,8 @@ class FeatureSource(Protocol):
 
     def steps(
         self, plan: Iterator[tuple[Position, list[MicroBatch]]], draft_ids: Tensor
-    ) -> Iterator[tuple[Position, list[MicroBatch], list[Features]]]:
-        """Each step of ``plan`` with its features, in order."""
+    ) -> Generator[tuple[Position, list[MicroBatch], list[Features]], None, None]:
+        """Each step of ``plan`` with its features, in order; closing it stops any reading ahead."""
         ...
 
 
@@ -193,7 +193,7 @@ class OnlineFeatures:
 
     def steps(
         self, plan: Iterator[tuple[Position, list[MicroBatch]]], draft_ids: Tensor
-    ) -> Iterator[tuple[Position, list[MicroBatch], list[Features]]]:
+    ) -> Generator[tuple[Position, list[MicroBatch], list[Features]], None, None]:
         for position, batches in plan:
             yield position, batches, self.features(batches, draft_ids)
 
@@ -778,11 +778,13 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
                 save()
     except KeyboardInterrupt:
         # Between steps the state is consistent: keep what was learnt, then stop.
+        steps.close()
         bar.close()
         log(f"\ninterrupted at step {step}: saving a checkpoint to resume from", flush=True)
         save()
         trackers.close()
         raise
+    steps.close()
     bar.close()
     if clock.out_of_time and step < tc.max_steps:
         log(f"time limit of {tc.time_limit_minutes:g} min reached at step {step}", flush=True)

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -278,6 +279,13 @@ def test_prefetch_gives_the_same_features_and_passes_errors_on(workdir, captured
     next(steps)
     with pytest.raises(OSError, match="disk gone"):
         next(steps)
+
+    # Leaving early (a time limit, Ctrl-C) and closing the steps stops the reader thread.
+    steps = source.steps(iter(plan), draft_ids)
+    next(steps)
+    assert any(t.name == "offline-prefetch" for t in threading.enumerate())
+    steps.close()
+    assert not any(t.name == "offline-prefetch" for t in threading.enumerate())
 
 
 def test_default_features_dir_is_named_by_the_settings(workdir):
