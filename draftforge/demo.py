@@ -181,14 +181,15 @@ def run_demo(settings: DemoSettings) -> int:
         with stages.run("data", f"the first {settings.conversations} built-in conversations"):
             rows = write_subset(settings.data, settings.conversations, data_path)
             try:
-                print("    " + prepare_data(cfg, target.tokenizer, target.vocab_size).summary())
+                prepared = prepare_data(cfg, target.tokenizer, target.vocab_size)
             except DataError as err:
                 raise DataError(f"the built-in demo data is unreadable: {err}") from None
+            print(_indent(prepared.summary()))
         with stages.run("capture", f"target features of {rows} conversations (cached)"):
-            captured = capture(cfg, target)
-            print("    " + captured.summary().replace("\n", "\n    "))
+            captured = capture(cfg, target, prepared=prepared)
+            print(_indent(captured.summary()))
         with stages.run("train", f"EAGLE-3 draft, {settings.minutes:g} min of training time"):
-            result = train(cfg, target)
+            result = train(cfg, target, prepared)
             print(f"    {result.step} steps; checkpoint in {result.run_dir / 'checkpoints'}")
         prompts = heldout_prompts(settings.eval_prompts)
         shapes = [TreeShape(s) for s in settings.chain_steps] + [settings.tree]
@@ -225,6 +226,10 @@ def run_demo(settings: DemoSettings) -> int:
     return 0
 
 
+def _indent(text: str) -> str:
+    return "    " + text.replace("\n", "\n    ")
+
+
 def _evaluate(
     target: Target,
     run_dir: Path,
@@ -237,7 +242,7 @@ def _evaluate(
     with tqdm(total=runs * len(prompts), desc="eval", unit="prompt", dynamic_ncols=True) as bar:
 
         def log(line: str) -> None:
-            bar.write("    " + line.replace("\n", "\n    "))
+            bar.write(_indent(line))
 
         return sweep(
             target,

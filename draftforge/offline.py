@@ -69,7 +69,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -91,6 +91,9 @@ from draftforge.train import (
     load_data,
     sample_features,
 )
+
+if TYPE_CHECKING:
+    from draftforge.data import PrepareResult
 
 FORMAT = "draftforge-features"
 VERSION = 1
@@ -300,11 +303,18 @@ def _quiet(*_args: object, **_kwargs: object) -> None:
     """``print`` for ranks other than 0."""
 
 
-def capture(cfg: Config, target: Target | None = None, *, progress: bool = True) -> CaptureResult:
+def capture(
+    cfg: Config,
+    target: Target | None = None,
+    *,
+    progress: bool = True,
+    prepared: PrepareResult | None = None,
+) -> CaptureResult:
     """Capture the features of every sample of the prepared dataset into shards (resumable).
 
-    Uses the same ``prepare`` call and cache as ``train``. Runs as one process or under
-    torchrun, each rank capturing its own slice.
+    Uses the same ``prepare`` call and cache as ``train`` (or ``prepared``, see
+    :func:`~draftforge.train.load_data`). Runs as one process or under torchrun, each rank
+    capturing its own slice.
     """
     if cfg.data.shard_mb <= 0:
         raise ConfigError(f"data.shard_mb must be positive, got {cfg.data.shard_mb}")
@@ -312,7 +322,7 @@ def capture(cfg: Config, target: Target | None = None, *, progress: bool = True)
     log = print if rank == 0 else _quiet
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     target = target or load_target(cfg.target, device)
-    dataset, _ = load_data(cfg, target, log)
+    dataset, _ = load_data(cfg, target, log, prepared)
     settings = capture_settings(cfg, target, dataset)
     out = features_dir(cfg, settings)
     out.mkdir(parents=True, exist_ok=True)

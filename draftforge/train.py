@@ -551,16 +551,26 @@ def prepare_data(cfg: Config, tokenizer: Any, target_vocab_size: int) -> Prepare
     )
 
 
-def load_data(cfg: Config, target: Target, log: Callable[..., None] = print) -> tuple[Any, Tensor]:
-    """The tokenised dataset (cached) and the draft vocabulary's target ids."""
+def load_data(
+    cfg: Config,
+    target: Target,
+    log: Callable[..., None] = print,
+    prepared: PrepareResult | None = None,
+) -> tuple[Any, Tensor]:
+    """The tokenised dataset (cached) and the draft vocabulary's target ids.
+
+    ``prepared``: what :func:`prepare_data` already returned for this config (a caller that
+    runs several stages prepares once); otherwise it is called here and its summary logged.
+    """
     if cfg.data.max_length > cfg.training.tokens_per_batch:
         raise ConfigError(
             f"data.max_length ({cfg.data.max_length}) exceeds training.tokens_per_batch "
             f"({cfg.training.tokens_per_batch}): raise the budget or lower max_length"
         )
-    result = prepare_data(cfg, target.tokenizer, target.vocab_size)
-    log(result.summary(), flush=True)
-    return result.dataset, result.vocab.target_ids
+    if prepared is None:
+        prepared = prepare_data(cfg, target.tokenizer, target.vocab_size)
+        log(prepared.summary(), flush=True)
+    return prepared.dataset, prepared.vocab.target_ids
 
 
 @dataclass
@@ -572,19 +582,24 @@ class TrainResult:
     main: bool = True  # rank 0 (or the only process): the one that reports
 
 
-def train(cfg: Config, target: Target | None = None) -> TrainResult:
+def train(
+    cfg: Config, target: Target | None = None, prepared: PrepareResult | None = None
+) -> TrainResult:
     """Train a draft as ``cfg`` says; resumes from the newest checkpoint when asked.
 
-    Runs as one process or under torchrun (see :mod:`draftforge.parallel`).
+    Runs as one process or under torchrun (see :mod:`draftforge.parallel`). ``target`` and
+    ``prepared`` (see :func:`load_data`) reuse what the caller already loaded.
     """
     layout = parallel.setup(cfg.parallel)
     try:
-        return _train(cfg, target, layout)
+        return _train(cfg, target, prepared, layout)
     finally:
         parallel.teardown(layout)
 
 
-def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
+def _train(
+    cfg: Config, target: Target | None, prepared: PrepareResult | None, layout: Layout
+) -> TrainResult:
     tc = cfg.training
     if tc.grad_accum == 0:
         tc.grad_accum = layout.dp
@@ -602,10 +617,10 @@ def _train(cfg: Config, target: Target | None, layout: Layout) -> TrainResult:
     target.lm_head()  # gathers a sharded head now, on every rank at once
     # Rank 0 builds the tokenised cache; the others then find it there.
     if layout.is_main:
-        dataset, draft_ids = load_data(cfg, target, log)
+        dataset, draft_ids = load_data(cfg, target, log, prepared)
     parallel.barrier(layout)
     if not layout.is_main:
-        dataset, draft_ids = load_data(cfg, target, log)
+        dataset, draft_ids = load_data(cfg, target, log, prepared)
     source = feature_source(cfg, target, dataset, layout)
     lengths = [int(n) for n in (dataset.offsets[1:] - dataset.offsets[:-1]).tolist()]
     train_rows, eval_rows = split_eval(dataset.ids, cfg.data.eval_fraction)

@@ -79,6 +79,8 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_the_caches(tiny, tmp_path
     printed = capsys.readouterr().out
     assert "training a new draft (the last run finished); caches are reused" in printed
     assert "nothing left to capture" in printed
+    # The data is prepared once and handed to the capture and the training.
+    assert printed.count("dataset cache:") == 1
     assert _manifest_mtime(json.loads((out / "report.json").read_text())) == first_capture
 
     # --fresh: every cache under the output folder, rebuilt.
