@@ -164,14 +164,22 @@ def resolve_target_path(path: str, cache_dir: str | Path) -> str:
     )
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):  # noqa: ANN201 (HF tokenizer types vary)
-    """The target's tokenizer, from a resolved local directory or hub id."""
+def load_tokenizer(source: str | Path | object, trust_remote_code: bool = False):  # noqa: ANN201 (HF tokenizer types vary)
+    """A tokenizer from a local directory, a hub id or a ``.gguf`` file (objects pass through)."""
+    if not isinstance(source, (str, Path)):
+        return source
     from transformers import AutoTokenizer
 
+    local = Path(source).expanduser()
+    where, extra = (
+        (str(local.parent), {"gguf_file": local.name})
+        if local.suffix == ".gguf"
+        else (str(source), {})
+    )
     try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code, **extra)
     except OSError as err:
-        raise TargetError(f"cannot load the tokenizer of {path}: {err}".splitlines()[0]) from None
+        raise TargetError(f"cannot load the tokenizer of {source}: {err}".splitlines()[0]) from None
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

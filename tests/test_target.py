@@ -13,6 +13,7 @@ from draftforge.target import (
     chunk_tokens,
     default_aux_layers,
     load_target,
+    load_tokenizer,
     resolve_target_path,
     teacher,
 )
@@ -225,3 +226,16 @@ def test_cli_config_prints_yaml_and_help_lists_options():
         check=True,
     ).stdout
     assert "training.lr = 0.0001" in help_text and "peak learning rate" in help_text
+
+
+def test_load_tokenizer_reads_folders_passes_objects_and_names_what_is_missing(tmp_path):
+    tok = tiny_tokenizer()
+    assert load_tokenizer(tok) is tok
+    tok.save_pretrained(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")
+    text = "<|im_start|>user\nhi<|im_end|>"
+    assert loaded.encode(text) == tok.encode(text)
+    with pytest.raises(
+        TargetError, match=f"cannot load the tokenizer of {tmp_path / 'nothing.gguf'}"
+    ):
+        load_tokenizer(tmp_path / "nothing.gguf")

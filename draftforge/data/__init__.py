@@ -3,7 +3,7 @@ tokenised cache, draft vocab."""
 
 from draftforge.data.cache import TokenizedDataset, TokenizeSettings, cache_key, prepare_dataset
 from draftforge.data.conversation import FORMATS, ROLES, Conversation, Message, RowError
-from draftforge.data.prepare import PrepareResult, load_tokenizer, prepare
+from draftforge.data.prepare import PrepareResult, prepare
 from draftforge.data.readers import Source, read_conversations
 from draftforge.data.regenerate import (
     GenerationSettings,
@@ -47,7 +47,6 @@ __all__ = [
     "draft_vocab_from_counts",
     "load_draft_vocab",
     "load_template",
-    "load_tokenizer",
     "prepare",
     "prepare_dataset",
     "read_conversations",

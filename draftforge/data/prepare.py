@@ -8,18 +8,7 @@ from typing import Any
 from draftforge.data.cache import TokenizedDataset, prepare_dataset
 from draftforge.data.template import load_template
 from draftforge.data.vocab import DraftVocab, build_draft_vocab, load_draft_vocab, save_draft_vocab
-
-
-def load_tokenizer(tokenizer: str | Path | Any) -> Any:
-    """A tokenizer object from a Hub name, a folder, or a `.gguf` file (objects pass through)."""
-    if not isinstance(tokenizer, (str, Path)):
-        return tokenizer
-    from transformers import AutoTokenizer  # slow to import; only needed here
-
-    local = Path(tokenizer).expanduser()
-    if local.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(local.parent), gguf_file=local.name)
-    return AutoTokenizer.from_pretrained(str(tokenizer))
+from draftforge.target import load_tokenizer
 
 
 @dataclass
