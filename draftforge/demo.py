@@ -53,7 +53,7 @@ from tqdm import tqdm
 from draftforge import checkpoint
 from draftforge.config import Config, TargetConfig, load_config
 from draftforge.demo_prompts import build_heldout
-from draftforge.export import export_checkpoint
+from draftforge.export import DEFAULT_SPECULATIVE_TOKENS, export_checkpoint
 from draftforge.spec.evaluate import Prompt, SweepRow, format_rows, sweep
 from draftforge.spec.loading import load_draft_for
 from draftforge.spec.sampling import SamplingParams
@@ -199,10 +199,16 @@ def run_demo(settings: DemoSettings) -> int:
             f"no draft, chains of {', '.join(map(str, settings.chain_steps))} steps, one tree",
         ):
             baseline, rows_ = _evaluate(target, cfg.output.dir, prompts, shapes, settings)
+        best = best_chain(rows_)
         with stages.run("export", "SGLang and vLLM folders"):
+            # The serving commands (and vLLM's config) use the best chain's number of steps.
             exports = {
                 fmt: export_checkpoint(
-                    cfg.output.dir, fmt, settings.out / "export" / fmt, force=True
+                    cfg.output.dir,
+                    fmt,
+                    settings.out / "export" / fmt,
+                    force=True,
+                    speculative_tokens=best.shape.num_steps if best else DEFAULT_SPECULATIVE_TOKENS,
                 )
                 for fmt in ("sglang", "vllm")
             }
@@ -224,6 +230,12 @@ def run_demo(settings: DemoSettings) -> int:
     print("\n" + (settings.out / "report.txt").read_text())
     print(f"total wall time {report['total_seconds'] / 60:.1f} min")
     return 0
+
+
+def best_chain(rows: list[SweepRow]) -> SweepRow | None:
+    """The chain (topk 1) with the highest acceptance length; None when none was measured."""
+    chains = [r for r in rows if r.shape.topk == 1 and r.acceptance_length is not None]
+    return max(chains, key=lambda r: r.acceptance_length or 0.0) if chains else None
 
 
 def _indent(text: str) -> str:
@@ -277,8 +289,7 @@ def _report(
     ]
     train_rows = [m for m in metrics if m["split"] == "train"]
     eval_rows = [m for m in metrics if m["split"] == "eval"]
-    chains = [r for r in rows if r.shape.topk == 1 and r.acceptance_length is not None]
-    best = max(chains, key=lambda r: r.acceptance_length or 0.0) if chains else None
+    best = best_chain(rows)
     plot = plot_report(
         train_rows, eval_rows, rows, baseline, settings.out / "report.png", cfg.training.ttt_steps
     )

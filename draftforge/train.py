@@ -270,6 +270,18 @@ class StepStats:
     grad_norm: Tensor = field(default_factory=lambda: torch.zeros(()))
 
 
+def global_counts(batches: list[MicroBatch], steps: int, layout: Layout) -> Tensor:
+    """[K] supervised indices per TTT step over all micro-batches on all ranks.
+
+    The loss of step k is divided by these, so the loss and its gradient do not depend on how
+    a global step is split into micro-batches and ranks.
+    """
+    counts = torch.zeros(steps, dtype=torch.long)
+    for batch in batches:
+        counts += ttt.step_counts(batch.loss_mask, batch.segment_ids, steps)
+    return parallel.all_reduce_sum(counts.to(layout.device), layout)
+
+
 def train_step(
     draft: nn.Module,
     batches: list[tuple[MicroBatch, Features]],
@@ -281,12 +293,7 @@ def train_step(
     rank) when nothing in the global step is supervised."""
     tc = cfg.training
     device = layout.device
-    # Denominators count the whole global step (all micro-batches on all ranks), so the loss
-    # and its gradient do not depend on how the step is split.
-    counts = torch.zeros(tc.ttt_steps, dtype=torch.long)
-    for batch, _ in batches:
-        counts += ttt.step_counts(batch.loss_mask, batch.segment_ids, tc.ttt_steps)
-    counts = parallel.all_reduce_sum(counts.to(device), layout)
+    counts = global_counts([batch for batch, _ in batches], tc.ttt_steps, layout)
     if int(counts[0]) == 0:
         return None
     norms = counts.float()
@@ -502,18 +509,16 @@ def evaluate(
         filler = collate(dataset, plan[0], tc.tokens_per_batch)
         filler.loss_mask.zero_()
         mine.append(filler)
-    counts = torch.zeros(tc.ttt_steps, dtype=torch.long)
-    for batch in mine:
-        counts += ttt.step_counts(batch.loss_mask, batch.segment_ids, tc.ttt_steps)
-    counts = parallel.all_reduce_sum(counts.to(layout.device), layout)
+    counts = global_counts(mine, tc.ttt_steps, layout)
     loss = torch.zeros((), device=layout.device)
     ce_sums = torch.zeros(tc.ttt_steps, device=layout.device)
     correct = torch.zeros(tc.ttt_steps, dtype=torch.long, device=layout.device)
-    for batch, feats in zip(mine, source.features(mine, draft.draft_ids()), strict=True):
-        out = _forward(draft, batch, feats, counts.float(), cfg, layout.device)
-        loss += out.loss
-        ce_sums += out.ce_sums
-        correct += out.correct
+    with torch.no_grad():
+        for batch, feats in zip(mine, source.features(mine, draft.draft_ids()), strict=True):
+            out = _forward(draft, batch, feats, counts.float(), cfg, layout.device)
+            loss += out.loss
+            ce_sums += out.ce_sums
+            correct += out.correct
     for total in (loss, ce_sums, correct):
         parallel.all_reduce_sum(total, layout)
     draft.train()

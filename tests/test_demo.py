@@ -72,6 +72,11 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_the_caches(tiny, tmp_path
     assert (out / "report.png").stat().st_size > 10_000
     text = (out / "report.txt").read_text()
     assert "best chain" in text and "sglang.launch_server" in text and "vllm serve" in text
+    # The exports are set up for the best chain measured.
+    steps = report["best_chain"]["num_steps"]
+    assert f"--speculative-num-steps {steps} " in text
+    vllm = json.loads((out / "export" / "vllm" / "config.json").read_text())
+    assert vllm["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == steps
     first_capture = _manifest_mtime(report)
 
     capsys.readouterr()

@@ -218,8 +218,9 @@ class Eagle3Draft(nn.Module):
 
         # Keep each step's d(loss)/d(logits) when all K of them fit the budget (no
         # recomputation in backward); past it, recompute them (long sequences, big vocabs).
+        # Without autograd (evaluation) there is no backward to keep anything for.
         head_bytes = steps * input_ids.numel() * self.lm_head.out_features * aux.element_size()
-        keep_head_grad = head_bytes <= head_memory_mb * 2**20
+        keep_head_grad = torch.is_grad_enabled() and head_bytes <= head_memory_mb * 2**20
         loss = aux.new_zeros((), dtype=torch.float32)
         ce_sums, correct = [], []
         for k, weight in enumerate(ttt.step_weights(steps, decay)):
