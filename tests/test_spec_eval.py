@@ -77,7 +77,13 @@ def test_eval_reports_acceptance_and_speed(workdir, capsys):
     assert report["speculative"]["tokens_per_s"] > 0 and report["speedup_vs_baseline"] > 0
     assert report["settings"]["num_draft_tokens"] == 5
     assert [r["id"] for r in report["per_prompt"]] == ["chat", "7", "3", "long"]
-    assert "acceptance length" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "acceptance length" in printed
+    assert "greedy output identical to baseline on 4/4 prompts" in printed
+    assert "greedy output identical to generate on 4/4 prompts" in printed
+    # With neither reference run there is nothing to compare against, and nothing is said.
+    assert main([*args, "--max-new-tokens", "8", "--no-baseline", "--no-generate"]) == 0
+    assert "identical" not in capsys.readouterr().out
 
 
 def test_eval_handles_prompts_that_end_at_once(workdir):

@@ -111,8 +111,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if name in report:
             speedup = report[f"speedup_vs_{name}"]
             print(f"{name}: {report[name]['tokens_per_s']:.2f} tok/s (speedup {speedup or 0:.2f}x)")
-    if "greedy_identical_prompts" in report:
-        print(f"greedy outputs identical on {report['greedy_identical_prompts']} prompts")
+    for name, same in report.get("greedy_identical_prompts", {}).items():
+        print(f"greedy output identical to {name} on {same}/{len(prompts)} prompts")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
