@@ -798,13 +798,13 @@ def _train(
                 save()
     except KeyboardInterrupt:
         # Between steps the state is consistent: keep what was learnt, then stop.
-        steps.close()
         bar.close()
         log(f"\ninterrupted at step {step}: saving a checkpoint to resume from", flush=True)
         save()
         trackers.close()
         raise
-    steps.close()
+    finally:
+        steps.close()  # however training ends, no reader thread outlives it
     bar.close()
     if clock.out_of_time and step < tc.max_steps:
         log(f"time limit of {tc.time_limit_minutes:g} min reached at step {step}", flush=True)
