@@ -69,7 +69,7 @@ def _train_cmd(workdir: Path, out: Path, steps: int, save_every: int) -> list[st
 
 
 def test_resume_after_sigkill_is_bitwise_identical(workdir):
-    steps = 12
+    steps = 24  # the 18 steps after the first checkpoint take longer than a poll (~1.5 s)
     # The uninterrupted reference run.
     subprocess.run(
         _train_cmd(workdir, workdir / "run_full", steps, 6), check=True, capture_output=True
@@ -84,7 +84,7 @@ def test_resume_after_sigkill_is_bitwise_identical(workdir):
         assert proc.poll() is None and time.time() < deadline, (
             "training ended before its checkpoint"
         )
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "checkpoints" / f"step_{steps:08d}").exists()
