@@ -179,7 +179,7 @@ def test_resume_on_another_world_size(workdir, single, first, second):
     deadline = time.time() + 300
     while not half.exists():
         assert proc.poll() is None and time.time() < deadline, "the run ended before its checkpoint"
-        time.sleep(0.05)
+        time.sleep(0.01)
     # torchrun's workers run in sessions of their own: kill every process of this run.
     subprocess.run(["pkill", "-KILL", "-f", f"output.dir={out}"], check=False)
     proc.wait()
