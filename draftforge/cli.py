@@ -15,6 +15,7 @@ from draftforge.demo import DemoSettings, run_demo
 from draftforge.export import ExportError
 from draftforge.models.eagle3 import DraftShapeError
 from draftforge.offline import ShardError
+from draftforge.parallel import CollectiveError
 from draftforge.spec.commands import add_commands as add_spec_commands
 from draftforge.spec.errors import SpecError
 from draftforge.target import TargetError
@@ -31,6 +32,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DraftShapeError,
     SpecError,
     ShardError,
+    CollectiveError,
     FileNotFoundError,
 )
 

@@ -9,6 +9,8 @@ weights; dp groups read disjoint micro-batches. Nothing here is module-level sta
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,6 +20,10 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from draftforge.config import ConfigError, ParallelConfig
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed or timed out: another rank died, stalled or ran other collectives."""
 
 
 @dataclass
@@ -72,6 +78,29 @@ def setup(cfg: ParallelConfig) -> Layout:
     rank = dist.get_rank()
     mesh = init_device_mesh(device.type, (world // cfg.tp, cfg.tp), mesh_dim_names=("dp", "tp"))
     return Layout(rank, world, world // cfg.tp, mesh["dp"].get_local_rank(), cfg.tp, device, mesh)
+
+
+# What gloo's failures say (NCCL's are DistBackendError, a torch.distributed.DistError).
+_GLOO_FAILURES = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
+@contextmanager
+def collective_errors(
+    layout: Layout, where: Callable[[], str], timeout_minutes: float
+) -> Iterator[None]:
+    """Re-raise a failed or timed-out collective as a :class:`CollectiveError` that names this
+    rank and ``where()`` (for example the training step), instead of a backend traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        failed = isinstance(err, dist.DistError) or any(m in str(err) for m in _GLOO_FAILURES)
+        if not layout.distributed or not failed:
+            raise
+        raise CollectiveError(
+            f"rank {layout.rank} of {layout.world}, {where()}: a collective failed or waited "
+            f"longer than parallel.timeout_minutes={timeout_minutes:g}; another rank died, "
+            f"stalled or ran different collectives ({str(err).splitlines()[0]})"
+        ) from None
 
 
 def teardown(layout: Layout) -> None:

@@ -477,13 +477,16 @@ def features_for(
     """Online features of this rank's micro-batches.
 
     An FSDP-sharded target runs collectives in every forward, so every dp rank must run as
-    many forwards as the busiest one: the others run one-token forwards to keep in step.
+    many forwards as the busiest one: the ranks agree on that count before any forward runs,
+    and the others then add one-token forwards to keep in step.
     """
-    feats = [online_features(target, b, draft_ids, cfg.target.teacher_chunk_mb) for b in batches]
+    padding = 0
     if cfg.parallel.fsdp in ("target", "both"):
         mine = sum(len(b.lengths) for b in batches)
-        for _ in range(int(parallel.all_reduce_max(mine, layout)) - mine):
-            target.features(torch.zeros(1, 1, dtype=torch.long, device=target.device))
+        padding = int(parallel.all_reduce_max(mine, layout)) - mine
+    feats = [online_features(target, b, draft_ids, cfg.target.teacher_chunk_mb) for b in batches]
+    for _ in range(padding):
+        target.features(torch.zeros(1, 1, dtype=torch.long, device=target.device))
     return feats
 
 
@@ -763,39 +766,48 @@ def _train(
         dynamic_ncols=True,
         disable=not layout.is_main,
     )
+
+    def where() -> str:
+        return f"training step {step + 1}"
+
     clock.start()
     try:
-        while step < tc.max_steps and not clock.out_of_time:
-            next_position, mine, feats = next(steps)
-            stats = train_step(draft, list(zip(mine, feats, strict=True)), optimizer, cfg, layout)
-            position = Position(next_position.epoch, next_position.index + 1)
-            if stats is None:
-                skipped += 1
-                continue
-            clock.tick()
-            scheduler.step()
-            step += 1
-            bar.update(min(round(clock.spent_s), bar.total) - bar.n if timed else 1)
-            window.append(stats)
-            last = step == tc.max_steps or clock.out_of_time
-            if step % tc.log_every == 0 or last:
-                elapsed = time.perf_counter() - window_start
-                metrics = _window_metrics(window, elapsed, scheduler.get_last_lr()[0], skipped)
-                trackers.log("train", step, metrics)
-                bar.set_postfix(
-                    step=step,
-                    loss=f"{metrics['loss']:.3f}",
-                    acc0=f"{metrics['acc_0']:.2f}",
-                    al=f"{metrics['al_estimate']:.2f}",
-                    tok_s=f"{metrics['tokens_per_s']:.0f}",
+        with parallel.collective_errors(layout, where, cfg.parallel.timeout_minutes):
+            while step < tc.max_steps and not clock.out_of_time:
+                next_position, mine, feats = next(steps)
+                stats = train_step(
+                    draft, list(zip(mine, feats, strict=True)), optimizer, cfg, layout
                 )
-                window, window_start = [], time.perf_counter()
-            if eval_rows and tc.eval_every and (step % tc.eval_every == 0 or last):
-                trackers.log(
-                    "eval", step, evaluate(draft, source, dataset, eval_rows, lengths, cfg, layout)
-                )
-            if tc.save_every and step % tc.save_every == 0:
-                save()
+                position = Position(next_position.epoch, next_position.index + 1)
+                if stats is None:
+                    skipped += 1
+                    continue
+                clock.tick()
+                scheduler.step()
+                step += 1
+                bar.update(min(round(clock.spent_s), bar.total) - bar.n if timed else 1)
+                window.append(stats)
+                last = step == tc.max_steps or clock.out_of_time
+                if step % tc.log_every == 0 or last:
+                    elapsed = time.perf_counter() - window_start
+                    metrics = _window_metrics(window, elapsed, scheduler.get_last_lr()[0], skipped)
+                    trackers.log("train", step, metrics)
+                    bar.set_postfix(
+                        step=step,
+                        loss=f"{metrics['loss']:.3f}",
+                        acc0=f"{metrics['acc_0']:.2f}",
+                        al=f"{metrics['al_estimate']:.2f}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}",
+                    )
+                    window, window_start = [], time.perf_counter()
+                if eval_rows and tc.eval_every and (step % tc.eval_every == 0 or last):
+                    trackers.log(
+                        "eval",
+                        step,
+                        evaluate(draft, source, dataset, eval_rows, lengths, cfg, layout),
+                    )
+                if tc.save_every and step % tc.save_every == 0:
+                    save()
     except KeyboardInterrupt:
         # Between steps the state is consistent: keep what was learnt, then stop.
         bar.close()

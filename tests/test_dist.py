@@ -211,3 +211,91 @@ def test_a_dead_rank_fails_the_job_naming_it(workdir, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "rank: 1" in proc.stderr and "exitcode: 7" in proc.stderr, proc.stderr[-2000:]
+
+
+# Micro-batches of 300 tokens hold two to four samples of at most 128 tokens, so the ranks of a
+# step run different numbers of target forwards; eval runs too, with its own uneven shares.
+UNEVEN = {
+    "training.tokens_per_batch": 300,
+    "data.max_length": 128,
+    "training.grad_accum": 4,
+    "training.eval_every": 10,
+    "data.eval_fraction": 0.1,
+    "parallel.fsdp": "target",
+    "parallel.timeout_minutes": 0.5,
+}
+
+
+def _uneven_counts(root: Path, world: int) -> list[list[int]]:
+    """Samples per rank in each optimizer step of the first epoch, as the trainer shares them."""
+    from draftforge.config import load_config
+    from draftforge.target import load_tokenizer
+    from draftforge.train import epoch_plan, prepare_data, split_eval
+
+    cfg = load_config(None, tiny_run_overrides(root, root / "plan", **UNEVEN))
+    prepared = prepare_data(cfg, load_tokenizer(root / "target"), 320)
+    dataset = prepared.dataset
+    lengths = (dataset.offsets[1:] - dataset.offsets[:-1]).tolist()
+    train_rows, _ = split_eval(dataset.ids, cfg.data.eval_fraction)
+    plan = epoch_plan(train_rows, lengths, 300, cfg.training.seed, 0)
+    steps = [plan[i : i + 4] for i in range(0, len(plan) - 3, 4)]
+    return [[sum(len(b) for b in step[r::world]) for r in range(world)] for step in steps]
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen3_moe"])
+def uneven_root(request, tmp_path_factory) -> Path:
+    root = write_tiny_run(tmp_path_factory.mktemp(request.param), 64, request.param)
+    _run(1, root, root / "single", **UNEVEN)
+    return root
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_sharded_target_with_uneven_samples_per_rank(uneven_root, world):
+    """Ranks with more samples than others used to deadlock: they were still gathering layers
+    while the rest had moved on to agree on the count. Each run is bounded by its collective
+    timeout (0.5 min) and the test's own, so a hang is a failure, not a stuck suite."""
+    counts = _uneven_counts(uneven_root, world)
+    assert any(len(set(step)) > 1 for step in counts), counts
+    out = uneven_root / f"world{world}"
+    proc = subprocess.run(
+        _cmd(world, uneven_root, out, **UNEVEN), capture_output=True, text=True, timeout=240
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(uneven_root / "single", out)
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    single = (uneven_root / "single" / "metrics.jsonl").read_text().splitlines()
+    want = [r["loss"] for r in map(json.loads, single) if r["split"] == "eval"]
+    got = [r["loss"] for r in evals if r["split"] == "eval"]
+    assert len(got) == len(want) == 2
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=1e-6)
+
+
+def test_a_stalled_rank_ends_the_job_naming_rank_and_step(workdir, tmp_path):
+    script = tmp_path / "stall.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "import draftforge.train as t\n"
+        "from draftforge.cli import main\n"
+        "step = t.train_step\n"
+        "calls = [0]\n"
+        "def stalling(*args, **kwargs):\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 3 and os.environ['RANK'] == '1':\n"
+        "        time.sleep(30)\n"
+        "    return step(*args, **kwargs)\n"
+        "t.train_step = stalling\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    args = tiny_run_overrides(
+        workdir, tmp_path / "run", **{"training.max_steps": 6, "parallel.timeout_minutes": 0.1}
+    )
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [*_torchrun(2), str(script), "train", *args], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode != 0
+    assert time.perf_counter() - start < 120
+    assert "rank 0 of 2, training step 3: a collective failed or waited longer than " in (
+        proc.stderr
+    ), proc.stderr[-3000:]
+    assert "parallel.timeout_minutes=0.1" in proc.stderr
