@@ -320,8 +320,7 @@ def capture(
         raise ConfigError(f"data.shard_mb must be positive, got {cfg.data.shard_mb}")
     rank, world, local_rank = _rank_world()
     log = print if rank == 0 else _quiet
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    target = target or load_target(cfg.target, device)
+    target = target or load_target(cfg.target, parallel.default_device(local_rank))
     dataset, _ = load_data(cfg, target, log, prepared)
     settings = capture_settings(cfg, target, dataset)
     out = features_dir(cfg, settings)

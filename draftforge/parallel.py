@@ -53,27 +53,31 @@ class Layout:
         return self.mesh["tp"] if self.mesh is not None and self.tp > 1 else None
 
 
+def default_device(local_rank: int = 0) -> torch.device:
+    """This process's GPU when CUDA is available, else the CPU."""
+    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def setup(cfg: ParallelConfig) -> Layout:
     """Join the job ``torchrun`` started (or stay a single process) and build the mesh."""
-    cuda = torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         if cfg.tp != 1:
             raise ConfigError(
                 f"parallel.tp={cfg.tp} needs {cfg.tp} processes: launch with torchrun --nproc-per-node {cfg.tp}"
             )
-        return Layout(0, 1, 1, 0, 1, torch.device("cuda" if cuda else "cpu"), None)
+        return Layout(0, 1, 1, 0, 1, default_device(), None)
     if world % cfg.tp:
         raise ConfigError(f"parallel.tp={cfg.tp} does not divide the {world} processes")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
+    device = default_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         # A collective that waits longer than this fails instead of hanging the job, so a
         # dead rank ends the run with an error.
         dist.init_process_group(
-            backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=cfg.timeout_minutes)
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(minutes=cfg.timeout_minutes),
         )
     rank = dist.get_rank()
     mesh = init_device_mesh(device.type, (world // cfg.tp, cfg.tp), mesh_dim_names=("dp", "tp"))
