@@ -14,8 +14,8 @@ from draftforge.data import DataError
 from draftforge.demo import DemoSettings, run_demo
 from draftforge.export import ExportError
 from draftforge.models.eagle3 import DraftShapeError
-from draftforge.offline import ShardError
 from draftforge.parallel import CollectiveError
+from draftforge.shards import ShardError
 from draftforge.spec.commands import add_commands as add_spec_commands
 from draftforge.spec.errors import SpecError
 from draftforge.target import TargetError
@@ -103,10 +103,11 @@ def cmd_target(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
+    from draftforge.features import prepare_data
     from draftforge.target import load_tokenizer, resolve_target_path
-    from draftforge.train import prepare_data
 
     cfg = load_config(*_split_config_args(args))
+    cfg.validate()
     path = resolve_target_path(cfg.target.path, cfg.target.cache_dir)
     tokenizer = load_tokenizer(path, cfg.target.trust_remote_code)
     # The vocabulary size from config.json, without loading the weights.

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -168,6 +169,42 @@ class OutputConfig:
     dir: str = opt("runs/draftforge", "run directory: checkpoints, metrics, reports")
 
 
+TRACKERS = ("tensorboard", "wandb")
+
+# Dotted key -> (whether a value is in range, what the range is); Config.validate checks them.
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "target.teacher_chunk_mb": (lambda v: v >= 1, ">= 1"),
+    "data.max_length": (lambda v: v >= 1, ">= 1"),
+    "data.eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "data.shard_mb": (lambda v: v > 0, "positive"),
+    "data.prefetch": (lambda v: v >= 0, "0 or more"),
+    "data.num_workers": (lambda v: v >= 0, "0 or more (0 = one per core)"),
+    "draft.draft_vocab_size": (lambda v: v >= 1, ">= 1"),
+    "draft.intermediate_size": (lambda v: v is None or v >= 1, ">= 1 or null"),
+    "training.ttt_steps": (lambda v: v >= 1, ">= 1"),
+    "training.loss_decay": (lambda v: v > 0, "positive"),
+    "training.lr": (lambda v: v > 0, "positive"),
+    "training.betas": (
+        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v),
+        "two values in [0, 1)",
+    ),
+    "training.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "training.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "training.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "training.max_steps": (lambda v: v >= 0, ">= 0"),
+    "training.time_limit_minutes": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
+    "training.tokens_per_batch": (lambda v: v >= 1, ">= 1"),
+    "training.grad_accum": (lambda v: v >= 0, ">= 0 (0 = one per data-parallel rank)"),
+    "training.grad_clip": (lambda v: v > 0, "positive"),
+    "training.log_every": (lambda v: v >= 1, ">= 1"),
+    "training.eval_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
+    "training.save_every": (lambda v: v >= 0, ">= 0 (0 = only at the end)"),
+    "training.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
+    "parallel.tp": (lambda v: v >= 1, ">= 1"),
+    "parallel.timeout_minutes": (lambda v: v > 0, "positive"),
+}
+
+
 @dataclass
 class Config:
     """A whole run."""
@@ -178,6 +215,31 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def validate(self) -> None:
+        """Every range check of every setting, before anything is loaded: a
+        :class:`ConfigError` names the first key that is out of range and what it accepts."""
+        for key, (ok, rule) in _RANGES.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if not ok(value):
+                raise ConfigError(f"{key} must be {rule}, got {value!r}")
+        d, tc, par = self.data, self.training, self.parallel
+        if d.max_length > tc.tokens_per_batch:
+            raise ConfigError(
+                f"data.max_length ({d.max_length}) exceeds training.tokens_per_batch "
+                f"({tc.tokens_per_batch}): raise the budget or lower max_length"
+            )
+        if d.mode == "offline" and (par.tp > 1 or par.fsdp in ("target", "both")):
+            raise ConfigError(
+                "data.mode=offline runs no target forward, so the target is not sharded: "
+                "use parallel.tp=1 and parallel.fsdp none or draft"
+            )
+        for name in tc.trackers:
+            if name not in TRACKERS:
+                raise ConfigError(
+                    f"training.trackers: unknown tracker {name!r}; choose from {', '.join(TRACKERS)}"
+                )
 
 
 def _hints(cls: type) -> dict[str, Any]:

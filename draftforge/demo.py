@@ -164,8 +164,9 @@ def _prepare_output(settings: DemoSettings) -> str:
 def run_demo(settings: DemoSettings) -> int:
     """Run every stage; 130 after Ctrl-C (a rerun resumes), 0 when done."""
     from draftforge.data import DataError
+    from draftforge.features import prepare_data
     from draftforge.offline import capture
-    from draftforge.train import prepare_data, train
+    from draftforge.train import train
 
     if not settings.data.is_file():
         raise FileNotFoundError(f"the demo data {settings.data} is missing: reinstall draftforge")

@@ -229,13 +229,13 @@ UNEVEN = {
 def _uneven_counts(root: Path, world: int) -> list[list[int]]:
     """Samples per rank in each optimizer step of the first epoch, as the trainer shares them."""
     from draftforge.config import load_config
+    from draftforge.features import epoch_plan, prepare_data, split_eval
     from draftforge.target import load_tokenizer
-    from draftforge.train import epoch_plan, prepare_data, split_eval
 
     cfg = load_config(None, tiny_run_overrides(root, root / "plan", **UNEVEN))
     prepared = prepare_data(cfg, load_tokenizer(root / "target"), 320)
     dataset = prepared.dataset
-    lengths = (dataset.offsets[1:] - dataset.offsets[:-1]).tolist()
+    lengths = dataset.lengths()
     train_rows, _ = split_eval(dataset.ids, cfg.data.eval_fraction)
     plan = epoch_plan(train_rows, lengths, 300, cfg.training.seed, 0)
     steps = [plan[i : i + 4] for i in range(0, len(plan) - 3, 4)]

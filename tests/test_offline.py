@@ -19,20 +19,13 @@ from safetensors.torch import load_file
 from draftforge import offline
 from draftforge.cli import main
 from draftforge.config import load_config
-from draftforge.offline import (
-    MANIFEST,
-    ShardError,
-    ShardReader,
-    bytes_per_token,
-    capture,
-    features_dir,
-    open_features,
-    rank_slice,
-)
+from draftforge.features import Position, collate, load_data, open_features
+from draftforge.offline import capture, rank_slice
 from draftforge.parallel import setup
+from draftforge.shards import MANIFEST, ShardError, ShardReader, bytes_per_token, features_dir
 from draftforge.target import load_target
 from draftforge.testing import save_tiny_target, tiny_run_overrides, write_tiny_run
-from draftforge.train import Position, collate, load_data, train
+from draftforge.train import train
 
 STEPS = 50
 # Small shards, so that the tiny capture (~15 MB) spans dozens of them.

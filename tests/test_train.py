@@ -13,21 +13,12 @@ from safetensors.torch import load_file
 from draftforge import checkpoint
 from draftforge.cli import main
 from draftforge.config import ConfigError, load_config
+from draftforge.features import collate, epoch_plan, online_features, pack, split_eval
 from draftforge.models import build_draft
 from draftforge.parallel import setup
 from draftforge.target import load_target
 from draftforge.testing import tiny_run_overrides, write_tiny_run
-from draftforge.train import (
-    TrainingError,
-    collate,
-    epoch_plan,
-    lr_factor,
-    online_features,
-    pack,
-    split_eval,
-    train,
-    train_step,
-)
+from draftforge.train import TrainingError, lr_factor, train, train_step
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from draftforge import ttt_attention as tta
+from draftforge import ttt_kernels
 from draftforge.ttt_attention import ttt_attention, ttt_attention_chunked
 
 B, T, D = 2, 37, 16  # T not a multiple of the chunked block sizes below
@@ -193,9 +194,9 @@ def test_cuda_kernel_plumbing_on_meta() -> None:
     # order, GQA head expansion/reduction and the padded-lse round trip end to end.
     hq, hkv, t = 4, 2, 40  # efficient attention pads lse to 64 here
     for kernel, dtype, seg in [
-        (tta._CUDA_FLASH, torch.bfloat16, None),
-        (tta._CUDA_EFFICIENT, torch.float32, None),
-        (tta._CUDA_EFFICIENT, torch.float16, torch.zeros(1, t, dtype=torch.long)),
+        (ttt_kernels._CUDA_FLASH, torch.bfloat16, None),
+        (ttt_kernels._CUDA_EFFICIENT, torch.float32, None),
+        (ttt_kernels._CUDA_EFFICIENT, torch.float16, torch.zeros(1, t, dtype=torch.long)),
     ]:
 
         def meta(h: int, dtype: torch.dtype = dtype) -> Tensor:

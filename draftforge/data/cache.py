@@ -96,6 +96,10 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def lengths(self) -> list[int]:
+        """Tokens of each row."""
+        return (self.offsets[1:] - self.offsets[:-1]).tolist()
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):
             raise IndexError(i)

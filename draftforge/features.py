@@ -1,0 +1,400 @@
+"""What a training step consumes: packed micro-batches and the target's features for them.
+
+Data: the prepared dataset (:func:`load_data`), split into train and held-out rows by a hash
+of each row's id (:func:`split_eval`), shuffled and packed into micro-batches of
+``training.tokens_per_batch`` tokens per epoch (:func:`epoch_plan`, a pure function of the
+seed and the epoch), grouped into optimizer steps and shared out over the data-parallel ranks
+(:func:`step_batches`).
+
+Features: for each micro-batch, the aux hidden states and the teacher distribution over the
+draft vocabulary (:class:`Features`), from one of two sources with the same interface
+(:class:`FeatureSource`): the target run in this process (:class:`OnlineFeatures`), or a
+capture read from disk (:class:`OfflineFeatures`, written by :mod:`draftforge.offline`, stored
+as :mod:`draftforge.shards` describes). Both give the same numbers for the same sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import Tensor
+
+from draftforge import parallel
+from draftforge.config import Config, ConfigError
+from draftforge.parallel import Layout
+from draftforge.shards import ShardReader, capture_settings, features_dir, verify
+from draftforge.target import Target, chunk_tokens, teacher
+
+if TYPE_CHECKING:
+    from draftforge.data import PrepareResult
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def prepare_data(cfg: Config, tokenizer: Any, target_vocab_size: int) -> PrepareResult:
+    """`draftforge.data.prepare` with the run config's data, target and draft fields.
+
+    Shared by `train` and `draftforge prepare`, so both build and reuse the same cache entry.
+    """
+    from draftforge.data import prepare
+
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: point it at a conversations file or directory")
+    if cfg.draft.draft_vocab_size > target_vocab_size:
+        raise ConfigError(
+            f"draft.draft_vocab_size ({cfg.draft.draft_vocab_size}) is larger than the target "
+            f"vocabulary ({target_vocab_size}); use at most {target_vocab_size}"
+        )
+    return prepare(
+        cfg.data.path,
+        split=cfg.data.split,
+        fmt=cfg.data.format,
+        tokenizer=tokenizer,
+        max_length=cfg.data.max_length,
+        last_turn_only=cfg.data.last_turn_only,
+        supervise_empty_think=cfg.data.supervise_empty_think,
+        chat_template=cfg.data.chat_template,
+        cache_dir=Path(cfg.target.cache_dir).expanduser() / "datasets",
+        num_workers=cfg.data.num_workers or None,
+        strict=cfg.data.strict,
+        draft_vocab_size=cfg.draft.draft_vocab_size,
+        target_vocab_size=target_vocab_size,
+    )
+
+
+def load_data(
+    cfg: Config,
+    target: Target,
+    log: Callable[..., None] = print,
+    prepared: PrepareResult | None = None,
+) -> tuple[Any, Tensor]:
+    """The tokenised dataset (cached) and the draft vocabulary's target ids.
+
+    ``prepared``: what :func:`prepare_data` already returned for this config (a caller that
+    runs several stages prepares once); otherwise it is called here and its summary logged.
+    """
+    if prepared is None:
+        prepared = prepare_data(cfg, target.tokenizer, target.vocab_size)
+        log(prepared.summary(), flush=True)
+    return prepared.dataset, prepared.vocab.target_ids
+
+
+@dataclass
+class MicroBatch:
+    """Samples packed into one row: [1, T] tensors; ``rows`` are dataset indices."""
+
+    rows: list[int]
+    input_ids: Tensor
+    loss_mask: Tensor
+    position_ids: Tensor
+    segment_ids: Tensor
+    lengths: list[int]
+
+
+def pack(order: Sequence[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Greedy packing in the given order: consecutive samples share a row until the next
+    would overflow ``budget`` tokens (samples longer than it are cut to it)."""
+    rows: list[list[int]] = []
+    used = budget + 1
+    for i in order:
+        n = min(lengths[i], budget)
+        if used + n > budget:
+            rows.append([])
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def epoch_plan(
+    indices: Sequence[int], lengths: Sequence[int], budget: int, seed: int, epoch: int
+) -> list[list[int]]:
+    """The shuffled, packed micro-batches of one epoch (a pure function of seed and epoch)."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = [indices[i] for i in torch.randperm(len(indices), generator=gen).tolist()]
+    return pack(order, lengths, budget)
+
+
+def collate(dataset: Any, rows: list[int], budget: int) -> MicroBatch:
+    ids, masks, positions, segments, lengths = [], [], [], [], []
+    for s, i in enumerate(rows):
+        sample = dataset[i]
+        n = min(len(sample["input_ids"]), budget)
+        ids.append(sample["input_ids"][:n])
+        masks.append(sample["loss_mask"][:n].bool())
+        positions.append(torch.arange(n))
+        segments.append(torch.full((n,), s))
+        lengths.append(n)
+    return MicroBatch(
+        rows=rows,
+        input_ids=torch.cat(ids)[None],
+        loss_mask=torch.cat(masks)[None],
+        position_ids=torch.cat(positions)[None],
+        segment_ids=torch.cat(segments)[None],
+        lengths=lengths,
+    )
+
+
+def split_eval(ids: Sequence[str], fraction: float) -> tuple[list[int], list[int]]:
+    """Train/eval row indices, chosen by a hash of each row's id: stable across runs and
+    independent of dataset order."""
+    if fraction <= 0 or len(ids) < 2:
+        return list(range(len(ids))), []
+    cut = int(fraction * 2**32)
+    held = [int.from_bytes(hashlib.sha256(i.encode()).digest()[:4], "big") < cut for i in ids]
+    if not any(held):  # a small set still gets one eval row
+        held[0] = True
+    return [i for i, h in enumerate(held) if not h], [i for i, h in enumerate(held) if h]
+
+
+@dataclass
+class Position:
+    """Where the next optimizer step's data starts."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+def micro_batches(
+    dataset: Any, rows: list[int], lengths: list[int], cfg: Config, start: Position
+) -> Iterator[tuple[Position, list[int]]]:
+    """(position of this micro-batch, its rows), epoch after epoch, from ``start``."""
+    tc = cfg.training
+    epoch, index = start.epoch, start.index
+    while True:
+        plan = epoch_plan(rows, lengths, tc.tokens_per_batch, tc.seed, epoch)
+        for i in range(index, len(plan)):
+            yield Position(epoch, i), plan[i]
+        epoch, index = epoch + 1, 0
+
+
+def rank_share(items: list[Any], layout: Layout) -> list[Any]:
+    """This dp rank's items: every dp-th one, starting at its dp rank."""
+    return items[layout.dp_rank :: layout.dp]
+
+
+def step_batches(
+    stream: Iterator[tuple[Position, list[int]]], dataset: Any, cfg: Config, layout: Layout
+) -> Iterator[tuple[Position, list[MicroBatch]]]:
+    """This rank's collated micro-batches of each optimizer step, with the position of the
+    step's last micro-batch."""
+    while True:
+        step_rows = []
+        for _ in range(cfg.training.grad_accum):
+            position, rows = next(stream)
+            step_rows.append(rows)
+        budget = cfg.training.tokens_per_batch
+        yield position, [collate(dataset, r, budget) for r in rank_share(step_rows, layout)]
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@dataclass
+class Features:
+    """What the draft needs from the target for one micro-batch, aligned to its packed row."""
+
+    aux: Tensor  # [1, T, 3H]
+    teacher_probs: Tensor  # [1, T, Vd] target distribution at each position, over the draft vocab
+    teacher_argmax: Tensor  # [1, T] target argmax (target ids)
+
+
+def sample_features(target: Target, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Aux states [T, 3H] and final hidden [T, H] of one sample, run alone.
+
+    One sample per forward (no padding, no packing) makes a sample's features independent of
+    what it is batched with, so online training and offline capture see identical numbers.
+    """
+    aux, last = target.features(input_ids[None].to(target.device))
+    return aux[0], last[0]
+
+
+def online_features(
+    target: Target, batch: MicroBatch, draft_ids: Tensor, chunk_mb: int
+) -> Features:
+    """Run the target over the batch's samples and lay the results out along the packed row."""
+    pieces = [sample_features(target, ids) for ids in batch.input_ids[0].split(batch.lengths)]
+    aux = torch.cat([a for a, _ in pieces])
+    last = torch.cat([h for _, h in pieces])
+    return features_from_hidden(target, aux, last, draft_ids, chunk_mb)
+
+
+def features_from_hidden(
+    target: Target, aux: Tensor, last: Tensor, draft_ids: Tensor, chunk_mb: int
+) -> Features:
+    """The teacher over the draft vocab from final hidden states [T, H] (target's lm_head)."""
+    weight, bias = target.lm_head()
+    probs, argmax = teacher(
+        last.to(weight.dtype),
+        weight,
+        draft_ids,
+        lm_head_bias=bias,
+        softcap=target.logit_softcap,
+        chunk=chunk_tokens(weight.shape[0], chunk_mb),
+    )
+    return Features(aux=aux[None].float(), teacher_probs=probs[None], teacher_argmax=argmax[None])
+
+
+class FeatureSource(Protocol):
+    """Where micro-batches' features come from: the target run here, or captured shards
+    (:mod:`draftforge.offline`)."""
+
+    def features(self, batches: list[MicroBatch], draft_ids: Tensor) -> list[Features]: ...
+
+    def steps(
+        self, plan: Iterator[tuple[Position, list[MicroBatch]]], draft_ids: Tensor
+    ) -> Generator[tuple[Position, list[MicroBatch], list[Features]], None, None]:
+        """Each step of ``plan`` with its features, in order; closing it stops any reading ahead."""
+        ...
+
+
+class OnlineFeatures:
+    """The target runs in this process, for each step as it comes."""
+
+    def __init__(self, target: Target, cfg: Config, layout: Layout) -> None:
+        self.target, self.cfg, self.layout = target, cfg, layout
+
+    def features(self, batches: list[MicroBatch], draft_ids: Tensor) -> list[Features]:
+        return features_for(self.target, batches, draft_ids, self.cfg, self.layout)
+
+    def steps(
+        self, plan: Iterator[tuple[Position, list[MicroBatch]]], draft_ids: Tensor
+    ) -> Generator[tuple[Position, list[MicroBatch], list[Features]], None, None]:
+        for position, batches in plan:
+            yield position, batches, self.features(batches, draft_ids)
+
+
+def features_for(
+    target: Target, batches: list[MicroBatch], draft_ids: Tensor, cfg: Config, layout: Layout
+) -> list[Features]:
+    """Online features of this rank's micro-batches.
+
+    An FSDP-sharded target runs collectives in every forward, so every dp rank must run as
+    many forwards as the busiest one: the ranks agree on that count before any forward runs,
+    and the others then add one-token forwards to keep in step.
+    """
+    padding = 0
+    if cfg.parallel.fsdp in ("target", "both"):
+        mine = sum(len(b.lengths) for b in batches)
+        padding = int(parallel.all_reduce_max(mine, layout)) - mine
+    feats = [online_features(target, b, draft_ids, cfg.target.teacher_chunk_mb) for b in batches]
+    for _ in range(padding):
+        target.features(torch.zeros(1, 1, dtype=torch.long, device=target.device))
+    return feats
+
+
+class OfflineFeatures:
+    """Features from a capture: aux states as stored, the teacher recomputed from the final
+    hidden states with the target's lm_head (see the module docstring).
+
+    A background thread reads up to ``data.prefetch`` optimizer steps ahead (``steps``), so
+    the disk and the conversion to the training dtypes overlap with the draft's compute.
+    """
+
+    def __init__(self, reader: ShardReader, target: Target, cfg: Config) -> None:
+        self.reader = reader
+        self.target = target
+        self.chunk_mb = cfg.target.teacher_chunk_mb
+        self.depth = cfg.data.prefetch
+
+    def _load(self, batches: list[MicroBatch]) -> list[tuple[Tensor, Tensor]]:
+        """The host-side work of one step: read, convert to the dtypes the step computes in,
+        and pin for an asynchronous copy to the GPU."""
+        head_dtype = self.target.lm_head()[0].dtype
+        pin = self.target.device.type == "cuda"
+        loaded = []
+        for batch in batches:
+            aux, last = self.reader.hidden(batch.rows, batch.lengths)
+            aux, last = aux.float(), last.to(head_dtype)
+            if pin:
+                aux, last = aux.pin_memory(), last.pin_memory()
+            loaded.append((aux, last))
+        return loaded
+
+    def _teacher(self, loaded: list[tuple[Tensor, Tensor]], draft_ids: Tensor) -> list[Features]:
+        device = self.target.device
+        return [
+            features_from_hidden(
+                self.target,
+                aux.to(device, non_blocking=True),
+                last.to(device, non_blocking=True),
+                draft_ids,
+                self.chunk_mb,
+            )
+            for aux, last in loaded
+        ]
+
+    def features(self, batches: list[MicroBatch], draft_ids: Tensor) -> list[Features]:
+        return self._teacher(self._load(batches), draft_ids)
+
+    def steps(
+        self, plan: Iterator[tuple[Position, list[MicroBatch]]], draft_ids: Tensor
+    ) -> Generator[tuple[Position, list[MicroBatch], list[Features]], None, None]:
+        if self.depth == 0:
+            for position, batches in plan:
+                yield position, batches, self.features(batches, draft_ids)
+            return
+        ready: queue.Queue[Any] = queue.Queue(maxsize=self.depth)
+        stop = threading.Event()
+
+        def put(item: Any) -> bool:
+            # Wakes up now and then to notice that the consumer has gone.
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        def produce() -> None:
+            try:
+                for position, batches in plan:
+                    if not put((position, batches, self._load(batches))):
+                        return
+            except BaseException as err:  # handed to the training thread, which raises it
+                put(err)
+            else:
+                put(None)
+
+        producer = threading.Thread(target=produce, name="offline-prefetch", daemon=True)
+        producer.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                position, batches, loaded = item
+                yield position, batches, self._teacher(loaded, draft_ids)
+        finally:
+            # The producer notices within 0.1 s (or after the read in flight): never leave it
+            # running into interpreter shutdown, where a thread inside torch aborts the process.
+            stop.set()
+            producer.join()
+
+
+def open_features(cfg: Config, target: Target, dataset: Any, layout: Layout) -> OfflineFeatures:
+    """Verify the capture this run needs, before any training, and read features from it."""
+    settings = capture_settings(cfg, target, dataset)
+    directory = features_dir(cfg, settings)
+    # Every rank reads every shard, so one rank's hashing vouches for all of them.
+    manifest = verify(
+        directory, settings, dataset, checksums=cfg.data.verify_checksums and layout.is_main
+    )
+    parallel.barrier(layout)
+    return OfflineFeatures(ShardReader(directory, manifest), target, cfg)
+
+
+def feature_source(cfg: Config, target: Target, dataset: Any, layout: Layout) -> FeatureSource:
+    """Online or offline features, as ``data.mode`` says; an offline capture is verified here,
+    before training starts."""
+    if cfg.data.mode == "offline":
+        return open_features(cfg, target, dataset, layout)
+    return OnlineFeatures(target, cfg, layout)

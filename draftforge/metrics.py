@@ -1,0 +1,109 @@
+"""Training metrics: per-step sums, the summaries logged from them, and where they go.
+
+Every figure is computed from summed counters (supervised positions, correct predictions,
+cross-entropy per TTT step), so a window of steps or a held-out pass over many micro-batches
+and ranks gives the same numbers as one big batch would.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from draftforge import ttt
+from draftforge.config import Config, ConfigError, to_dict
+
+
+@dataclass
+class StepStats:
+    """Sums over one optimizer step (all its micro-batches), as tensors: no host sync."""
+
+    loss: Tensor
+    ce_sums: Tensor  # [K]
+    correct: Tensor  # [K]
+    counts: Tensor  # [K]
+    tokens: int
+    grad_norm: Tensor = field(default_factory=lambda: torch.zeros(()))
+
+
+def summarize(loss: float, correct: Tensor, counts: Tensor, ce_sums: Tensor) -> dict[str, float]:
+    """Loss, per-step accuracy/CE and the AL estimate from summed counters."""
+    acc = correct.double().cpu() / counts.double().clamp(min=1)
+    metrics = {"loss": loss, "al_estimate": float(ttt.acceptance_length(acc))}
+    for k in range(len(acc)):
+        metrics[f"acc_{k}"] = float(acc[k])
+        metrics[f"ce_{k}"] = float(ce_sums[k].cpu().double() / counts[k].clamp(min=1))
+    return metrics
+
+
+def window_metrics(
+    window: list[StepStats], elapsed: float, lr: float, skipped: int
+) -> dict[str, float]:
+    loss = float(torch.stack([s.loss for s in window]).mean())
+    correct = sum(s.correct for s in window)
+    counts = sum(s.counts for s in window)
+    ce_sums = sum(s.ce_sums for s in window)
+    metrics = summarize(loss, correct, counts, ce_sums)
+    metrics["grad_norm"] = float(torch.stack([s.grad_norm for s in window]).mean())
+    metrics["lr"] = lr
+    metrics["tokens_per_s"] = sum(s.tokens for s in window) / max(elapsed, 1e-9)
+    metrics["skipped_batches"] = skipped
+    return metrics
+
+
+class Trackers:
+    """metrics.jsonl always; tensorboard and wandb when asked for (optional extras).
+    Only rank 0 writes (``enabled``)."""
+
+    def __init__(
+        self, names: list[str], run_dir: Path, cfg: Config, enabled: bool = True, step: int = 0
+    ) -> None:
+        path = run_dir / "metrics.jsonl"
+        if enabled and path.exists():
+            # A resumed run repeats the steps after its checkpoint: drop their old records.
+            kept = [
+                line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step
+            ]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.jsonl = path.open("a") if enabled else None
+        self.tb = self.wandb = None
+        for name in names:
+            if name == "tensorboard":
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+                except ImportError:
+                    raise ConfigError(
+                        "training.trackers has tensorboard: pip install 'draftforge[tensorboard]'"
+                    ) from None
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            elif name == "wandb":
+                try:
+                    import wandb
+                except ImportError:
+                    raise ConfigError(
+                        "training.trackers has wandb: pip install 'draftforge[wandb]'"
+                    ) from None
+                self.wandb = wandb.init(project="draftforge", dir=str(run_dir), config=to_dict(cfg))
+
+    def log(self, split: str, step: int, metrics: dict[str, float]) -> None:
+        if self.jsonl is None:
+            return
+        self.jsonl.write(json.dumps({"split": split, "step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for key, value in metrics.items():
+            if self.tb is not None:
+                self.tb.add_scalar(f"{split}/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log({f"{split}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
