@@ -52,12 +52,12 @@ from tqdm import tqdm
 
 from draftforge import checkpoint
 from draftforge.config import Config, TargetConfig, load_config
+from draftforge.decode.evaluate import Prompt, SweepRow, format_rows, sweep
+from draftforge.decode.sampling import SamplingParams
+from draftforge.decode.tree import TreeShape
 from draftforge.demo_prompts import build_heldout
+from draftforge.drafts import load_draft_for
 from draftforge.export import DEFAULT_SPECULATIVE_TOKENS, export_checkpoint
-from draftforge.spec.evaluate import Prompt, SweepRow, format_rows, sweep
-from draftforge.spec.loading import load_draft_for
-from draftforge.spec.sampling import SamplingParams
-from draftforge.spec.tree import TreeShape
 from draftforge.target import Target, load_target
 
 DEMO_DATA = Path(__file__).resolve().parent / "assets" / "demo_smollm2.jsonl.gz"

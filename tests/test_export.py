@@ -12,23 +12,24 @@ from safetensors.torch import load_file, save_file
 from draftforge import checkpoint
 from draftforge.cli import main
 from draftforge.config import ConfigError, TargetConfig, dump_config, load_config
-from draftforge.export import (
+from draftforge.drafts import (
     CONFIG_FILE,
-    PROVENANCE_FILE,
     WEIGHTS_FILE,
+    DraftError,
     DraftState,
-    ExportError,
     build_draft_module,
-    check_export,
-    export_checkpoint,
     load_draft,
     read_checkpoint,
-    read_target_info,
+)
+from draftforge.export import (
+    PROVENANCE_FILE,
+    check_export,
+    export_checkpoint,
     sglang_files,
     vllm_files,
 )
 from draftforge.models import build_draft
-from draftforge.target import load_target
+from draftforge.target import load_target, read_target_info
 from draftforge.testing import TINY_VOCAB, save_tiny_target
 
 AUX = [0, 2, 5]  # a user override (the default for 8 layers is [1, 3, 4])
@@ -178,7 +179,7 @@ def test_vllm_round_trip_matches_in_bf16(env, name):
 
 def test_formats_without_embedding_need_the_target(env):
     for directory in (env["out"]["sglang"], env["out"]["vllm_noembed"], env["step"]):
-        with pytest.raises(ExportError, match="pass the target"):
+        with pytest.raises(DraftError, match="pass the target"):
             load_draft(directory)
 
 
@@ -273,10 +274,11 @@ def test_vllm_config_is_speculators_eagle3(env):
         1,
         TINY_VOCAB,
     )
-    spec = c["speculators_config"]
-    assert spec["algorithm"] == "eagle3" and spec["default_proposal_method"] == "greedy"
-    assert spec["proposal_methods"][0]["speculative_tokens"] == 3
-    assert spec["verifier"] == {
+    speculators = c["speculators_config"]
+    assert speculators["algorithm"] == "eagle3"
+    assert speculators["default_proposal_method"] == "greedy"
+    assert speculators["proposal_methods"][0]["speculative_tokens"] == 3
+    assert speculators["verifier"] == {
         "name_or_path": str(env["target_dir"]),
         "architectures": ["LlamaForCausalLM"],
     }
@@ -370,7 +372,7 @@ def test_check_refuses_bad_output(env, fmt, needle, mutate):
     config, tensors = sglang_files(state) if fmt == "sglang" else vllm_files(state, info)
     check_export(fmt, config, tensors, info)  # as written, it passes
     mutate(config, tensors)
-    with pytest.raises(ExportError, match=re.escape(needle)):
+    with pytest.raises(DraftError, match=re.escape(needle)):
         check_export(fmt, config, tensors, info)
 
 
@@ -456,7 +458,7 @@ def test_older_run_config_still_exports(env, tmp_path):
 
 
 def test_no_embedding_is_vllm_only(env, tmp_path):
-    with pytest.raises(ExportError, match="vllm format only"):
+    with pytest.raises(DraftError, match="vllm format only"):
         export_checkpoint(env["run"], "sglang", tmp_path / "o", include_embedding=False)
 
 
@@ -525,7 +527,7 @@ def test_head_shared_with_the_target_loads(env, tmp_path):
     save_file({k: v.contiguous() for k, v in weights.items()}, directory / WEIGHTS_FILE)
     loaded = load_draft(directory, target)
     assert torch.equal(loaded.lm_head.weight, target.lm_head()[0])
-    with pytest.raises(ExportError, match="no lm_head"):
+    with pytest.raises(DraftError, match="no lm_head"):
         load_draft(directory)
 
 
@@ -535,13 +537,13 @@ def test_unknown_variants_are_refused(env, tmp_path):
     tensors = load_file(biased / WEIGHTS_FILE)
     tensors["fc.bias"] = torch.zeros(64, dtype=torch.bfloat16)
     save_file(tensors, biased / WEIGHTS_FILE)
-    with pytest.raises(ExportError, match=r"unexpected \['fc.bias'\]"):
+    with pytest.raises(DraftError, match=r"unexpected \['fc.bias'\]"):
         load_draft(biased, env["target"])
     post_norm = shutil.copytree(env["out"]["vllm"], tmp_path / "post_norm")
     config = config_of(post_norm)
     config["norm_before_residual"] = True
     (post_norm / CONFIG_FILE).write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="norm_before_residual"):
+    with pytest.raises(DraftError, match="norm_before_residual"):
         load_draft(post_norm)
 
 

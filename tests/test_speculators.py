@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 from test_export import AUX, ROPE, logits, save_run
 
-from draftforge.export import CONFIG_FILE, WEIGHTS_FILE, export_checkpoint, load_draft
+from draftforge.drafts import CONFIG_FILE, WEIGHTS_FILE, load_draft
+from draftforge.export import export_checkpoint
 from draftforge.testing import save_tiny_target
 
 pytestmark = pytest.mark.speculators

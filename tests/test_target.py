@@ -9,7 +9,7 @@ from draftforge.config import TargetConfig
 from draftforge.target import (
     Target,
     TargetError,
-    check_aux_layers,
+    aux_problem,
     chunk_tokens,
     default_aux_layers,
     load_target,
@@ -30,8 +30,7 @@ def test_default_aux_layers():
     assert default_aux_layers(30) == [1, 14, 26]
     assert default_aux_layers(32) == [1, 15, 28]
     # A 4-layer target's default repeats layer 1: such targets need explicit ids.
-    with pytest.raises(TargetError, match="repeats"):
-        check_aux_layers(default_aux_layers(4), 4)
+    assert "repeats" in aux_problem(default_aux_layers(4), 4)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -66,13 +65,12 @@ def test_capture_removes_its_hooks():
 
 
 def test_aux_layer_checks():
-    assert check_aux_layers([1, 2, 3], 4) == [1, 2, 3]
-    with pytest.raises(TargetError, match=r"\[4\] outside the target's 4 layers"):
-        check_aux_layers([1, 2, 4], 4)
-    with pytest.raises(TargetError, match="must list 3 layers"):
-        check_aux_layers([1, 2], 4)
-    with pytest.raises(TargetError, match="repeats"):
-        check_aux_layers([1, 1, 2], 4)
+    assert aux_problem([1, 2, 3], 4) is None
+    assert "aux layers [1, 2, 4]: [4] outside the target's 4 layers" in aux_problem([1, 2, 4], 4)
+    assert "must list 3 layers" in aux_problem([1, 2], 4)
+    assert "repeats" in aux_problem([1, 1, 2], 4)
+    # Targets, drafts and exports share the rule; only the name in the message differs.
+    assert aux_problem([1, 1, 2], 4, "target.aux_layers").startswith("target.aux_layers [1, 1, 2]")
 
 
 def _teacher_reference(hidden, weight, bias, draft_ids):

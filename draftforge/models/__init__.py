@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from torch import nn
 from transformers import PretrainedConfig
 
-from draftforge.models.eagle3 import Eagle3Draft, eagle3_config
+from draftforge.models.eagle3 import Eagle3Draft, eagle3_config_for_target
 
 
 @dataclass(frozen=True)
-class DraftSpec:
+class DraftArch:
     """How to derive a draft's config from the target's, and the module that implements it."""
 
     config: Callable[
@@ -21,8 +21,8 @@ class DraftSpec:
     model: Callable[[PretrainedConfig], nn.Module]
 
 
-DRAFTS: dict[str, DraftSpec] = {
-    "eagle3": DraftSpec(config=eagle3_config, model=Eagle3Draft),
+DRAFTS: dict[str, DraftArch] = {
+    "eagle3": DraftArch(config=eagle3_config_for_target, model=Eagle3Draft),
 }
 
 
@@ -36,5 +36,5 @@ def build_draft(
     """A freshly initialised draft for this target."""
     if arch not in DRAFTS:
         raise ValueError(f"unknown draft.arch {arch!r}; choose from {sorted(DRAFTS)}")
-    spec = DRAFTS[arch]
-    return spec.model(spec.config(target_config, aux_layers, draft_vocab_size, intermediate_size))
+    entry = DRAFTS[arch]
+    return entry.model(entry.config(target_config, aux_layers, draft_vocab_size, intermediate_size))

@@ -30,6 +30,7 @@ Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 # The TTT attention at step k: (q, k0, v0, k_diag, v_diag, *, segment_ids) -> [B,Hq,T,D]; see
 # draftforge.ttt_attention. Other implementations plug in here for benchmarks.
 TTTAttention = Callable[..., Tensor]
+SGLANG_ARCH = "LlamaForCausalLMEagle3"  # SGLang's class for an EAGLE-3 draft, named in our config
 
 
 class DraftShapeError(ValueError):
@@ -47,12 +48,43 @@ def _rope_parameters(target_config: object) -> dict:
 
 
 def eagle3_config(
+    layer: LlamaConfig,
+    *,
+    draft_vocab_size: int,
+    target_hidden_size: int,
+    aux_layers: list[int] | None,
+) -> LlamaConfig:
+    """The draft's config: the one decoder layer ``layer`` describes, no biases, an untied head,
+    and EAGLE-3's fields in the names SGLang's config reader uses."""
+    return LlamaConfig(
+        architectures=[SGLANG_ARCH],
+        hidden_size=layer.hidden_size,
+        intermediate_size=layer.intermediate_size,
+        num_hidden_layers=1,
+        num_attention_heads=layer.num_attention_heads,
+        num_key_value_heads=layer.num_key_value_heads,
+        head_dim=layer.head_dim,
+        hidden_act=layer.hidden_act,
+        rms_norm_eps=layer.rms_norm_eps,
+        max_position_embeddings=layer.max_position_embeddings,
+        rope_parameters=dict(layer.rope_parameters),
+        vocab_size=layer.vocab_size,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        draft_vocab_size=draft_vocab_size,
+        target_hidden_size=target_hidden_size,
+        eagle_config={"eagle_aux_hidden_state_layer_ids": aux_layers},
+    )
+
+
+def eagle3_config_for_target(
     target_config: object,
     aux_layers: list[int],
     draft_vocab_size: int,
     intermediate_size: int | None = None,
 ) -> LlamaConfig:
-    """The draft's config, derived from the target's: same width, heads, norm eps and RoPE."""
+    """A new draft's config, derived from the target's: same width, heads, norm eps and RoPE."""
     hidden = target_config.hidden_size
     heads = target_config.num_attention_heads
     head_dim = getattr(target_config, "head_dim", None) or hidden // heads
@@ -61,11 +93,9 @@ def eagle3_config(
     vocab = target_config.vocab_size
     if draft_vocab_size < 1:
         raise DraftShapeError(f"draft.draft_vocab_size must be positive, got {draft_vocab_size}")
-    return LlamaConfig(
-        architectures=["LlamaForCausalLMEagle3"],
+    layer = LlamaConfig(
         hidden_size=hidden,
         intermediate_size=intermediate_size or target_config.intermediate_size,
-        num_hidden_layers=1,
         num_attention_heads=heads,
         num_key_value_heads=getattr(target_config, "num_key_value_heads", None) or heads,
         head_dim=head_dim,
@@ -74,13 +104,12 @@ def eagle3_config(
         max_position_embeddings=target_config.max_position_embeddings,
         rope_parameters=_rope_parameters(target_config),
         vocab_size=vocab,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        # EAGLE-3 specific fields, in the names SGLang's config reader uses.
+    )
+    return eagle3_config(
+        layer,
         draft_vocab_size=min(draft_vocab_size, vocab),
         target_hidden_size=hidden,
-        eagle_config={"eagle_aux_hidden_state_layer_ids": list(aux_layers)},
+        aux_layers=list(aux_layers),
     )
 
 

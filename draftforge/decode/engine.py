@@ -13,7 +13,7 @@ One round, with N tokens committed (the last one, the root, not yet in the targe
 2. Verify. The target runs once over [root, nodes...] at positions N-1+depth with a 4D
    additive mask: every query sees the whole cache and its ancestors (a chain passes no mask
    and gets the ordinary causal one). Aux layers are captured by hooks in the same forward.
-3. Accept. :func:`~draftforge.spec.sampling.verify_tree` walks the tree (greedy or lossless
+3. Accept. :func:`~draftforge.decode.sampling.verify_tree` walks the tree (greedy or lossless
    rejection sampling) and returns the accepted path and one more token.
 4. Compact. The target cache keeps its prefix plus the root and the accepted path, moved into
    place; the draft cache is extended with the real aux features of those same positions, so
@@ -33,17 +33,12 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from draftforge.decode.errors import SpecError
+from draftforge.decode.sampling import SamplingParams, sample, verify_tree, warp
+from draftforge.decode.tree import TreeShape, ancestor_mask, is_chain, select_nodes
+from draftforge.drafts import check_compatible, draft_aux_layers
 from draftforge.models.eagle3 import Eagle3Draft
-from draftforge.spec.errors import SpecError
-from draftforge.spec.loading import check_compatible, draft_aux_layers
-from draftforge.spec.sampling import SamplingParams, sample, verify_tree, warp
-from draftforge.spec.tree import TreeShape, ancestor_mask, is_chain, select_nodes
 from draftforge.target import Target, capture_layers
-
-# transformers 5.2x warns on every forward that passes `past_key_values`, naming `cache` as its
-# successor, yet a cache passed as `cache` is not used by that version's models: keep the
-# working argument without a warning per decoded token.
-warnings.filterwarnings("ignore", message="`past_key_values` is deprecated", category=FutureWarning)
 
 
 @dataclass
@@ -136,6 +131,16 @@ def default_stop_ids(target: Target) -> frozenset[int]:
     return frozenset(ids)
 
 
+def stop_reason(tokens: list[int], stops: frozenset[int], max_new_tokens: int) -> str:
+    """Why decoding ends after ``tokens``: "eos" after a stop token, "length" at the limit;
+    "" while it goes on."""
+    if tokens and tokens[-1] in stops:
+        return "eos"
+    if len(tokens) >= max_new_tokens:
+        return "length"
+    return ""
+
+
 class SpecEngine:
     """Speculative decoding (batch size 1) of ``target`` with ``draft``.
 
@@ -218,7 +223,8 @@ class SpecEngine:
         if self.draft is not None:
             hidden = self._extend_draft(draft_cache, aux, [*prompt[1:], token], 0)
 
-        while not self._finished(result, stops, max_new_tokens):
+        result.stop = stop_reason(result.tokens, stops, max_new_tokens)
+        while not result.stop:
             committed = len(prompt) + len(result.tokens)
             if committed >= self.max_positions:
                 result.stop = "max_positions"
@@ -233,7 +239,8 @@ class SpecEngine:
                 hidden = self._extend_draft(draft_cache, aux, new, committed - 1)
             for t in new:
                 result.tokens.append(t)
-                if self._finished(result, stops, max_new_tokens):
+                result.stop = stop_reason(result.tokens, stops, max_new_tokens)
+                if result.stop:
                     break
         result.seconds = time.perf_counter() - start
         return result
@@ -259,10 +266,21 @@ class SpecEngine:
             "logits_to_keep": 1 if last_only else 0,
         }
         if self.draft is None:
-            return self.model(**kwargs).logits[0], None
+            return self._call_model(kwargs), None
         with capture_layers(self.model, self.aux_layers) as captured:
-            logits = self.model(**kwargs).logits[0]
+            logits = self._call_model(kwargs)
         return logits, torch.cat(captured, dim=-1)[0]
+
+    def _call_model(self, kwargs: dict) -> Tensor:
+        """The target's logits for the one sequence of ``kwargs``."""
+        # transformers 5.2x warns on every forward that passes `past_key_values`, naming `cache`
+        # as its successor, yet a cache passed as `cache` is not used by that version's models:
+        # keep the working argument without a warning per decoded token.
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message="`past_key_values` is deprecated", category=FutureWarning
+            )
+            return self.model(**kwargs).logits[0]
 
     def _verify(
         self, cache: DynamicCache, tree: DraftTree, root_position: int
@@ -459,14 +477,6 @@ class SpecEngine:
         )
 
     # ------------------------------------------------------------------------- bookkeeping
-
-    @staticmethod
-    def _finished(result: Generation, stops: frozenset[int], max_new_tokens: int) -> bool:
-        if result.tokens and result.tokens[-1] in stops:
-            result.stop = "eos"
-        elif len(result.tokens) >= max_new_tokens:
-            result.stop = "length"
-        return bool(result.stop)
 
     @staticmethod
     def _count(result: Generation, tree: DraftTree, path: list[int]) -> None:

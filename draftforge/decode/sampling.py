@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from draftforge.spec.errors import SpecError
+from draftforge.decode.errors import SpecError
 
 
 @dataclass(frozen=True)

@@ -3,11 +3,11 @@
 import pytest
 import torch
 
+from draftforge.decode.engine import SpecEngine
+from draftforge.decode.evaluate import encode, hf_generate, load_prompts
+from draftforge.decode.sampling import SamplingParams
+from draftforge.decode.tree import TreeShape
 from draftforge.models import build_draft
-from draftforge.spec.engine import SpecEngine
-from draftforge.spec.evaluate import encode, hf_generate, load_prompts
-from draftforge.spec.sampling import SamplingParams
-from draftforge.spec.tree import TreeShape
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -6,16 +6,21 @@ import torch
 
 from draftforge import checkpoint, ttt
 from draftforge.config import Config, dump_config
+from draftforge.decode import engine as engine_module
+from draftforge.decode.engine import DraftCache, SpecEngine
+from draftforge.decode.errors import SpecError
+from draftforge.decode.sampling import SamplingParams, warp
+from draftforge.decode.tree import TreeShape
+from draftforge.drafts import load_draft_for
 from draftforge.models import build_draft
 from draftforge.models.eagle3 import DraftShapeError
-from draftforge.spec import engine as engine_module
-from draftforge.spec.engine import DraftCache, SpecEngine
-from draftforge.spec.errors import SpecError
-from draftforge.spec.loading import load_draft_for
-from draftforge.spec.sampling import SamplingParams, warp
-from draftforge.spec.testing import as_target, bigram_like_target, chi_square_p, oracle_draft
-from draftforge.spec.tree import TreeShape
-from draftforge.testing import tiny_target
+from draftforge.testing import (
+    as_target,
+    bigram_like_target,
+    chi_square_p,
+    oracle_draft,
+    tiny_target,
+)
 from draftforge.ttt_attention import ttt_attention
 
 NEW_TOKENS = 200
@@ -225,7 +230,9 @@ def test_refuses_drafts_that_do_not_fit_the_target(tmp_path):
         SpecEngine(target, random_draft(narrow, seed=0))
     with pytest.raises(DraftShapeError, match="vocab_size 300 != target vocab 320"):
         SpecEngine(target, random_draft(small_vocab, seed=0, draft_vocab=200))
-    with pytest.raises(DraftShapeError, match=r"aux layers \[1, 3, 6\] do not fit the target's 4"):
+    with pytest.raises(
+        DraftShapeError, match=r"aux layers \[1, 3, 6\]: \[6\] outside the target's 4 layers"
+    ):
         SpecEngine(target, random_draft(deep, seed=0))
 
     # The same check guards loading a training checkpoint, before any weight is assembled.

@@ -9,11 +9,16 @@ import torch
 from draftforge import checkpoint
 from draftforge.cli import main
 from draftforge.config import Config, dump_config
+from draftforge.decode.errors import SpecError
+from draftforge.decode.evaluate import BUILTIN_PROMPTS, encode, load_prompts
 from draftforge.models import build_draft
-from draftforge.spec.errors import SpecError
-from draftforge.spec.evaluate import BUILTIN_PROMPTS, encode, load_prompts
-from draftforge.spec.testing import as_target, bigram_like_target, oracle_draft
-from draftforge.testing import tiny_target, tiny_tokenizer
+from draftforge.testing import (
+    as_target,
+    bigram_like_target,
+    oracle_draft,
+    tiny_target,
+    tiny_tokenizer,
+)
 
 LONG = "tell me more about bytes " * 30  # > 512 byte tokens: longer than the tiny target allows
 
@@ -45,7 +50,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("spec_eval")
+    root = tmp_path_factory.mktemp("decode_eval")
     model = bigram_like_target("llama", seed=1, dtype=torch.float32)
     save_target(model, root / "target")
     save_draft(oracle_draft(as_target(model)), root / "target", root / "run")
@@ -130,7 +135,7 @@ def test_eval_refuses_bad_inputs(workdir, capsys):
     draft = build_draft("eagle3", deep.config, [1, 3, 6], 320)
     run = save_draft(draft, workdir / "target", workdir / "deep_run")
     assert main(["eval", "--draft", str(run), "--prompts", str(workdir / "prompts.jsonl")]) == 2
-    assert "aux layers [1, 3, 6] do not fit the target's 4 layers" in capsys.readouterr().err
+    assert "aux layers [1, 3, 6]: [6] outside the target's 4 layers" in capsys.readouterr().err
 
 
 def test_prompt_formats(tmp_path):

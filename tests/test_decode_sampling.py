@@ -11,15 +11,15 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from draftforge.spec.errors import SpecError
-from draftforge.spec.sampling import (
+from draftforge.decode.errors import SpecError
+from draftforge.decode.sampling import (
     SamplingParams,
     children_table,
     verify_tree,
     warp,
 )
-from draftforge.spec.testing import chi_square_p
-from draftforge.spec.tree import TreeShape, ancestor_mask, select_nodes
+from draftforge.decode.tree import TreeShape, ancestor_mask, select_nodes
+from draftforge.testing import chi_square_p
 
 V = 8
 DRAWS = 200_000

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from draftforge.decode.engine import Generation, SpecEngine
+from draftforge.decode.errors import SpecError
+from draftforge.decode.sampling import SamplingParams
+from draftforge.decode.tree import TreeShape
 from draftforge.models.eagle3 import Eagle3Draft
-from draftforge.spec.engine import Generation, SpecEngine
-from draftforge.spec.errors import SpecError
-from draftforge.spec.sampling import SamplingParams
-from draftforge.spec.tree import TreeShape
 from draftforge.target import Target
 
 BUILTIN_PROMPTS = Path(__file__).resolve().parent.parent / "assets" / "eval_prompts.jsonl"
@@ -171,6 +171,35 @@ def hf_generate(
     return out[0, len(ids) :].tolist(), time.perf_counter() - start
 
 
+def _encode_all(
+    target: Target, prompts: Sequence[Prompt], max_positions: int, max_new_tokens: int, log: Log
+) -> tuple[list[list[int]], list[str]]:
+    """Every prompt's token ids, fitted to the target's positions, and the ids of the prompts
+    that were cut to fit."""
+    encoded, truncated = [], []
+    for prompt in prompts:
+        ids = encode(target, prompt)
+        fitted = fit_prompt(ids, max_positions, max_new_tokens)
+        if len(fitted) < len(ids):
+            log(f"prompt {prompt.id}: {len(ids)} tokens, kept the last {len(fitted)}")
+            truncated.append(prompt.id)
+        encoded.append(fitted)
+    return encoded, truncated
+
+
+def _settings(
+    shape: TreeShape, sampling: SamplingParams, max_new_tokens: int, seed: int
+) -> dict[str, Any]:
+    """The decoding settings as a report records them."""
+    return {
+        **asdict(shape),
+        "num_draft_tokens": shape.draft_tokens if shape.drafting else 1,
+        **asdict(sampling),
+        "max_new_tokens": max_new_tokens,
+        "seed": seed,
+    }
+
+
 def evaluate(
     target: Target,
     draft: Eagle3Draft | None,
@@ -190,24 +219,17 @@ def evaluate(
     ``on_prompt`` is called after each prompt (e.g. to move a progress bar)."""
     engine = SpecEngine(target, draft, shape, sampling, seed=seed)
     plain = SpecEngine(target, None, TreeShape(num_steps=0), sampling, seed=seed)
-    encoded, truncated = [], []
-    for prompt in prompts:
-        ids = encode(target, prompt)
-        fitted = fit_prompt(ids, engine.max_positions, max_new_tokens)
-        if len(fitted) < len(ids):
-            log(f"prompt {prompt.id}: {len(ids)} tokens, kept the last {len(fitted)}")
-            truncated.append(prompt.id)
-        encoded.append(fitted)
+    encoded, truncated = _encode_all(target, prompts, engine.max_positions, max_new_tokens, log)
     engine.generate(encoded[0], WARMUP_TOKENS)
     if baseline:
         plain.generate(encoded[0], WARMUP_TOKENS)
 
-    spec, base, hf = Totals(), Totals(), Totals()
+    speculative, base, hf = Totals(), Totals(), Totals()
     matches = {"baseline": 0, "generate": 0}
     rows = []
     for prompt, ids in zip(prompts, encoded, strict=True):
         gen = engine.generate(ids, max_new_tokens)
-        spec.add(gen)
+        speculative.add(gen)
         row: dict[str, Any] = {
             "id": prompt.id,
             "prompt_tokens": len(ids),
@@ -236,24 +258,18 @@ def evaluate(
     report: dict[str, Any] = {
         "target": target.path,
         "num_prompts": len(prompts),
-        "settings": {
-            **asdict(shape),
-            "num_draft_tokens": shape.draft_tokens if shape.drafting else 1,
-            **asdict(sampling),
-            "max_new_tokens": max_new_tokens,
-            "seed": seed,
-        },
-        "acceptance_length": spec.summary().get("acceptance_length"),
-        "accept_rate_per_position": spec.summary().get("accept_rate_per_position", []),
-        "speculative": spec.summary(),
+        "settings": _settings(shape, sampling, max_new_tokens, seed),
+        "acceptance_length": speculative.summary().get("acceptance_length"),
+        "accept_rate_per_position": speculative.summary().get("accept_rate_per_position", []),
+        "speculative": speculative.summary(),
         "truncated_prompts": truncated,
     }
     if baseline:
         report["baseline"] = base.summary()
-        report["speedup_vs_baseline"] = _ratio(spec.tokens_per_s, base.tokens_per_s)
+        report["speedup_vs_baseline"] = _ratio(speculative.tokens_per_s, base.tokens_per_s)
     if generate:
         report["generate"] = hf.summary()
-        report["speedup_vs_generate"] = _ratio(spec.tokens_per_s, hf.tokens_per_s)
+        report["speedup_vs_generate"] = _ratio(speculative.tokens_per_s, hf.tokens_per_s)
     if sampling.greedy:
         # Greedy speculation must reproduce the target's own greedy output token for token:
         # how many prompts did, against each reference that ran.

@@ -1,10 +1,10 @@
 """Speculative decoding: acceptance length, tokens/s and speedup for several draft shapes.
 
-python benchmarks/spec.py [--target tiny|smollm2|PATH] [--draft DIR] [--prompts N]
-                          [--max-new-tokens N] [--threads N]
+python benchmarks/decode.py [--target tiny|smollm2|PATH] [--draft DIR] [--prompts N]
+                            [--max-new-tokens N] [--threads N]
 
 tiny (default, no download, seconds): a bigram-like tiny target with the hand-built oracle
-draft of draftforge.spec.testing, so paths are long and the engine's bookkeeping shows.
+draft of draftforge.testing, so paths are long and the engine's bookkeeping shows.
 smollm2 or a model directory: an untrained draft unless --draft is given; with AL ~ 1 the
 speedup column then measures what drafting and verification cost per round.
 """
@@ -14,13 +14,13 @@ import argparse
 import torch
 
 from draftforge.config import TargetConfig
+from draftforge.decode.evaluate import load_prompts, sweep
+from draftforge.decode.sampling import SamplingParams
+from draftforge.decode.tree import TreeShape
+from draftforge.drafts import load_draft_for
 from draftforge.models import build_draft
-from draftforge.spec.evaluate import load_prompts, sweep
-from draftforge.spec.loading import load_draft_for
-from draftforge.spec.sampling import SamplingParams
-from draftforge.spec.testing import as_target, bigram_like_target, oracle_draft
-from draftforge.spec.tree import TreeShape
 from draftforge.target import load_target
+from draftforge.testing import as_target, bigram_like_target, oracle_draft
 
 SHAPES = [
     TreeShape(1, 1),

@@ -5,12 +5,11 @@
 and reports acceptance length and speed (``draftforge eval`` / ``draftforge bench``).
 """
 
-from draftforge.spec.engine import Generation, SpecEngine
-from draftforge.spec.errors import SpecError
-from draftforge.spec.evaluate import evaluate, load_prompts
-from draftforge.spec.loading import load_draft_for
-from draftforge.spec.sampling import SamplingParams, verify_tree, warp
-from draftforge.spec.tree import TreeShape
+from draftforge.decode.engine import Generation, SpecEngine
+from draftforge.decode.errors import SpecError
+from draftforge.decode.evaluate import evaluate, load_prompts
+from draftforge.decode.sampling import SamplingParams, verify_tree, warp
+from draftforge.decode.tree import TreeShape
 
 __all__ = [
     "Generation",
@@ -19,7 +18,6 @@ __all__ = [
     "SpecError",
     "TreeShape",
     "evaluate",
-    "load_draft_for",
     "load_prompts",
     "verify_tree",
     "warp",

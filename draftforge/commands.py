@@ -1,0 +1,489 @@
+"""What each ``draftforge`` subcommand does: the arguments it takes and the function it runs.
+
+:mod:`draftforge.cli` registers them (name, help, order) and dispatches to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from draftforge.config import ConfigError, TargetConfig, dump_config, load_config
+from draftforge.decode.errors import SpecError
+from draftforge.decode.evaluate import (
+    Prompt,
+    evaluate,
+    load_prompts,
+    plot_sweep,
+    shapes_to_sweep,
+    sweep,
+)
+from draftforge.decode.sampling import SamplingParams
+from draftforge.decode.tree import TreeShape
+from draftforge.demo import DemoSettings, run_demo
+from draftforge.drafts import draft_aux_layers, draft_for, read_draft, target_path_of
+from draftforge.export import DEFAULT_SPECULATIVE_TOKENS, FORMATS, export_checkpoint
+from draftforge.models.eagle3 import DraftShapeError, Eagle3Draft
+from draftforge.parallel import default_device
+from draftforge.target import Target, aux_problem, load_target, read_target_info
+
+# ----------------------------------------------------------------------------- run config
+
+
+def config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config file (optional: defaults otherwise)")
+    parser.add_argument(
+        "overrides", nargs="*", metavar="section.key=value", help="overrides, e.g. training.lr=3e-4"
+    )
+
+
+def _split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    # `draftforge train training.lr=1` has no file: the first positional is an override.
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:
+        return None, [config, *overrides]
+    return config, overrides
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(*_split_config_args(args))
+    print(dump_config(cfg), end="")
+    return 0
+
+
+# ----------------------------------------------------------------------------- target
+
+
+def target_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p)
+    p.add_argument("--prompt", help="a user message to answer with the target's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+
+
+def cmd_target(args: argparse.Namespace) -> int:
+    from draftforge.target import load_target
+
+    cfg = load_config(*_split_config_args(args))
+    start = time.perf_counter()
+    target = load_target(cfg.target)
+    print(
+        f"target {target.path}: {type(target.model).__name__}, {target.num_layers} layers, "
+        f"hidden {target.hidden_size}, vocab {target.vocab_size}, aux layers {target.aux_layers} "
+        f"(loaded in {time.perf_counter() - start:.1f} s)"
+    )
+    if args.prompt:
+        tok = target.tokenizer
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}],
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+        )["input_ids"]
+        out = target.model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
+        print(tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return 0
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from draftforge.features import prepare_data
+    from draftforge.target import load_tokenizer, resolve_target_path
+
+    cfg = load_config(*_split_config_args(args))
+    cfg.validate()
+    path = resolve_target_path(cfg.target.path, cfg.target.cache_dir)
+    tokenizer = load_tokenizer(path, cfg.target.trust_remote_code)
+    # The vocabulary size from config.json, without loading the weights.
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.target.trust_remote_code)
+    result = prepare_data(cfg, tokenizer, model_config.get_text_config().vocab_size)
+    print(result.summary())
+    return 0
+
+
+def regenerate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("input", help="conversations or prompts: a file, a folder or a hub dataset")
+    config_arguments(p)
+    p.add_argument("--out", required=True, help="output JSONL; appended to, never rewritten")
+    p.add_argument("--backend", choices=("hf", "http"), default="hf")
+    p.add_argument("--url", default="http://127.0.0.1:8000/v1", help="OpenAI-compatible API base")
+    p.add_argument("--model", help="model name the server serves (needed with --backend http)")
+    p.add_argument("--api-key", help="sent as a bearer token, for servers that ask for one")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max-prompt-tokens", type=int, help="skip conversations whose prompt grows longer"
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="hf backend: rows per generate")
+    p.add_argument("--concurrency", type=int, default=8, help="http backend: requests in flight")
+    p.add_argument("--timeout", type=float, default=300.0, help="http backend: seconds a request")
+    p.add_argument("--retries", type=int, default=5, help="http backend: tries after the first")
+    p.add_argument(
+        "--backoff", type=float, default=1.0, help="http backend: first retry delay, doubling"
+    )
+    p.add_argument(
+        "--strict", action="store_true", help="stop at the first row that cannot be answered"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_regenerate(args: argparse.Namespace) -> int:
+    from draftforge.data import GenerationSettings, HFBackend, HTTPBackend, regenerate
+    from draftforge.data.template import load_template
+    from draftforge.target import load_target, load_tokenizer, resolve_target_path
+
+    cfg = load_config(*_split_config_args(args))
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        max_prompt_tokens=args.max_prompt_tokens,
+    )
+    template = load_template(cfg.data.chat_template)
+    backend: HFBackend | HTTPBackend
+    if args.backend == "hf":
+        target = load_target(cfg.target, default_device())
+        backend = HFBackend(
+            target.model,
+            target.tokenizer,
+            settings,
+            batch_size=args.batch_size,
+            chat_template=template,
+        )
+    else:
+        if not args.model:
+            raise ConfigError("--backend http needs --model: the model name the server serves")
+        tokenizer = None
+        if args.max_prompt_tokens is not None:  # counting prompt tokens needs the tokenizer
+            path = resolve_target_path(cfg.target.path, cfg.target.cache_dir)
+            tokenizer = load_tokenizer(path, cfg.target.trust_remote_code)
+        backend = HTTPBackend(
+            args.url,
+            args.model,
+            settings,
+            concurrency=args.concurrency,
+            timeout=args.timeout,
+            retries=args.retries,
+            backoff=args.backoff,
+            api_key=args.api_key,
+            tokenizer=tokenizer,
+            chat_template=template,
+        )
+    result = regenerate(
+        args.input,
+        args.out,
+        backend,
+        split=cfg.data.split,
+        fmt=cfg.data.format,
+        strict=args.strict or cfg.data.strict,
+        progress=not args.no_progress,
+    )
+    print(result.summary())
+    if isinstance(backend, HTTPBackend):
+        print(f"requests retried: {backend.retried}")
+    # Failed conversations are not in the output; a nonzero status tells scripts to rerun.
+    return 1 if result.failed else 0
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from draftforge.train import train
+
+    cfg = load_config(*_split_config_args(args))
+    result = train(cfg)
+    if not result.main:
+        return 0
+    summary = ", ".join(
+        f"{k} {result.metrics[k]:.3f}"
+        for k in ("loss", "acc_0", "al_estimate")
+        if k in result.metrics
+    )
+    print(f"trained {result.step} steps ({result.skipped} empty batches skipped): {summary}")
+    print(f"checkpoints and metrics in {result.run_dir}")
+    return 0
+
+
+def plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("configs", nargs="+", help="target config.json files (no weights needed)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="GPUs per layout")
+    p.add_argument("--tokens", type=int, default=4096, help="tokens per packed micro-batch")
+    p.add_argument("--steps", type=int, default=7, help="TTT steps")
+    p.add_argument("--draft-vocab", type=int, default=32000)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from draftforge.plan import format_plan, load_text_config, plan_layouts
+
+    for path in args.configs:
+        config = load_text_config(path)
+        plans = plan_layouts(config, args.sizes, args.tokens, args.steps, args.draft_vocab)
+        print(format_plan(path, config, plans, args.tokens) + "\n")
+    return 0
+
+
+def capture_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from draftforge.offline import capture
+
+    cfg = load_config(*_split_config_args(args))
+    result = capture(cfg, progress=not args.no_progress)
+    if result.rank == 0:
+        print(result.summary())
+    return 0
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint step_XXXXXXXX/ or a run directory (its newest)")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="directory to create")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--target",
+        help="the target as the serving machine finds it (default: the run's target.path)",
+    )
+    p.add_argument(
+        "--no-embedding",
+        action="store_true",
+        help="vllm: leave the target's embedding out (vLLM then shares the target's)",
+    )
+    p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=DEFAULT_SPECULATIVE_TOKENS,
+        help="draft tokens per step in the written config and printed commands",
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    result = export_checkpoint(
+        args.checkpoint,
+        args.format,
+        args.out,
+        force=args.force,
+        target=args.target,
+        include_embedding=not args.no_embedding,
+        speculative_tokens=args.speculative_tokens,
+    )
+    print(f"exported {result.source} as {result.fmt} to {result.out}")
+    print(f"aux layers (output of layer i): {result.aux_layers}")
+    for what, command in result.commands:
+        print(f"\n# {what}\n{command}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- eval and bench
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _decoding_arguments(p: argparse.ArgumentParser) -> None:
+    """The draft, target, prompts and sampling flags ``eval`` and ``bench`` share."""
+    p.add_argument(
+        "--draft", required=True, help="a training checkpoint or run directory, or an export"
+    )
+    p.add_argument(
+        "--target",
+        help="the target (default: the one recorded in the draft's run config, else smollm2)",
+    )
+    p.add_argument("--prompts", help="JSONL prompts: messages, MT-Bench turns or prompt rows")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=TargetConfig.cache_dir, help="converted-target cache")
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: torch's choice; 1 is often fastest for batch-1 "
+        "decoding on a busy machine)",
+    )
+
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    _decoding_arguments(p)
+    p.add_argument("--num-steps", type=int, default=3, help="draft steps (tree depth) per round")
+    p.add_argument("--topk", type=int, default=1, help="children per node; 1 = chain")
+    p.add_argument("--num-draft-tokens", type=int, help="tree nodes verified, root included")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--limit", type=int, help="use only the first N prompts")
+    p.add_argument("--no-baseline", action="store_true", help="skip the no-drafting baseline")
+    p.add_argument("--no-generate", action="store_true", help="skip HF generate")
+    p.add_argument("--out", help="write the JSON report here")
+
+
+def bench_arguments(p: argparse.ArgumentParser) -> None:
+    _decoding_arguments(p)
+    p.add_argument("--num-steps", type=_int_list, default=[1, 2, 3, 4, 5], help="e.g. 1,2,3")
+    p.add_argument("--topk", type=_int_list, default=[1], help="e.g. 1,4")
+    p.add_argument("--num-draft-tokens", type=_int_list, help="tree sizes, e.g. 8,16")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--limit", type=int, default=8, help="prompts used (the first N)")
+    p.add_argument("--out-dir", default="bench", help="where bench.json and bench.png go")
+
+
+def _load(args: argparse.Namespace) -> tuple[Target, Eagle3Draft]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    state = read_draft(Path(args.draft))
+    path = args.target or target_path_of(args.draft)
+    aux = draft_aux_layers(state.config)
+    # The target captures the draft's own aux layers; check they exist before loading weights.
+    num_layers = read_target_info(path, args.cache_dir).num_layers
+    problem = None if aux is None else aux_problem(aux, num_layers)
+    if problem:
+        raise DraftShapeError(f"the draft does not fit target {path}: {problem}")
+    config = TargetConfig(path=path, aux_layers=aux, cache_dir=args.cache_dir)
+    target = load_target(config, default_device())
+    return target, draft_for(state, target)
+
+
+def _prompts(args: argparse.Namespace) -> list[Prompt]:
+    prompts = load_prompts(args.prompts)[: args.limit]
+    if not prompts:
+        raise SpecError(f"--limit {args.limit} leaves no prompts to run")
+    return prompts
+
+
+def _sampling(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    shape = TreeShape(args.num_steps, args.topk, args.num_draft_tokens)
+    prompts = _prompts(args)
+    target, draft = _load(args)
+    report = evaluate(
+        target,
+        draft,
+        prompts,
+        shape,
+        _sampling(args),
+        args.max_new_tokens,
+        seed=args.seed,
+        baseline=not args.no_baseline,
+        generate=not args.no_generate,
+    )
+    report["draft"] = str(args.draft)
+    speculative = report["speculative"]
+    al = report["acceptance_length"]
+    print(f"acceptance length {al:.3f}" if al is not None else "acceptance length: no rounds")
+    rates = ", ".join("-" if r is None else f"{r:.3f}" for r in report["accept_rate_per_position"])
+    print(f"accept rate per position: [{rates}]")
+    print(f"speculative: {speculative['tokens_per_s']:.2f} tok/s")
+    for name in ("baseline", "generate"):
+        if name in report:
+            speedup = report[f"speedup_vs_{name}"]
+            print(f"{name}: {report[name]['tokens_per_s']:.2f} tok/s (speedup {speedup or 0:.2f}x)")
+    for name, same in report.get("greedy_identical_prompts", {}).items():
+        print(f"greedy output identical to {name} on {same}/{len(prompts)} prompts")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+        print(f"report written to {args.out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    shapes = shapes_to_sweep(args.num_steps, args.topk, args.num_draft_tokens or [None])
+    if not shapes:
+        raise SpecError("no valid (num_steps, topk, num_draft_tokens) combination to run")
+    prompts = _prompts(args)
+    target, draft = _load(args)
+    base, rows = sweep(
+        target, draft, prompts, shapes, _sampling(args), args.max_new_tokens, seed=args.seed
+    )
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "target": target.path,
+        "draft": str(args.draft),
+        "prompts": len(prompts),
+        "max_new_tokens": args.max_new_tokens,
+        "sampling": asdict(_sampling(args)),
+        "baseline_tokens_per_s": base,
+        "rows": [r.as_dict() for r in rows],
+    }
+    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+    plot = plot_sweep(rows, out / "bench.png", f"{Path(target.path).name}, {len(prompts)} prompts")
+    print(f"table in {out / 'bench.json'}, plot in {plot}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def demo_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = DemoSettings()
+    p.add_argument("--minutes", type=float, default=defaults.minutes, help="training time budget")
+    p.add_argument("--out", default=str(defaults.out), help="output folder")
+    p.add_argument("--fresh", action="store_true", help="ignore every cache and start over")
+    p.add_argument(
+        "--conversations",
+        type=int,
+        default=defaults.conversations,
+        help="built-in conversations to train on (the first N)",
+    )
+    p.add_argument(
+        "--eval-prompts",
+        type=int,
+        default=defaults.eval_prompts,
+        help="held-out prompts decoded per setting",
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=defaults.max_new_tokens,
+        help="tokens generated per held-out prompt",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="run config overrides, applied after the demo's own (e.g. training.lr=1e-3)",
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if args.minutes <= 0:
+        raise ConfigError(f"--minutes must be positive, got {args.minutes}")
+    if args.conversations < 10:
+        raise ConfigError(f"--conversations must be at least 10, got {args.conversations}")
+    if args.eval_prompts < 1:
+        raise ConfigError(f"--eval-prompts must be at least 1, got {args.eval_prompts}")
+    settings = DemoSettings(
+        minutes=args.minutes,
+        out=Path(args.out),
+        fresh=args.fresh,
+        conversations=args.conversations,
+        eval_prompts=args.eval_prompts,
+        max_new_tokens=args.max_new_tokens,
+        overrides=args.overrides,
+    )
+    return run_demo(settings)
