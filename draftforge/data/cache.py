@@ -197,6 +197,13 @@ def _write_entry(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _load_entry(entry: Path, source: Source) -> TokenizedDataset:
+    dataset = TokenizedDataset(entry)
+    # Not in the key nor in the entry: the folder's other files as they are now.
+    dataset.report.files_skipped = [str(p) for p in source.unsupported]
+    return dataset
+
+
 def prepare_dataset(
     path: str | Path | Source,
     tokenizer: Any,
@@ -228,7 +235,7 @@ def prepare_dataset(
     key = cache_key(tokenizer, template.template, settings, source.fingerprint())
     entry = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / key
     if (entry / "meta.json").exists():
-        return TokenizedDataset(entry)
+        return _load_entry(entry, source)
 
     conversations, report = read_conversations(source, fmt=fmt, strict=strict)
     workers = num_workers if num_workers is not None else os.cpu_count() or 1
@@ -258,4 +265,4 @@ def prepare_dataset(
         "template": template.template,
     }
     _write_entry(entry, key, ids, arrays, stats, report, description)
-    return TokenizedDataset(entry)
+    return _load_entry(entry, source)

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from draftforge.data.cache import TokenizedDataset, prepare_dataset
+from draftforge.data.report import DataError, DataReport
 from draftforge.data.template import load_template
 from draftforge.data.vocab import DraftVocab, build_draft_vocab, load_draft_vocab, save_draft_vocab
 from draftforge.target import load_tokenizer
@@ -33,6 +34,22 @@ class PrepareResult:
         )
 
 
+def _nothing_usable(name: str, report: DataReport) -> str:
+    """Why no row of `name` could be used, and what to do: a one-line error message."""
+    if not report.rows_read:
+        return (
+            f"{name}: no usable conversations: 0 rows read; point data.path at a file or "
+            "folder that holds conversations"
+        )
+    reasons = report.skipped.most_common()
+    counts = ", ".join(f"{count} {reason}" for reason, count in reasons)
+    return (
+        f"{name}: no usable conversations: all {report.rows_read} rows were dropped "
+        f"({counts}; e.g. {report.examples[reasons[0][0]][0]}); fix the rows, or the settings "
+        "that reject them (data.format, data.max_length, data.chat_template)"
+    )
+
+
 def prepare(
     path: str | Path,
     *,
@@ -55,6 +72,7 @@ def prepare(
     `chat_template` overrides the tokenizer's template: jinja text or a path to a file.
     `target_vocab_size` is the length of `t2d`; pass the target model's `vocab_size` when
     its embedding is larger than the tokenizer (default: `len(tokenizer)`).
+    Raises `DataError` when no row is left to train on.
     """
     tok = load_tokenizer(tokenizer)
     dataset = prepare_dataset(
@@ -71,6 +89,8 @@ def prepare(
         strict=strict,
         progress=progress,
     )
+    if not len(dataset):
+        raise DataError(_nothing_usable(str(path), dataset.report))
     target_vocab_size = target_vocab_size or len(tok)
     vocab_path = dataset.path / f"draft_vocab_{draft_vocab_size}_of_{target_vocab_size}.safetensors"
     if vocab_path.exists():

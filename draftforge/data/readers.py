@@ -1,34 +1,52 @@
 """Read conversation rows from local JSONL / JSON / Parquet files, folders of them, or the Hub.
 
 Row locations in reports: `file:line` for JSONL (1-based line), `file#index` for JSON arrays
-and Parquet rows (0-based), `name[split]#index` for Hugging Face datasets.
+and Parquet rows (0-based), `name[split]#index` for Hugging Face datasets. A file that cannot
+be read as its type at all (damaged gzip or Parquet, unknown extension) is a `DataError`
+naming it; other files in a folder are left out and listed in the report.
 """
 
 import gzip
 import hashlib
 import json
+import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from draftforge.data.conversation import Conversation, RowError, parse_row
-from draftforge.data.report import DataReport
+from draftforge.data.report import DataError, DataReport
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson")
 JSON_SUFFIXES = (".json", ".json.gz")
 PARQUET_SUFFIXES = (".parquet",)
 SUFFIXES = JSONL_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+# The file types read, for messages.
+TYPES = f"JSON lines, JSON or Parquet ({', '.join(SUFFIXES)})"
 
 
 def _has_suffix(path: Path, suffixes: tuple[str, ...]) -> bool:
     return path.name.lower().endswith(suffixes)
 
 
+def _is_hidden(path: Path, folder: Path) -> bool:
+    """Whether a file of `folder` is hidden or in a hidden folder (.git, .cache, ...)."""
+    return any(part.startswith(".") for part in path.relative_to(folder).parts)
+
+
 def _read_bytes(path: Path) -> bytes:
     data = path.read_bytes()
-    return gzip.decompress(data) if path.name.lower().endswith(".gz") else data
+    if not path.name.lower().endswith(".gz"):
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(
+            f"{path}: cannot decompress it ({err}): the file is damaged or cut short; "
+            "write or download it again, or leave it out of the data"
+        ) from err
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -63,13 +81,21 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    import pyarrow.parquet as pq  # a dependency of `datasets`; only needed for Parquet
+    # A dependency of `datasets`; only needed for Parquet.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
     index = 0
-    for batch in pq.ParquetFile(path).iter_batches():
-        for row in batch.to_pylist():
-            yield f"{path}#{index}", row
-            index += 1
+    try:
+        for batch in pq.ParquetFile(path).iter_batches():
+            for row in batch.to_pylist():
+                yield f"{path}#{index}", row
+                index += 1
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(
+            f"{path}: not readable as Parquet ({err}); write it again with a Parquet writer, "
+            "or leave it out of the data"
+        ) from err
 
 
 @dataclass
@@ -80,6 +106,8 @@ class Source:
     split: str
     files: list[Path]
     hub: Any = None  # a `datasets.Dataset` when `name` is not a local path
+    # Files of a folder that are not of a type read here (hidden ones aside): left out.
+    unsupported: list[Path] = field(default_factory=list)
 
     @classmethod
     def open(cls, path: str | Path, split: str = "train") -> "Source":
@@ -89,13 +117,23 @@ class Source:
         """
         local = Path(path).expanduser()
         if local.is_dir():
-            files = sorted(p for p in local.rglob("*") if p.is_file() and _has_suffix(p, SUFFIXES))
+            found = sorted(p for p in local.rglob("*") if p.is_file())
+            files = [p for p in found if _has_suffix(p, SUFFIXES)]
+            unsupported = [
+                p for p in found if not _has_suffix(p, SUFFIXES) and not _is_hidden(p, local)
+            ]
             if not files:
-                raise FileNotFoundError(f"{local}: no {'/'.join(SUFFIXES)} files inside")
-            return cls(str(local), split, files)
+                names = ", ".join(p.name for p in unsupported[:3])
+                more = f" and {len(unsupported) - 3} more" if len(unsupported) > 3 else ""
+                skipped = f" (skipped {names}{more}: unsupported file type)" if names else ""
+                raise DataError(
+                    f"{local}: no usable conversations: no data files inside{skipped}; "
+                    f"add or convert files to {TYPES}"
+                )
+            return cls(str(local), split, files, unsupported=unsupported)
         if local.is_file():
             if not _has_suffix(local, SUFFIXES):
-                raise ValueError(f"{local}: unsupported file type; expected one of {SUFFIXES}")
+                raise DataError(f"{local}: unsupported file type; convert it to {TYPES}")
             return cls(str(local), split, [local])
         if _has_suffix(local, SUFFIXES):
             raise FileNotFoundError(f"{local}: no such file")
@@ -154,6 +192,7 @@ def read_conversations(
     if not isinstance(source, Source):
         source = Source.open(source, split)
     report = report if report is not None else DataReport(strict=strict)
+    report.files_skipped.extend(str(p) for p in source.unsupported)
     conversations = []
     seen: Counter[str] = Counter()
     for where, row in source.rows():

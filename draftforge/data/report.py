@@ -6,7 +6,8 @@ from typing import Any
 
 
 class DataError(ValueError):
-    """A bad row under `strict=True`; the message starts with the row's location."""
+    """Input that cannot be used: a bad row under `strict=True`, an unreadable file, or no
+    usable rows at all; the message starts with the row's or the file's location."""
 
 
 @dataclass
@@ -22,6 +23,9 @@ class DataReport:
     skipped: Counter[str] = field(default_factory=Counter)
     # reason -> ["file:line: detail", ...], the first `max_examples` of each reason
     examples: dict[str, list[str]] = field(default_factory=dict)
+    # Files of a data folder left out for their type. Not saved with the rows: which other
+    # files a folder holds is no part of the input's identity.
+    files_skipped: list[str] = field(default_factory=list)
 
     @property
     def rows_kept(self) -> int:
@@ -43,6 +47,12 @@ class DataReport:
         for reason, count in sorted(self.skipped.items()):
             out.append(f"skipped {count} ({reason}), e.g.")
             out.extend(f"    {example}" for example in self.examples.get(reason, []))
+        if self.files_skipped:
+            out.append(f"skipped {len(self.files_skipped)} files (unsupported_file_type), e.g.")
+            out.extend(
+                f"    {path}: not read; convert it to JSON lines, JSON or Parquet to use it"
+                for path in self.files_skipped[: self.max_examples]
+            )
         return out
 
     def to_dict(self) -> dict[str, Any]:
