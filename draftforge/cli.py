@@ -11,13 +11,13 @@ from draftforge import commands
 from draftforge.checkpoint import CheckpointError
 from draftforge.config import ConfigError, describe_options
 from draftforge.data import DataError
-from draftforge.decode.errors import SpecError
+from draftforge.decode.errors import DecodeError
 from draftforge.drafts import DraftError
 from draftforge.models.eagle3 import DraftShapeError
 from draftforge.parallel import CollectiveError
 from draftforge.shards import ShardError
 from draftforge.target import TargetError
-from draftforge.train import TrainingError
+from draftforge.train import Terminated, TrainingError
 
 # Errors whose message is the whole story: printed as one line, no traceback.
 USER_ERRORS: tuple[type[Exception], ...] = (
@@ -28,7 +28,7 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     CheckpointError,
     DraftError,
     DraftShapeError,
-    SpecError,
+    DecodeError,
     ShardError,
     CollectiveError,
     FileNotFoundError,
@@ -192,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"draftforge {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as err:
+        print(f"draftforge {args.command}: {err}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a scheduler expects of a job it asked to stop
 
 
 if __name__ == "__main__":

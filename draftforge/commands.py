@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from draftforge.config import ConfigError, TargetConfig, dump_config, load_config
-from draftforge.decode.errors import SpecError
+from draftforge.decode.errors import DecodeError
 from draftforge.decode.evaluate import (
     Prompt,
     evaluate,
@@ -367,7 +367,7 @@ def _load(args: argparse.Namespace) -> tuple[Target, Eagle3Draft]:
 def _prompts(args: argparse.Namespace) -> list[Prompt]:
     prompts = load_prompts(args.prompts)[: args.limit]
     if not prompts:
-        raise SpecError(f"--limit {args.limit} leaves no prompts to run")
+        raise DecodeError(f"--limit {args.limit} leaves no prompts to run")
     return prompts
 
 
@@ -413,7 +413,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     shapes = shapes_to_sweep(args.num_steps, args.topk, args.num_draft_tokens or [None])
     if not shapes:
-        raise SpecError("no valid (num_steps, topk, num_draft_tokens) combination to run")
+        raise DecodeError("no valid (num_steps, topk, num_draft_tokens) combination to run")
     prompts = _prompts(args)
     target, draft = _load(args)
     base, rows = sweep(

@@ -133,6 +133,11 @@ def all_reduce_max(value: float, layout: Layout) -> float:
     return float(t)
 
 
+def any_rank(flag: bool, layout: Layout) -> bool:
+    """Whether ``flag`` is set on any rank (every rank gets the same answer)."""
+    return all_reduce_max(float(flag), layout) > 0
+
+
 def sync_grads(params: list[nn.Parameter], layout: Layout) -> None:
     """Sum gradients of a replicated draft over dp ranks.
 

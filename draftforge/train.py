@@ -11,9 +11,11 @@ resumed run is bitwise the uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +33,7 @@ from tqdm import tqdm
 
 from draftforge import checkpoint, parallel, ttt
 from draftforge.config import Config, ConfigError, dump_config
-from draftforge.export import load_draft
+from draftforge.drafts import load_draft
 from draftforge.features import (
     Features,
     FeatureSource,
@@ -50,6 +52,7 @@ from draftforge.metrics import StepStats, Trackers, summarize, window_metrics
 from draftforge.models import build_draft
 from draftforge.models.eagle3 import TTTOutput
 from draftforge.parallel import Layout
+from draftforge.schedule import Clock, lr_factor
 from draftforge.target import Target, decoder_layers, decoder_module, load_target
 
 if TYPE_CHECKING:
@@ -60,54 +63,18 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says what happened and what to try."""
 
 
+class Terminated(Exception):
+    """SIGTERM stopped training at a step boundary, on every rank, after saving a checkpoint."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(
+            f"terminated (SIGTERM) at step {step}: a checkpoint of it was saved; "
+            "run the same command again to resume"
+        )
+        self.step = step
+
+
 # ----------------------------------------------------------------------------- optimisation
-
-
-def lr_factor(
-    step: int, warmup: int, total: int, min_ratio: float, time_fraction: float = 0.0
-) -> float:
-    """Linear warmup to 1 over ``warmup`` steps, then cosine decay to ``min_ratio``.
-
-    The decay's progress is the share of the steps after warmup that are done, or the share
-    of a time budget that is spent (``time_fraction``), whichever is further along.
-    """
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, max((step - warmup) / max(1, total - warmup), time_fraction))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-class Clock:
-    """Training time in seconds, summed over resumes and agreed on by every rank.
-
-    Ranks must stop at the same step and use the same learning rate, so each `tick` takes
-    the largest time over the ranks (one tiny all-reduce per step, only under a limit).
-    """
-
-    def __init__(self, limit_s: float, spent_s: float, layout: Layout) -> None:
-        self.limit_s = limit_s
-        self.spent_s = spent_s
-        self.layout = layout
-        self._start = time.perf_counter()
-
-    def start(self) -> None:
-        self._start = time.perf_counter()
-
-    def tick(self) -> None:
-        if self.limit_s:
-            now = self.spent_s + time.perf_counter() - self._start
-            self.spent_s, self._start = (
-                parallel.all_reduce_max(now, self.layout),
-                time.perf_counter(),
-            )
-
-    @property
-    def fraction(self) -> float:
-        return min(1.0, self.spent_s / self.limit_s) if self.limit_s else 0.0
-
-    @property
-    def out_of_time(self) -> bool:
-        return bool(self.limit_s) and self.spent_s >= self.limit_s
 
 
 def global_counts(batches: list[MicroBatch], steps: int, layout: Layout) -> Tensor:
@@ -407,15 +374,21 @@ def _train(
     )
     bar = _progress_bar(run)
     try:
-        with parallel.collective_errors(
-            layout, lambda: f"training step {run.step + 1}", cfg.parallel.timeout_minutes
+        with (
+            parallel.collective_errors(
+                layout, lambda: f"training step {run.step + 1}", cfg.parallel.timeout_minutes
+            ),
+            _sigterm_flag() as terminate,
         ):
-            metrics = _loop(run, steps, trackers, bar, evaluate_now if eval_rows else None)
-    except KeyboardInterrupt:
+            evaluate_held_out = evaluate_now if eval_rows else None
+            metrics = _loop(run, steps, trackers, bar, evaluate_held_out, terminate)
+    except (KeyboardInterrupt, Terminated) as stop:
         # Between steps the state is consistent: keep what was learnt, then stop.
         bar.close()
-        log(f"\ninterrupted at step {run.step}: saving a checkpoint to resume from", flush=True)
-        run.save()
+        if isinstance(stop, KeyboardInterrupt):
+            log(f"\ninterrupted at step {run.step}: saving a checkpoint to resume from", flush=True)
+        if run.saved_at != run.step:
+            run.save()
         trackers.close()
         raise
     finally:
@@ -502,15 +475,19 @@ def _loop(
     trackers: Trackers,
     bar: tqdm,
     evaluate_now: Callable[[], dict[str, float]] | None,
+    terminate: threading.Event,
 ) -> dict[str, float]:
     """Optimizer steps until ``max_steps`` or the time limit, logging, evaluating and saving
-    as ``training`` says; returns the last logged metrics."""
+    as ``training`` says; returns the last logged metrics. Raises :class:`Terminated` at the
+    first step boundary after ``terminate`` is set on any rank."""
     tc = run.cfg.training
     window: list[StepStats] = []
     window_start = time.perf_counter()
     metrics: dict[str, float] = {}
     run.clock.start()
     while not run.done:
+        if parallel.any_rank(terminate.is_set(), run.layout):
+            raise Terminated(run.step)
         next_position, mine, feats = next(steps)
         stats = train_step(
             run.draft, list(zip(mine, feats, strict=True)), run.optimizer, run.cfg, run.layout
@@ -542,6 +519,23 @@ def _loop(
         if tc.save_every and run.step % tc.save_every == 0:
             run.save()
     return metrics
+
+
+@contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An event that SIGTERM (what schedulers send before a kill) sets instead of ending the
+    process, so that the loop can stop at a step boundary and save; the previous handler is
+    restored afterwards. Signal handlers belong to the main thread: elsewhere the event is
+    never set."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _quiet(*_args: object, **_kwargs: object) -> None:

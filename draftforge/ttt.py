@@ -1,6 +1,6 @@
 """The EAGLE-3 training-time-test (TTT) objective as pure tensor functions.
 
-Alignment (DESIGN.md): at step k, index t feeds the draft the embedding of token t+1+k and
+Alignment (docs/architecture.md): at step k, index t feeds the draft the embedding of token t+1+k and
 learns the target's next-token distribution at position t+1+k, i.e. it predicts token
 t+2+k. Index t is supervised at step k iff token t+2+k is a supervised (assistant) token of
 the same packed sample, and the teacher's argmax there lies inside the draft vocabulary.

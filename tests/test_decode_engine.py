@@ -8,7 +8,7 @@ from draftforge import checkpoint, ttt
 from draftforge.config import Config, dump_config
 from draftforge.decode import engine as engine_module
 from draftforge.decode.engine import DraftCache, SpecEngine
-from draftforge.decode.errors import SpecError
+from draftforge.decode.errors import DecodeError
 from draftforge.decode.sampling import SamplingParams, warp
 from draftforge.decode.tree import TreeShape
 from draftforge.drafts import load_draft_for
@@ -215,9 +215,9 @@ def test_stops_at_eos_and_at_the_position_limit():
 def test_refuses_bad_prompts():
     target = as_target(bigram_like_target("llama", seed=7))
     engine = SpecEngine(target, oracle_draft(target))
-    with pytest.raises(SpecError, match="empty"):
+    with pytest.raises(DecodeError, match="empty"):
         engine.generate([], 8)
-    with pytest.raises(SpecError, match="512 positions"):
+    with pytest.raises(DecodeError, match="512 positions"):
         engine.generate(list(range(512)), 8)
 
 

@@ -9,7 +9,7 @@ import torch
 from draftforge import checkpoint
 from draftforge.cli import main
 from draftforge.config import Config, dump_config
-from draftforge.decode.errors import SpecError
+from draftforge.decode.errors import DecodeError
 from draftforge.decode.evaluate import BUILTIN_PROMPTS, encode, load_prompts
 from draftforge.models import build_draft
 from draftforge.testing import (
@@ -153,9 +153,9 @@ def test_prompt_formats(tmp_path):
     prompts = load_prompts(write_jsonl(tmp_path / "p.jsonl", rows))
     assert [p.messages[-1]["content"] for p in prompts] == ["hi", "one", "three"]
     assert prompts[0].messages[0]["role"] == "system" and len(prompts[0].messages) == 2
-    with pytest.raises(SpecError, match=r"p2.jsonl:2: expected a `messages`"):
+    with pytest.raises(DecodeError, match=r"p2.jsonl:2: expected a `messages`"):
         load_prompts(write_jsonl(tmp_path / "p2.jsonl", [{"prompt": "ok"}, {"text": "x"}]))
-    with pytest.raises(SpecError, match="user turn"):
+    with pytest.raises(DecodeError, match="user turn"):
         load_prompts(write_jsonl(tmp_path / "p3.jsonl", [{"messages": []}]))
 
 

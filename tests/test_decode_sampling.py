@@ -11,7 +11,7 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from draftforge.decode.errors import SpecError
+from draftforge.decode.errors import DecodeError
 from draftforge.decode.sampling import (
     SamplingParams,
     children_table,
@@ -162,7 +162,7 @@ def test_tree_helpers():
     scores = torch.tensor([-0.1, -0.5, -0.1, -0.2, -0.9])
     depths = torch.tensor([1, 1, 2, 2, 2])
     assert select_nodes(scores, depths, 3).tolist() == [0, 2, 3]
-    with pytest.raises(SpecError, match="parents must precede"):
+    with pytest.raises(DecodeError, match="parents must precede"):
         children_table([-1, 2, 0])
 
 
@@ -170,9 +170,9 @@ def test_shape_and_sampling_settings_are_checked():
     assert TreeShape(3, 1).draft_tokens == 4
     assert TreeShape(3, 4).candidates == 4 + 2 * 16
     assert TreeShape(0).drafting is False
-    with pytest.raises(SpecError, match="chain"):
+    with pytest.raises(DecodeError, match="chain"):
         TreeShape(3, 1, 8)
-    with pytest.raises(SpecError, match=r"num_draft_tokens 40 must be in 1\.\.37"):
+    with pytest.raises(DecodeError, match=r"num_draft_tokens 40 must be in 1\.\.37"):
         TreeShape(3, 4, 40)
-    with pytest.raises(SpecError, match="top_p"):
+    with pytest.raises(DecodeError, match="top_p"):
         SamplingParams(1.0, top_p=0.0)

@@ -16,9 +16,10 @@ from draftforge.config import ConfigError, load_config
 from draftforge.features import collate, epoch_plan, online_features, pack, split_eval
 from draftforge.models import build_draft
 from draftforge.parallel import setup
+from draftforge.schedule import lr_factor
 from draftforge.target import load_target
 from draftforge.testing import tiny_run_overrides, write_tiny_run
-from draftforge.train import TrainingError, lr_factor, train, train_step
+from draftforge.train import TrainingError, train, train_step
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 The reference below concatenates the keys of all steps into one sequence, builds the
 explicit boolean mask, runs plain softmax attention, and aligns targets with Python loops
-over (row, index), straight from DESIGN.md. It is slow and obviously correct.
+over (row, index), straight from docs/architecture.md. It is slow and obviously correct.
 """
 
 import pytest

@@ -6,16 +6,16 @@ and reports acceptance length and speed (``draftforge eval`` / ``draftforge benc
 """
 
 from draftforge.decode.engine import Generation, SpecEngine
-from draftforge.decode.errors import SpecError
+from draftforge.decode.errors import DecodeError
 from draftforge.decode.evaluate import evaluate, load_prompts
 from draftforge.decode.sampling import SamplingParams, verify_tree, warp
 from draftforge.decode.tree import TreeShape
 
 __all__ = [
+    "DecodeError",
     "Generation",
     "SamplingParams",
     "SpecEngine",
-    "SpecError",
     "TreeShape",
     "evaluate",
     "load_prompts",

@@ -3,7 +3,7 @@
 One round, with N tokens committed (the last one, the root, not yet in the target's cache):
 
 1. Draft. The draft's KV cache holds one entry per committed index t < N-1, computed from the
-   target's real aux features of position t and the embedding of token t+1 (DESIGN.md
+   target's real aux features of position t and the embedding of token t+1 (docs/architecture.md
    alignment). Its output at index N-2 proposes depth-1 tokens; each deeper level feeds the
    frontier's tokens with their parent's hidden state at RoPE position N-2+depth, attending to
    the committed cache, to its own ancestors' speculative keys and to itself: exactly the TTT
@@ -33,7 +33,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from draftforge.decode.errors import SpecError
+from draftforge.decode.errors import DecodeError
 from draftforge.decode.sampling import SamplingParams, sample, verify_tree, warp
 from draftforge.decode.tree import TreeShape, ancestor_mask, is_chain, select_nodes
 from draftforge.drafts import check_compatible, draft_aux_layers
@@ -62,7 +62,7 @@ class Generation:
 
     @property
     def acceptance_length(self) -> float | None:
-        """Tokens per verification forward, bonus/correction token included (DESIGN.md)."""
+        """Tokens per verification forward, bonus/correction token included (docs/architecture.md)."""
         return self.verified / self.rounds if self.rounds else None
 
 
@@ -167,13 +167,13 @@ class SpecEngine:
             self.aux_layers = draft_aux_layers(self.draft.config) or target.aux_layers
             self.draft_ids = self.draft.draft_ids()
             if self.shape.topk > self.draft_ids.numel():
-                raise SpecError(
+                raise DecodeError(
                     f"topk {self.shape.topk} exceeds the draft vocabulary "
                     f"({self.draft_ids.numel()} tokens)"
                 )
         layers = DynamicCache(config=self.model.config).layers
         if any(type(layer) is not DynamicLayer for layer in layers):
-            raise SpecError(
+            raise DecodeError(
                 f"{type(self.model).__name__} has sliding-window or linear-attention layers; "
                 "the speculative engine supports full-attention targets (Llama, Qwen, Mistral "
                 "without sliding window, ...)"
@@ -195,15 +195,15 @@ class SpecEngine:
         the target's EOS ids) or when the target's positions run out."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
-            raise SpecError("the prompt is empty: a target needs at least one token to continue")
+            raise DecodeError("the prompt is empty: a target needs at least one token to continue")
         if len(prompt) >= self.max_positions:
-            raise SpecError(
+            raise DecodeError(
                 f"the prompt has {len(prompt)} tokens and the target takes at most "
                 f"{self.max_positions} positions, which leaves no room to generate: shorten it "
                 "(`draftforge eval` truncates long prompts from the left)"
             )
         if max_new_tokens < 1:
-            raise SpecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            raise DecodeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         stops = self.stop_ids if stop_ids is None else frozenset(stop_ids)
         steps = self.shape.num_steps
         result = Generation(

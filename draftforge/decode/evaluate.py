@@ -1,7 +1,7 @@
 """Acceptance length and speed of a draft on a prompt set: ``draftforge eval`` and ``bench``.
 
 Acceptance length (AL) is tokens emitted per target verification forward, the bonus or
-correction token included (DESIGN.md); the prefill's first token is not a verification.
+correction token included (docs/architecture.md); the prefill's first token is not a verification.
 ``accept_rate_per_position[d]`` is conditional: of the rounds whose walk reached a node at
 depth d that has drafted children, the share that accepted one of them (so AL is about
 1 + sum_d prod_{j<=d} rate_j, the training-time estimate, when every node has children).
@@ -22,7 +22,7 @@ import torch
 from transformers import GenerationConfig
 
 from draftforge.decode.engine import Generation, SpecEngine
-from draftforge.decode.errors import SpecError
+from draftforge.decode.errors import DecodeError
 from draftforge.decode.sampling import SamplingParams
 from draftforge.decode.tree import TreeShape
 from draftforge.models.eagle3 import Eagle3Draft
@@ -48,16 +48,18 @@ def _row_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
         while messages and messages[-1].get("role") == "assistant":
             messages.pop()  # the answer is what we generate
         if not messages or messages[-1].get("role") != "user":
-            raise SpecError(f"{where}: `messages` must contain a user turn to answer")
+            raise DecodeError(f"{where}: `messages` must contain a user turn to answer")
         return messages
     if "turns" in row:  # MT-Bench style: the first turn is the prompt
         turns = row["turns"]
         if not turns or not isinstance(turns[0], str):
-            raise SpecError(f"{where}: `turns` must be a non-empty list of strings")
+            raise DecodeError(f"{where}: `turns` must be a non-empty list of strings")
         return [{"role": "user", "content": turns[0]}]
     if isinstance(row.get("prompt"), str):
         return [{"role": "user", "content": row["prompt"]}]
-    raise SpecError(f"{where}: expected a `messages`, `turns` or `prompt` field, got {sorted(row)}")
+    raise DecodeError(
+        f"{where}: expected a `messages`, `turns` or `prompt` field, got {sorted(row)}"
+    )
 
 
 def load_prompts(path: str | Path | None = None) -> list[Prompt]:
@@ -72,13 +74,13 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise SpecError(f"{where}: not JSON ({err})") from None
+            raise DecodeError(f"{where}: not JSON ({err})") from None
         if not isinstance(row, dict):
-            raise SpecError(f"{where}: each line must be a JSON object")
+            raise DecodeError(f"{where}: each line must be a JSON object")
         ident = row.get("id", row.get("question_id", number))
         prompts.append(Prompt(id=str(ident), messages=_row_messages(row, where)))
     if not prompts:
-        raise SpecError(f"{path} holds no prompts: one JSON object per line is expected")
+        raise DecodeError(f"{path} holds no prompts: one JSON object per line is expected")
     return prompts
 
 
@@ -86,7 +88,7 @@ def encode(target: Target, prompt: Prompt) -> list[int]:
     """The prompt through the target's chat template, ready for the assistant's answer."""
     tokenizer = target.tokenizer
     if not getattr(tokenizer, "chat_template", None):
-        raise SpecError(
+        raise DecodeError(
             f"the tokenizer of {target.path} has no chat template: use an instruct target"
         )
     encoded = tokenizer.apply_chat_template(

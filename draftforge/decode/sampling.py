@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from draftforge.decode.errors import SpecError
+from draftforge.decode.errors import DecodeError
 
 
 @dataclass(frozen=True)
@@ -50,11 +50,11 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
-            raise SpecError(f"temperature must be >= 0, got {self.temperature}")
+            raise DecodeError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise SpecError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise DecodeError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise SpecError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+            raise DecodeError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
 
     @property
     def greedy(self) -> bool:
@@ -101,7 +101,7 @@ def children_table(parents: list[int]) -> Tensor:
         if node == 0:
             continue
         if not 0 <= parent < node:
-            raise SpecError(f"node {node} has parent {parent}: parents must precede children")
+            raise DecodeError(f"node {node} has parent {parent}: parents must precede children")
         kids[parent].append(node)
     width = max(1, *(len(k) for k in kids))
     return torch.tensor([k + [-1] * (width - len(k)) for k in kids], dtype=torch.long)

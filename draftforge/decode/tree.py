@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from draftforge.decode.errors import SpecError
+from draftforge.decode.errors import DecodeError
 
 
 @dataclass(frozen=True)
@@ -27,19 +27,19 @@ class TreeShape:
 
     def __post_init__(self) -> None:
         if self.num_steps < 0:
-            raise SpecError(f"num_steps must be >= 0, got {self.num_steps}")
+            raise DecodeError(f"num_steps must be >= 0, got {self.num_steps}")
         if self.topk < 1:
-            raise SpecError(f"topk must be >= 1, got {self.topk}")
+            raise DecodeError(f"topk must be >= 1, got {self.topk}")
         n = self.num_draft_tokens
         if n is None:
             return
         if self.topk == 1 and n != self.num_steps + 1:
-            raise SpecError(
+            raise DecodeError(
                 f"a chain (topk 1) verifies num_steps + 1 = {self.num_steps + 1} tokens; "
                 f"num_draft_tokens {n} differs: drop it or set it to {self.num_steps + 1}"
             )
         if not 1 <= n <= self.candidates + 1:
-            raise SpecError(
+            raise DecodeError(
                 f"num_draft_tokens {n} must be in 1..{self.candidates + 1}: num_steps "
                 f"{self.num_steps} with topk {self.topk} drafts {self.candidates} candidates"
             )
