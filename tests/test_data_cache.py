@@ -1,9 +1,12 @@
 """Tokenised dataset cache and `prepare`, on a tiny byte-level BPE tokenizer built in memory."""
 
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -11,6 +14,7 @@ from draftforge.data import (
     ChatTemplate,
     DataError,
     Message,
+    PrepareResult,
     load_draft_vocab,
     prepare,
     prepare_dataset,
@@ -181,3 +185,105 @@ def test_prepare_builds_the_vocab_and_summary(data, tokenizer, tmp_path):
         data, tokenizer=tokenizer, cache_dir=tmp_path, draft_vocab_size=16, progress=False
     )
     assert again.vocab_path == result.vocab_path and again.vocab.coverage == result.vocab.coverage
+
+
+def flip_byte(path: Path, tensor: str) -> None:
+    """Invert the first data byte of `tensor` in a safetensors file."""
+    data = bytearray(path.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    start, _ = json.loads(data[8 : 8 + header])[tensor]["data_offsets"]
+    data[8 + header + start] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def prepare_tiny(data: Path, tokenizer: Any, cache: Path) -> PrepareResult:
+    return prepare(
+        data,
+        tokenizer=tokenizer,
+        cache_dir=cache,
+        num_workers=1,
+        draft_vocab_size=16,
+        progress=False,
+    )
+
+
+def damage(case: str, result: PrepareResult) -> str:
+    """Damage one file of `result`'s cache entry as `case` says; the line prepare must print."""
+    tokens, meta = result.dataset.path / "tokens.safetensors", result.dataset.path / "meta.json"
+    entry_again, vocab_again = "building the entry again", "building it again"
+    if case == "tokens flipped":
+        flip_byte(tokens, "input_ids")
+        return f"dataset cache: {tokens} is damaged (sha256 differs from meta.json); {entry_again}"
+    if case == "tokens truncated":
+        size = tokens.stat().st_size
+        truncate(tokens)
+        why = f"{size // 2} bytes, meta.json records {size}"
+        return f"dataset cache: {tokens} is damaged ({why}); {entry_again}"
+    if case == "meta garbage":
+        meta.write_bytes(b"\xff\xfe\x00garbage\x80")
+        return f"dataset cache: {meta} is damaged (not valid JSON); {entry_again}"
+    if case == "meta edited":  # still valid JSON: a row id changed
+        meta.write_text(meta.read_text().replace('"c1"', '"c7"', 1))
+        why = "its content differs from its checksum"
+        return f"dataset cache: {meta} is damaged ({why}); {entry_again}"
+    if case == "meta without checksums":  # as draftforge wrote it before checksums
+        content = json.loads(meta.read_text())
+        for name in ("files", "checksum"):
+            content.pop(name, None)
+        meta.write_text(json.dumps(content))
+        why = "records no checksums (an earlier draftforge wrote it)"
+        return f"dataset cache: {meta} {why}; {entry_again}"
+    if case == "vocab truncated":
+        truncate(result.vocab_path)
+        why = "is damaged (not a readable safetensors file)"
+        return f"dataset cache: {result.vocab_path} {why}; {vocab_again}"
+    if case == "vocab without sha256":  # as draftforge wrote it before checksums
+        vocab = result.vocab
+        metadata = {"coverage": repr(vocab.coverage)}
+        save_file({"d2t": vocab.d2t, "t2d": vocab.t2d}, str(result.vocab_path), metadata=metadata)
+        why = "records no sha256 (an earlier draftforge wrote it)"
+        return f"dataset cache: {result.vocab_path} {why}; {vocab_again}"
+    assert case == "vocab flipped"
+    flip_byte(result.vocab_path, "d2t")
+    why = "is damaged (its content differs from the sha256 it records)"
+    return f"dataset cache: {result.vocab_path} {why}; {vocab_again}"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "tokens flipped",
+        "tokens truncated",
+        "meta garbage",
+        "meta edited",
+        "meta without checksums",
+        "vocab truncated",
+        "vocab flipped",
+        "vocab without sha256",
+    ],
+)
+def test_a_damaged_file_is_named_and_built_again(
+    case: str, data: Path, tokenizer: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Loaded tensors map the file, so the undamaged build lives in a cache of its own.
+    undamaged = prepare_tiny(data, tokenizer, tmp_path / "undamaged")
+    cache = tmp_path / "cache"
+    line = damage(case, prepare_tiny(data, tokenizer, cache))
+    capsys.readouterr()
+    again = prepare_tiny(data, tokenizer, cache)
+    assert capsys.readouterr().out.splitlines() == [line]
+    for name in ("input_ids", "loss_mask", "offsets"):
+        assert torch.equal(getattr(again.dataset, name), getattr(undamaged.dataset, name))
+    assert again.dataset.ids == undamaged.dataset.ids
+    assert again.dataset.stats == undamaged.dataset.stats
+    assert torch.equal(again.vocab.d2t, undamaged.vocab.d2t)
+    assert torch.equal(again.vocab.t2d, undamaged.vocab.t2d)
+    assert again.vocab.coverage == undamaged.vocab.coverage
+    # Repaired on disk, in the same entry: the next run reads it without a word.
+    assert prepare_tiny(data, tokenizer, cache).dataset.path == again.dataset.path
+    assert capsys.readouterr().out == ""
+    assert not list(cache.glob(".tmp-*"))

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from draftforge.data.cache import TokenizedDataset, prepare_dataset
-from draftforge.data.report import DataError, DataReport
+from draftforge.data.report import DamagedFile, DataError, DataReport
 from draftforge.data.template import load_template
 from draftforge.data.vocab import DraftVocab, build_draft_vocab, load_draft_vocab, save_draft_vocab
 from draftforge.target import load_tokenizer
@@ -93,14 +93,17 @@ def prepare(
         raise DataError(_nothing_usable(str(path), dataset.report))
     target_vocab_size = target_vocab_size or len(tok)
     vocab_path = dataset.path / f"draft_vocab_{draft_vocab_size}_of_{target_vocab_size}.safetensors"
-    if vocab_path.exists():
-        vocab = load_draft_vocab(vocab_path)
-    else:
-        vocab = build_draft_vocab(
-            dataset.input_ids,
-            dataset.loss_mask,
-            target_vocab_size=target_vocab_size,
-            draft_vocab_size=draft_vocab_size,
-        )
-        save_draft_vocab(vocab, vocab_path)
+    try:
+        return PrepareResult(dataset, load_draft_vocab(vocab_path), vocab_path)
+    except FileNotFoundError:
+        pass
+    except DamagedFile as err:
+        print(f"dataset cache: {err}; building it again", flush=True)
+    vocab = build_draft_vocab(
+        dataset.input_ids,
+        dataset.loss_mask,
+        target_vocab_size=target_vocab_size,
+        draft_vocab_size=draft_vocab_size,
+    )
+    save_draft_vocab(vocab, vocab_path)
     return PrepareResult(dataset, vocab, vocab_path)

@@ -10,6 +10,11 @@ class DataError(ValueError):
     usable rows at all; the message starts with the row's or the file's location."""
 
 
+class DamagedFile(DataError):
+    """A file of the dataset cache is missing, unreadable, or differs from the checksum
+    recorded for it; the message names the file and says which."""
+
+
 @dataclass
 class DataReport:
     """Rows read, rows skipped per reason, and where the first few of each reason came from.

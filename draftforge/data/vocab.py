@@ -3,8 +3,13 @@
 Layout (the EAGLE-3 convention that SGLang and vLLM load): draft ids 0..D-1 map to target
 ids sorted ascending, `target_id = i + d2t[i]`, and `t2d` marks the target ids that have a
 draft id.
+
+A saved vocabulary records, in its safetensors metadata, the sha256 of its content (each
+tensor's dtype, shape and bytes, and the coverage); loading checks it, so a damaged file
+is a `DamagedFile` instead of a wrong vocabulary.
 """
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from draftforge.data.report import DamagedFile
 
 
 @dataclass(frozen=True)
@@ -74,18 +81,42 @@ def build_draft_vocab(
     return draft_vocab_from_counts(counts, draft_vocab_size)
 
 
+def _content_sha256(d2t: torch.Tensor, t2d: torch.Tensor, coverage: str) -> str:
+    """sha256 of what a vocabulary file holds: each tensor's dtype, shape and bytes, and
+    the coverage text; independent of how safetensors lays the file out."""
+    digest = hashlib.sha256(coverage.encode())
+    for tensor in (d2t, t2d):
+        digest.update(f"{tensor.dtype}{list(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_draft_vocab(vocab: DraftVocab, path: str | Path) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    coverage = repr(vocab.coverage)
     save_file(
         {"d2t": vocab.d2t.contiguous(), "t2d": vocab.t2d.contiguous()},
         str(tmp),
-        metadata={"coverage": repr(vocab.coverage)},
+        metadata={"coverage": coverage, "sha256": _content_sha256(vocab.d2t, vocab.t2d, coverage)},
     )
     tmp.replace(path)  # atomic: readers never see a half-written file
 
 
 def load_draft_vocab(path: str | Path) -> DraftVocab:
-    with safe_open(str(path), framework="pt") as f:
-        coverage = float((f.metadata() or {}).get("coverage", "nan"))
-        return DraftVocab(d2t=f.get_tensor("d2t"), t2d=f.get_tensor("t2d"), coverage=coverage)
+    """The vocabulary saved at `path`; `DamagedFile` when the file cannot be read or its
+    content differs from the sha256 it records (`FileNotFoundError` when it is missing)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            d2t, t2d = f.get_tensor("d2t"), f.get_tensor("t2d")
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors raises its own error types on damaged files
+        raise DamagedFile(f"{path} is damaged (not a readable safetensors file)") from err
+    if "sha256" not in metadata:
+        raise DamagedFile(f"{path} records no sha256 (an earlier draftforge wrote it)")
+    coverage = metadata.get("coverage", "")
+    if _content_sha256(d2t, t2d, coverage) != metadata["sha256"]:
+        raise DamagedFile(f"{path} is damaged (its content differs from the sha256 it records)")
+    return DraftVocab(d2t=d2t, t2d=t2d, coverage=float(coverage))
