@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import LlamaConfig
 
+from draftforge import locks
 from draftforge.drafts import (
     CONFIG_FILE,
     EMBEDDING,
@@ -58,6 +59,7 @@ from draftforge.drafts import (
     tensor_shapes,
 )
 from draftforge.models.eagle3 import SGLANG_ARCH
+from draftforge.shards import FORMAT, MANIFEST
 from draftforge.target import TargetInfo, aux_problem, read_target_embedding, read_target_info
 
 FORMATS: tuple[str, ...] = ("sglang", "vllm", "hf")
@@ -261,20 +263,71 @@ def hf_files(state: DraftState) -> tuple[dict, dict[str, Tensor]]:
 # ----------------------------------------------------------------------------- writing
 
 
-def _refuse_nonempty(out: Path, force: bool) -> None:
+def _refuse_overlap(out: Path, source: Path) -> None:
+    """Refuse an ``out`` that is, contains or lies inside the run or checkpoint exported."""
+    where, exported = out.resolve(), source.resolve()
+    if where == exported:
+        relation = "is the run or checkpoint being exported"
+    elif exported in where.parents:
+        relation = f"lies inside {source}, the run or checkpoint being exported"
+    elif where in exported.parents:
+        relation = f"contains {source}, the run or checkpoint being exported"
+    else:
+        return
+    raise DraftError(f"--out {out} {relation}; choose a directory outside it")
+
+
+def _holds(out: Path) -> str | None:
+    """What the folder ``out`` holds that is not an export: a training run, a capture, or
+    ``None``."""
+    if (out / "checkpoints").is_dir() or all(
+        (out / name).is_file() for name in ("config.yaml", "metrics.jsonl")
+    ):
+        return "a training run"
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(manifest, dict) and manifest.get("format") == FORMAT:
+        return "captured features"
+    return None
+
+
+def _refuse_to_replace(out: Path, force: bool) -> None:
+    """Refuse an ``out`` that is not a new or empty folder, or a previous export with ``force``.
+
+    An export is recognised by the provenance file every export writes; a run, a capture or
+    any other folder is never replaced, ``force`` or not.
+    """
     if out.exists() and not out.is_dir():
         raise DraftError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    held = _holds(out)
+    if held is not None:
         raise DraftError(
-            f"--out {out} is not empty: choose another directory or pass --force to replace it"
+            f"--out {out} holds {held}, which an export never replaces; choose another directory"
+        )
+    if not (out / PROVENANCE_FILE).is_file():
+        raise DraftError(
+            f"--out {out} is not empty and holds no draftforge export (no {PROVENANCE_FILE}); "
+            "choose another directory: --force replaces only a previous export"
+        )
+    if not force:
+        raise DraftError(
+            f"--out {out} holds a previous export: choose another directory or pass --force "
+            "to replace it"
         )
 
 
 def write_dir(
     out: Path, config: dict, tensors: dict[str, Tensor], extra: dict[str, str], force: bool
 ) -> None:
-    """Write into a temporary sibling, then rename into place: a failure leaves ``out`` as it was."""
-    _refuse_nonempty(out, force)
+    """Write into a temporary sibling, then rename into place: a failure leaves ``out`` as it was.
+
+    ``out`` must be new, empty, or with ``force`` a previous export (see :func:`_refuse_to_replace`).
+    """
+    _refuse_to_replace(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     old: Path | None = None
@@ -375,36 +428,40 @@ def export_checkpoint(
     if speculative_tokens < 1:
         raise DraftError(f"speculative tokens must be at least 1, got {speculative_tokens}")
     out = Path(out)
-    _refuse_nonempty(out, force)  # fail before the slow part
-    step_dir = resolve_checkpoint(Path(path))
-    state, run_target = read_checkpoint(step_dir)
-    info = read_target_info(
-        target or run_target.path,
-        run_target.cache_dir,
-        trust_remote_code=run_target.trust_remote_code,
-    )
-    if fmt == "hf" or (fmt == "vllm" and include_embedding):
-        state.embedding = read_target_embedding(info)
-    if fmt == "sglang":
-        config, tensors = sglang_files(state)
-    elif fmt == "vllm":
-        config, tensors = vllm_files(state, info, speculative_tokens=speculative_tokens)
-    else:
-        config, tensors = hf_files(state)
-    check_export(fmt, config, tensors, info)
-    aux = list(state.aux_layers or [])
-    provenance = {
-        "format": fmt,
-        "source": str(step_dir.resolve()),
-        "target": info.name_or_path,
-        "aux_layers_output_of_layer": aux,
-        "aux_layers_hf_hidden_states": [i + 1 for i in aux],
-        "embedding": "target" if any(k.endswith(EMBEDDING) for k in tensors) else "none",
-    }
-    extra = {PROVENANCE_FILE: json.dumps(provenance, indent=2) + "\n"}
-    if fmt == "hf":
-        extra[RUN_CONFIG_FILE] = (step_dir / "config.yaml").read_text()
-    write_dir(out, config, tensors, extra, force)
+    _refuse_overlap(out, Path(path))
+    where = out.resolve()  # the lock file lies beside ``out``, which write_dir replaces whole
+    lock = where.parent / f".{where.name}{locks.LOCK_FILE}"
+    with locks.hold(out, "draftforge export", DraftError, "choose another --out", lock_file=lock):
+        _refuse_to_replace(out, force)  # fail before the slow part
+        step_dir = resolve_checkpoint(Path(path))
+        state, run_target = read_checkpoint(step_dir)
+        info = read_target_info(
+            target or run_target.path,
+            run_target.cache_dir,
+            trust_remote_code=run_target.trust_remote_code,
+        )
+        if fmt == "hf" or (fmt == "vllm" and include_embedding):
+            state.embedding = read_target_embedding(info)
+        if fmt == "sglang":
+            config, tensors = sglang_files(state)
+        elif fmt == "vllm":
+            config, tensors = vllm_files(state, info, speculative_tokens=speculative_tokens)
+        else:
+            config, tensors = hf_files(state)
+        check_export(fmt, config, tensors, info)
+        aux = list(state.aux_layers or [])
+        provenance = {
+            "format": fmt,
+            "source": str(step_dir.resolve()),
+            "target": info.name_or_path,
+            "aux_layers_output_of_layer": aux,
+            "aux_layers_hf_hidden_states": [i + 1 for i in aux],
+            "embedding": "target" if any(k.endswith(EMBEDDING) for k in tensors) else "none",
+        }
+        extra = {PROVENANCE_FILE: json.dumps(provenance, indent=2) + "\n"}
+        if fmt == "hf":
+            extra[RUN_CONFIG_FILE] = (step_dir / "config.yaml").read_text()
+        write_dir(out, config, tensors, extra, force)
     return ExportResult(
         out=out,
         fmt=fmt,

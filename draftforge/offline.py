@@ -10,6 +10,13 @@ list and continues after its last shard. Under ``torchrun`` each rank captures a
 slice holding about 1/world of the tokens, with a whole target of its own (data parallel
 only); rank 0 waits for the others' progress files to say done, then writes the manifest.
 No process group is needed: torchrun ends every rank when one fails.
+
+One capture at a time in a folder: rank 0 holds its lock (:mod:`draftforge.locks`) and the
+other ranks touch nothing there before it does. A rerun over a finished capture checks it as
+training does (:func:`draftforge.shards.damaged_shards`) before it says there is nothing left
+to capture: each missing or damaged shard is named and captured again, and the manifest
+rewritten. A resumed capture checks its recorded shards' sizes, and their sha256 unless
+``data.verify_checksums=false``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
 
-from draftforge import __version__, parallel
+from draftforge import __version__, locks, parallel
 from draftforge.config import Config
 from draftforge.features import load_data, sample_features
 from draftforge.shards import (
@@ -47,7 +54,9 @@ from draftforge.shards import (
     bytes_per_token,
     capture_settings,
     check_settings,
+    damaged_shards,
     features_dir,
+    file_problem,
     read_json,
     size_text,
 )
@@ -148,23 +157,59 @@ def capture(
 
     Uses the same ``prepare`` call and cache as ``train`` (or ``prepared``, see
     :func:`~draftforge.features.load_data`). Runs as one process or under torchrun, each rank
-    capturing its own slice.
+    capturing its own slice. Rank 0 holds the features folder's lock (:mod:`draftforge.locks`);
+    the other ranks touch nothing in it before it does. A finished capture is checked as
+    training checks it, and its missing or damaged shards are captured again.
     """
     cfg.validate()
-    rank, world, local_rank = _rank_world()
+    rank, _, local_rank = _rank_world()
     log = print if rank == 0 else _quiet
     target = target or load_target(cfg.target, parallel.default_device(local_rank))
     dataset, _ = load_data(cfg, target, log, prepared)
     settings = capture_settings(cfg, target, dataset)
     out = features_dir(cfg, settings)
-    out.mkdir(parents=True, exist_ok=True)
-    finished = read_json(out / MANIFEST)
-    if finished is not None:
-        check_settings(finished.get("settings", {}), settings, out / MANIFEST, ELSEWHERE)
-        return CaptureResult(out, rank, finished if rank == 0 else None, 0, 0.0)
+    if rank != 0:
+        if _wait_for_rank_0(out):
+            return CaptureResult(out, rank, None, 0, 0.0)  # finished: rank 0 checks it
+        return _capture_slices(cfg, out, settings, target, dataset, progress)
+    with locks.hold(
+        out, "draftforge capture", ShardError, "set data.features_dir to another folder"
+    ):
+        finished = read_json(out / MANIFEST)
+        if finished is None:
+            return _capture_slices(cfg, out, settings, target, dataset, progress)
+        start = time.perf_counter()
+        damaged = damaged_shards(
+            out, finished, settings, dataset, checksums=cfg.data.verify_checksums, hint=ELSEWHERE
+        )
+        tokens = _repair(out, finished, damaged, target, dataset) if damaged else 0
+        return CaptureResult(out, rank, finished, tokens, time.perf_counter() - start)
 
+
+def _wait_for_rank_0(out: Path) -> bool:
+    """Wait until rank 0 of this job holds the lock on ``out`` (the other ranks' first step);
+    True when the capture there is finished, with nothing left for this rank to do."""
+    while not locks.held_by_this_job(out):
+        if (out / MANIFEST).is_file():
+            return True
+        time.sleep(0.2)
+    return (out / MANIFEST).is_file()
+
+
+def _capture_slices(
+    cfg: Config,
+    out: Path,
+    settings: dict[str, Any],
+    target: Target,
+    dataset: Any,
+    progress: bool,
+) -> CaptureResult:
+    """Capture this rank's slice, after the shards a killed run left; rank 0 then waits for the
+    other ranks and writes the manifest."""
+    rank, world, _ = _rank_world()
+    log = print if rank == 0 else _quiet
     lengths = dataset.lengths()
-    shards, done = _resume(out, settings, rank, world)
+    shards, done = _resume(out, settings, rank, world, cfg.data.verify_checksums)
     per_token = bytes_per_token(target.hidden_size, settings["storage_dtype"])
     shard_bytes = int(cfg.data.shard_mb * 1e6)
     recorded = _recorded_tokens(out, world, rank, shards)
@@ -188,10 +233,31 @@ def capture(
     return CaptureResult(out, rank, manifest, tokens, time.perf_counter() - start)
 
 
+def _repair(
+    out: Path,
+    manifest: dict[str, Any],
+    damaged: list[tuple[dict[str, Any], str]],
+    target: Target,
+    dataset: Any,
+) -> int:
+    """Capture the samples of each damaged shard again into its file, then rewrite the
+    manifest; return the tokens captured."""
+    dtype = STORAGE_DTYPES[manifest["settings"]["storage_dtype"]]
+    for entry, problem in damaged:
+        print(f"{problem}; capturing it again", flush=True)
+        data, _, _ = _encode([_sample(target, dataset, row, dtype) for row in entry["rows"]])
+        atomic_write(out / entry["file"], data)
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    manifest["bytes"] = sum(entry["bytes"] for entry in manifest["shards"])
+    atomic_write(out / MANIFEST, json.dumps(manifest).encode())
+    return sum(entry["offsets"][-1] for entry, _ in damaged)
+
+
 def _resume(
-    out: Path, settings: dict[str, Any], rank: int, world: int
+    out: Path, settings: dict[str, Any], rank: int, world: int, checksums: bool
 ) -> tuple[list[dict[str, Any]], bool]:
-    """This rank's finished shards that are still whole, and whether its slice is done."""
+    """This rank's finished shards that are still whole (size, and sha256 with ``checksums``),
+    and whether its slice is done."""
     for other in out.glob("progress-r*of*.json"):
         started = re.fullmatch(r"progress-r\d+of(\d+)\.json", other.name)
         if started and int(started.group(1)) != world:
@@ -206,9 +272,9 @@ def _resume(
     if state is not None:
         check_settings(state.get("settings", {}), settings, path, ELSEWHERE)
         for entry in state["shards"]:
-            file = out / entry["file"]
-            if not file.is_file() or file.stat().st_size != entry["bytes"]:
-                print(f"{file} is missing or resized: capturing again from it", flush=True)
+            problem = file_problem(out / entry["file"], entry, checksums, path.name)
+            if problem is not None:
+                print(f"{problem}; capturing again from it", flush=True)
                 break
             shards.append(entry)
     # Leftovers of a killed run: temporary files, and shards renamed into place whose
@@ -235,6 +301,38 @@ def _recorded_tokens(out: Path, world: int, rank: int, mine: list[dict[str, Any]
         if state is not None:
             total += sum(entry["offsets"][-1] for entry in state["shards"])
     return total
+
+
+# A captured sample: its dataset row, input ids, loss mask, aux and final hidden states.
+Sample = tuple[int, Tensor, Tensor, Tensor, Tensor]
+
+
+def _sample(target: Target, dataset: Any, row: int, dtype: torch.dtype) -> Sample:
+    """The features of one dataset row, in the storage dtype, on the CPU."""
+    sample = dataset[row]
+    aux, last = sample_features(target, sample["input_ids"])
+    return (
+        row,
+        sample["input_ids"].int(),
+        sample["loss_mask"].to(torch.uint8),
+        aux.to(dtype).cpu(),
+        last.to(dtype).cpu(),
+    )
+
+
+def _encode(samples: list[Sample]) -> tuple[bytes, list[int], list[int]]:
+    """A shard file's bytes, and the rows and token offsets of its samples."""
+    rows = [row for row, *_ in samples]
+    offsets = [0, *accumulate(len(ids) for _, ids, *_ in samples)]
+    tensors = {
+        "rows": torch.tensor(rows, dtype=torch.int64),
+        "offsets": torch.tensor(offsets, dtype=torch.int64),
+        "input_ids": torch.cat([s[1] for s in samples]),
+        "loss_mask": torch.cat([s[2] for s in samples]),
+        "aux": torch.cat([s[3] for s in samples]),
+        "hidden": torch.cat([s[4] for s in samples]),
+    }
+    return save(tensors, metadata={"format": FORMAT, "version": str(VERSION)}), rows, offsets
 
 
 class _SliceWriter:
@@ -270,21 +368,11 @@ class _SliceWriter:
             dynamic_ncols=True,
             disable=not progress or self.rank != 0,
         )
-        pending: list[tuple[int, Tensor, Tensor, Tensor, Tensor]] = []
+        pending: list[Sample] = []
         tokens = pending_tokens = 0
         for row in todo:
-            sample = dataset[row]
-            aux, last = sample_features(target, sample["input_ids"])
-            pending.append(
-                (
-                    row,
-                    sample["input_ids"].int(),
-                    sample["loss_mask"].to(torch.uint8),
-                    aux.to(self.dtype).cpu(),
-                    last.to(self.dtype).cpu(),
-                )
-            )
-            n = len(sample["input_ids"])
+            pending.append(_sample(target, dataset, row, self.dtype))
+            n = len(pending[-1][1])
             tokens += n
             pending_tokens += n
             bar.update(n)
@@ -297,18 +385,8 @@ class _SliceWriter:
         self._save_progress(done=True)
         return tokens
 
-    def _flush(self, samples: list[tuple[int, Tensor, Tensor, Tensor, Tensor]]) -> None:
-        rows = [row for row, *_ in samples]
-        offsets = [0, *accumulate(len(ids) for _, ids, *_ in samples)]
-        tensors = {
-            "rows": torch.tensor(rows, dtype=torch.int64),
-            "offsets": torch.tensor(offsets, dtype=torch.int64),
-            "input_ids": torch.cat([s[1] for s in samples]),
-            "loss_mask": torch.cat([s[2] for s in samples]),
-            "aux": torch.cat([s[3] for s in samples]),
-            "hidden": torch.cat([s[4] for s in samples]),
-        }
-        data = save(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
+    def _flush(self, samples: list[Sample]) -> None:
+        data, rows, offsets = _encode(samples)
         name = f"{_shard_prefix(self.rank, self.world)}{len(self.shards):06d}.safetensors"
         atomic_write(self.out / name, data)
         self.shards.append(

@@ -42,7 +42,8 @@ lengths and tokens; every shard exists with the recorded size and holds the tens
 manifest implies; and, unless ``data.verify_checksums=false``, its sha256 matches. Hashing
 runs at disk speed over parallel threads (only rank 0 hashes under torchrun); for captures of
 terabytes that is minutes per start, which the option skips at the cost of not noticing bit
-rot inside a shard. Sizes, headers and tokens are always checked.
+rot inside a shard. Sizes, headers and tokens are always checked. `draftforge capture` run
+again on the folder makes the same checks and captures any missing or damaged shard again.
 """
 
 from __future__ import annotations
@@ -199,8 +200,7 @@ def verify(
     directory: Path, settings: dict[str, Any], dataset: Any, *, checksums: bool
 ) -> dict[str, Any]:
     """The manifest of a capture that fits this run; :class:`ShardError` otherwise."""
-    path = directory / MANIFEST
-    manifest = read_json(path)
+    manifest = read_json(directory / MANIFEST)
     if manifest is None:
         started = any(directory.glob("progress-*.json")) or any(directory.glob("shard-*"))
         hint = (
@@ -209,14 +209,37 @@ def verify(
             else "run `draftforge capture` with this config first"
         )
         raise ShardError(f"{directory}: no {MANIFEST} ({hint})")
+    damaged = damaged_shards(
+        directory, manifest, settings, dataset, checksums=checksums, hint=RECAPTURE
+    )
+    if damaged:
+        raise ShardError(f"{damaged[0][1]}; {RECAPTURE}")
+    return manifest
+
+
+def damaged_shards(
+    directory: Path,
+    manifest: dict[str, Any],
+    settings: dict[str, Any],
+    dataset: Any,
+    *,
+    checksums: bool,
+    hint: str,
+) -> list[tuple[dict[str, Any], str]]:
+    """The shards of a capture that are missing or damaged, each with what is wrong with it.
+
+    Raises :class:`ShardError`, ending in ``hint``, when the manifest itself does not fit: its
+    format, version or settings differ, or its samples are not the dataset's, each once.
+    """
+    path = directory / MANIFEST
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise ShardError(
             f"{path}: not a {FORMAT} version {VERSION} manifest "
-            f"(format {manifest.get('format')!r}, version {manifest.get('version')!r}); {RECAPTURE}"
+            f"(format {manifest.get('format')!r}, version {manifest.get('version')!r}); {hint}"
         )
-    check_settings(manifest.get("settings", {}), settings, path)
+    check_settings(manifest.get("settings", {}), settings, path, hint)
     try:
-        _check_samples(manifest, dataset, directory)
+        _check_samples(manifest, dataset, directory, hint)
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
             problems = list(
                 pool.map(
@@ -225,14 +248,32 @@ def verify(
                 )
             )
     except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise ShardError(f"{path}: malformed manifest ({err!r}); {RECAPTURE}") from None
-    for problem in problems:
-        if problem is not None:
-            raise ShardError(problem)
-    return manifest
+        raise ShardError(f"{path}: malformed manifest ({err!r}); {hint}") from None
+    return [
+        (entry, problem)
+        for entry, problem in zip(manifest["shards"], problems, strict=True)
+        if problem is not None
+    ]
 
 
-def _check_samples(manifest: dict[str, Any], dataset: Any, directory: Path) -> None:
+def file_problem(
+    path: Path, entry: dict[str, Any], checksums: bool, record: str = MANIFEST
+) -> str | None:
+    """What is wrong with a shard's file by the size and sha256 ``record`` lists for it (the
+    sha256 only with ``checksums``), or ``None``."""
+    if not path.is_file():
+        return f"{path}: missing (listed in {record})"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return (
+            f"{path}: {size} bytes where {record} records {entry['bytes']} (truncated or replaced)"
+        )
+    if checksums and sha256_file(path) != entry["sha256"]:
+        return f"{path}: sha256 differs from {record}: the shard is damaged"
+    return None
+
+
+def _check_samples(manifest: dict[str, Any], dataset: Any, directory: Path, hint: str) -> None:
     """Every dataset row exactly once, with its id and length."""
     lengths = dataset.lengths()
     seen = [False] * len(dataset.ids)
@@ -247,14 +288,14 @@ def _check_samples(manifest: dict[str, Any], dataset: Any, directory: Path) -> N
             ):
                 raise ShardError(
                     f"{directory / entry['file']}: sample {sample_id!r} (row {row}) is not the "
-                    f"dataset's row {row} or is listed twice; {RECAPTURE}"
+                    f"dataset's row {row} or is listed twice; {hint}"
                 )
             seen[row] = True
     if not all(seen):
         first = seen.index(False)
         raise ShardError(
             f"{directory / MANIFEST}: {seen.count(False)} dataset samples have no features "
-            f"(first: {dataset.ids[first]!r}); {RECAPTURE}"
+            f"(first: {dataset.ids[first]!r}); {hint}"
         )
 
 
@@ -263,13 +304,9 @@ def _check_shard(
 ) -> str | None:
     """What is wrong with one shard, or ``None``."""
     path = directory / entry["file"]
-    if not path.is_file():
-        return f"{path}: missing (listed in {MANIFEST}); {RECAPTURE}"
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        return f"{path}: {size} bytes where {MANIFEST} records {entry['bytes']} (truncated or replaced); {RECAPTURE}"
-    if checksums and sha256_file(path) != entry["sha256"]:
-        return f"{path}: sha256 differs from {MANIFEST}: the shard is damaged; {RECAPTURE}"
+    problem = file_problem(path, entry, checksums)
+    if problem is not None:
+        return problem
     n, tokens, hidden = len(entry["rows"]), entry["offsets"][-1], settings["hidden_size"]
     storage = _HEADER_DTYPES[settings["storage_dtype"]]
     expected = {
@@ -285,18 +322,18 @@ def _check_shard(
             slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
             found = {key: (s.get_shape(), s.get_dtype()) for key, s in slices.items()}
             if found != expected:
-                return f"{path}: holds {found}, where {MANIFEST} implies {expected}; {RECAPTURE}"
+                return f"{path}: holds {found}, where {MANIFEST} implies {expected}"
             rows, offsets = slices["rows"][:].tolist(), slices["offsets"][:].tolist()
             input_ids, loss_mask = slices["input_ids"][:], slices["loss_mask"][:]
     except Exception as err:  # safetensors raises its own error types on damaged headers
-        return f"{path}: not a readable safetensors file ({err}); {RECAPTURE}"
+        return f"{path}: not a readable safetensors file ({err})"
     if rows != entry["rows"] or offsets != entry["offsets"]:
-        return f"{path}: its samples differ from those {MANIFEST} lists for it; {RECAPTURE}"
+        return f"{path}: its samples differ from those {MANIFEST} lists for it"
     spans = [(int(dataset.offsets[r]), int(dataset.offsets[r + 1])) for r in rows]
     if not torch.equal(input_ids, torch.cat([dataset.input_ids[a:b] for a, b in spans])) or not (
         torch.equal(loss_mask, torch.cat([dataset.loss_mask[a:b] for a, b in spans]))
     ):
-        return f"{path}: its tokens or loss mask differ from the dataset's; {RECAPTURE}"
+        return f"{path}: its tokens or loss mask differ from the dataset's"
     return None
 
 

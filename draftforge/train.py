@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm import tqdm
 
-from draftforge import checkpoint, parallel, ttt
+from draftforge import checkpoint, locks, parallel, ttt
 from draftforge.config import Config, ConfigError, dump_config
 from draftforge.drafts import load_draft
 from draftforge.features import (
@@ -314,8 +314,12 @@ def train(
     """
     cfg.validate()
     layout = parallel.setup(cfg.parallel)
+    # Rank 0 holds output.dir for the whole run (:mod:`draftforge.locks`); no other rank writes there.
+    run_dir = Path(cfg.output.dir)
+    lock = locks.hold(run_dir, "draftforge train", TrainingError, "use another output.dir")
     try:
-        return _train(_for_layout(cfg, layout), target, prepared, layout)
+        with lock if layout.is_main else nullcontext():
+            return _train(_for_layout(cfg, layout), target, prepared, layout)
     finally:
         parallel.teardown(layout)
 
