@@ -86,16 +86,13 @@ def save_checkpoint(
 def verify(path: Path) -> None:
     """Raise :class:`CheckpointError` unless every file matches the manifest."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: no readable {MANIFEST} ({err})") from None
-    for name, meta in manifest["files"].items():
+        files = json.loads((path / MANIFEST).read_text())["files"]
+        expected = {name: (meta["bytes"], meta["sha256"]) for name, meta in files.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path}: no readable {MANIFEST} ({err!r})") from None
+    for name, (size, sha256) in expected.items():
         file = path / name
-        if (
-            not file.is_file()
-            or file.stat().st_size != meta["bytes"]
-            or sha256_file(file) != meta["sha256"]
-        ):
+        if not file.is_file() or file.stat().st_size != size or sha256_file(file) != sha256:
             raise CheckpointError(
                 f"{file}: missing or damaged (size or sha256 differs from {MANIFEST})"
             )

@@ -206,12 +206,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg)
     if not result.main:
         return 0
+    if result.step == result.first_step:
+        print(
+            f"nothing to train: {result.run_dir} is already at step {result.step} (its "
+            "training.max_steps or time limit); raise it to train on, or use another output.dir"
+        )
+        return 0
     summary = ", ".join(
         f"{k} {result.metrics[k]:.3f}"
         for k in ("loss", "acc_0", "al_estimate")
         if k in result.metrics
     )
-    print(f"trained {result.step} steps ({result.skipped} empty batches skipped): {summary}")
+    trained = result.step - result.first_step
+    resumed = f", resumed at step {result.first_step}" if result.first_step else ""
+    print(f"trained {trained} steps{resumed} ({result.skipped} empty batches skipped): {summary}")
     print(f"checkpoints and metrics in {result.run_dir}")
     return 0
 
@@ -256,7 +264,9 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint step_XXXXXXXX/ or a run directory (its newest)")
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="directory to create")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument(
+        "--force", action="store_true", help="replace a previous export in --out (nothing else)"
+    )
     p.add_argument(
         "--target",
         help="the target as the serving machine finds it (default: the run's target.path)",

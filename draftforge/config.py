@@ -105,7 +105,9 @@ class DraftConfig:
     """The draft model; its shape is derived from the target."""
 
     arch: Literal["eagle3"] = opt("eagle3", "draft architecture")
-    draft_vocab_size: int = opt(32000, "draft vocabulary size, capped at the target vocabulary")
+    draft_vocab_size: int = opt(
+        32000, "draft vocabulary size; at most the target's vocabulary size"
+    )
     intermediate_size: int | None = opt(None, "draft MLP width; default: the target's")
     init_from: str | None = opt(None, "start from this draft checkpoint or export directory")
 
@@ -191,7 +193,7 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.weight_decay": (lambda v: v >= 0, ">= 0"),
     "training.warmup_steps": (lambda v: v >= 0, ">= 0"),
     "training.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "training.max_steps": (lambda v: v >= 0, ">= 0"),
+    "training.max_steps": (lambda v: v >= 1, ">= 1"),
     "training.time_limit_minutes": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
     "training.tokens_per_batch": (lambda v: v >= 1, ">= 1"),
     "training.grad_accum": (lambda v: v >= 0, ">= 0 (0 = one per data-parallel rank)"),

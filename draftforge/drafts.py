@@ -21,11 +21,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 from transformers import LlamaConfig, PretrainedConfig
@@ -374,13 +376,26 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
     if files:
         weights: dict[str, Tensor] = {}
         for file in files:
-            weights.update(load_file(file))
+            try:
+                weights.update(load_file(file))
+            except (SafetensorError, OSError) as err:
+                raise DraftError(
+                    f"{file}: not a readable safetensors file ({err}); the draft is damaged: "
+                    "export or download it again"
+                ) from None
         return weights
     pickled = directory / "pytorch_model.bin"
     if pickled.is_file():
         # Published EAGLE-3 drafts from the original repository ship a pickle; weights_only
-        # refuses anything but tensors.
-        return torch.load(pickled, map_location="cpu", weights_only=True)
+        # refuses anything but tensors. torch's own refusal goes on to suggest turning that
+        # check off, which is the one thing not to do with a file of unknown origin.
+        try:
+            return torch.load(pickled, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise DraftError(
+                f"{pickled}: refused: this pickle holds more than tensors, and loading it could "
+                "run code from the file; get the draft's weights as safetensors instead"
+            ) from None
     raise DraftError(f"{directory}: no *.safetensors and no pytorch_model.bin")
 
 
@@ -423,7 +438,7 @@ def read_draft(path: Path) -> DraftState:
     if (path / CONFIG_FILE).is_file():
         try:
             cfg = json.loads((path / CONFIG_FILE).read_text())
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # not UTF-8, or not JSON
             raise DraftError(f"{path / CONFIG_FILE}: not JSON ({err})") from None
         if "speculators_model_type" in cfg:
             config = parse_speculators_config(cfg, str(path))

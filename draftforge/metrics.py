@@ -8,6 +8,7 @@ and ranks gives the same numbers as one big batch would.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,11 +65,7 @@ class Trackers:
     ) -> None:
         path = run_dir / "metrics.jsonl"
         if enabled and path.exists():
-            # A resumed run repeats the steps after its checkpoint: drop their old records.
-            kept = [
-                line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
+            _keep_records_up_to(path, step)
         self.jsonl = path.open("a") if enabled else None
         self.tb = self.wandb = None
         for name in names:
@@ -107,3 +104,33 @@ class Trackers:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _keep_records(lines: list[bytes], step: int) -> tuple[list[str], int]:
+    """The records of steps up to ``step``, and how many lines were not records at all."""
+    kept, damaged = [], 0
+    for line in lines:
+        try:
+            record = json.loads(line)
+            if record["step"] <= step:
+                kept.append(line.decode())
+        except (ValueError, KeyError, TypeError):
+            damaged += 1
+    return kept, damaged
+
+
+def _keep_records_up_to(path: Path, step: int) -> None:
+    """Drop the records a resumed run repeats (those after its checkpoint's ``step``).
+
+    The file is replaced atomically; lines that are not records (a damaged file) are left
+    out, and the file as found is kept beside it, so nothing is lost.
+    """
+    data = path.read_bytes()
+    kept, damaged = _keep_records(data.splitlines(), step)
+    if damaged:
+        aside = path.with_name(f"{path.name}.damaged")
+        aside.write_bytes(data)
+        print(f"{path}: {damaged} damaged lines left out; the file as found is in {aside}")
+    tmp = path.with_name(f".tmp-{path.name}")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)

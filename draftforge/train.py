@@ -211,6 +211,7 @@ def evaluate(
 @dataclass
 class TrainResult:
     step: int
+    first_step: int  # where this call started: 0, or the step of the checkpoint it resumed
     run_dir: Path
     metrics: dict[str, float]
     skipped: int
@@ -363,6 +364,7 @@ def _train(
     if resume_from is not None:
         run.resume(resume_from)
         log(f"resumed from {resume_from} at step {run.step}", flush=True)
+    first_step = run.step
 
     def evaluate_now() -> dict[str, float]:
         return evaluate(run.draft, source, dataset, eval_rows, lengths, cfg, layout)
@@ -404,7 +406,7 @@ def _train(
     if run.saved_at != run.step:
         run.save()
     trackers.close()
-    return TrainResult(run.step, run_dir, metrics, run.skipped, layout.is_main)
+    return TrainResult(run.step, first_step, run_dir, metrics, run.skipped, layout.is_main)
 
 
 def _setup_target(cfg: Config, target: Target | None, layout: Layout) -> Target:

@@ -414,18 +414,6 @@ def test_unsupported_draft_type_fails_cleanly(env, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["medusa_run"]
 
 
-def test_non_empty_out_needs_force(env, tmp_path, capsys):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
-    args = ["export", str(env["run"]), "--format", "sglang", "--out", str(out)]
-    _fails_in_one_line(capsys, args, "pass --force")
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    assert main([*args, "--force"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == [CONFIG_FILE, PROVENANCE_FILE, WEIGHTS_FILE]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries left
-
-
 def test_failed_check_writes_nothing(env, tmp_path, capsys):
     # The same target with 4 layers: aux layer 5 is outside it.
     shallow = save_tiny_target(tmp_path / "shallow", num_hidden_layers=4, rope_parameters=ROPE)

@@ -1,13 +1,20 @@
 """The fault-injection suite: faults and misuse that must end in one clear line, never in a
 traceback, a silent loss or a useless result.
 
-This section covers bad inputs to `draftforge prepare` (the same `prepare` runs inside
-`train` and `capture`); other sections follow.
+Sections: bad inputs to `draftforge prepare` (the same `prepare` runs inside `train` and
+`capture`); overlapping paths; concurrent runs; damaged captures; preemption and kills at
+random points (SIGTERM and SIGKILL, training and capture); damaged files of every other kind
+the tool writes (checkpoints, metrics, exports; the dataset cache's own damage tests are in
+`test_data_cache.py`); nonsense settings and small untruths. Every interrupted or damaged run
+must end bitwise equal to the uninterrupted one, or be refused by name.
 """
 
 import gzip
+import itertools
 import json
 import os
+import random
+import re
 import shutil
 import signal
 import socket
@@ -19,11 +26,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from draftforge import checkpoint
 from draftforge.cli import main
+from draftforge.config import describe_options
 from draftforge.data import DataError, prepare
 from draftforge.locks import LOCK_FILE
+from draftforge.shards import ShardReader
 from draftforge.testing import tiny_run_overrides, write_tiny_run
 
 
@@ -461,3 +472,317 @@ def test_capture_does_not_send_a_broken_manifest_back_to_itself(
     assert error.endswith(
         "set data.features_dir to another folder, or delete this one to capture again"
     )
+
+
+# ---- training runs: shared helpers
+
+
+def _train_cmd(root: Path, out: Path, **extra: object) -> list[str]:
+    settings = {"training.log_every": 1, "training.max_steps": 24, **extra}
+    return [
+        sys.executable,
+        "-m",
+        "draftforge.cli",
+        "train",
+        *tiny_run_overrides(root, out, **settings),
+    ]
+
+
+def _final_weights(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(out / "checkpoints" / f"step_{step:08d}" / checkpoint.WEIGHTS)
+
+
+def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.time() + 300
+    while not path.exists():
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before {what}"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run's files and its tokenised cache, built once before processes race for it."""
+    root = write_tiny_run(tmp_path_factory.mktemp("train_faults"), conversations=48)
+    subprocess.run(
+        _train_cmd(root, root / "warm", **{"training.max_steps": 1}),
+        check=True,
+        capture_output=True,
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(train_root: Path) -> Path:
+    """The uninterrupted 24-step run every interrupted one must end up equal to."""
+    out = train_root / "reference"
+    subprocess.run(_train_cmd(train_root, out), check=True, capture_output=True)
+    return out
+
+
+# ---- preemption and kills
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bitwise_identical(
+    train_root: Path, reference: Path
+) -> None:
+    out = train_root / "sigterm"
+    # No periodic checkpoints: whatever is saved, SIGTERM saved it.
+    cmd = _train_cmd(train_root, out, **{"training.save_every": 0})
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "metrics.jsonl", proc, "its first step")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    (line,) = [line for line in err.splitlines() if "terminated (SIGTERM) at step" in line]
+    step = int(line.split("at step ")[1].split(":")[0])
+    assert 0 < step < 24
+    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == [
+        f"step_{step:08d}"
+    ]
+    checkpoint.verify(out / "checkpoints" / f"step_{step:08d}")
+    resumed = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert f"resumed from {out / 'checkpoints' / f'step_{step:08d}'}" in resumed.stdout
+    _assert_bitwise_equal(_final_weights(reference, 24), _final_weights(out, 24))
+
+
+@pytest.mark.dist
+def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly(
+    train_root: Path,
+) -> None:
+    settings = {"training.grad_accum": 2, "training.save_every": 0, "training.max_steps": 16}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+    def cmd(out: Path) -> list[str]:
+        overrides = tiny_run_overrides(train_root, out, **{"training.log_every": 1, **settings})
+        return [*torchrun, "--nproc-per-node", "2", "-m", "draftforge.cli", "train", *overrides]
+
+    whole = train_root / "dist_whole"
+    subprocess.run(cmd(whole), check=True, capture_output=True, timeout=300)
+    out = train_root / "dist_sigterm"
+    proc = subprocess.Popen(cmd(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "metrics.jsonl", proc, "its first step")
+    proc.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    _, err = proc.communicate(timeout=120)
+    steps = {
+        int(line.split("at step ")[1].split(":")[0])
+        for line in err.splitlines()
+        if "terminated (SIGTERM) at step" in line
+    }
+    assert len(steps) == 1, err[-3000:]  # both ranks said so, and at the same step
+    (step,) = steps
+    assert err.count("terminated (SIGTERM) at step") == 2
+    checkpoint.verify(out / "checkpoints" / f"step_{step:08d}")
+    subprocess.run(cmd(out), check=True, capture_output=True, timeout=300)
+    _assert_bitwise_equal(_final_weights(whole, 16), _final_weights(out, 16))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sigkill_at_a_random_point_then_resume_is_bitwise_identical(
+    train_root: Path, reference: Path, seed: int
+) -> None:
+    out = train_root / f"killed_{seed}"
+    cmd = _train_cmd(train_root, out, **{"training.save_every": 3})
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(out / "metrics.jsonl", proc, "its first step")
+    time.sleep(random.Random(seed).uniform(0.0, 1.0))
+    proc.kill()
+    proc.wait()
+    subprocess.run(cmd, check=True, capture_output=True)
+    _assert_bitwise_equal(_final_weights(reference, 24), _final_weights(out, 24))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_capture_killed_at_a_random_point_resumes_to_the_same_features(
+    train_root: Path, seed: int
+) -> None:
+    def cmd(features: Path) -> list[str]:
+        overrides = tiny_run_overrides(
+            train_root,
+            train_root / "unused",
+            **{"data.features_dir": features, "data.shard_mb": 0.05},
+        )
+        return [sys.executable, "-m", "draftforge.cli", "capture", *overrides]
+
+    whole = train_root / "capture_whole"
+    if not (whole / "manifest.json").exists():
+        subprocess.run(cmd(whole), check=True, capture_output=True)
+    features = train_root / f"capture_killed_{seed}"
+    proc = subprocess.Popen(cmd(features), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(features / "progress-r000of001.json", proc, "its first shard")
+    time.sleep(random.Random(seed).uniform(0.0, 0.5))
+    proc.kill()
+    proc.wait()
+    subprocess.run(cmd(features), check=True, capture_output=True)
+    a, b = _captured(whole), _captured(features)
+    assert a.keys() == b.keys()
+    for row in a:
+        assert all(torch.equal(x, y) for x, y in zip(a[row], b[row], strict=True)), row
+
+
+def _captured(features: Path) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Aux and final hidden states of every captured row."""
+    manifest = json.loads((features / "manifest.json").read_text())
+    reader = ShardReader(features, manifest)
+    rows = [row for entry in manifest["shards"] for row in entry["rows"]]
+    assert sorted(rows) == list(range(manifest["samples"]))
+    out = {}
+    for entry in manifest["shards"]:
+        lengths = [b - a for a, b in itertools.pairwise(entry["offsets"])]
+        for row, n in zip(entry["rows"], lengths, strict=True):
+            out[row] = reader.hidden([row], [n])
+    return out
+
+
+# ---- damaged files
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "flip":  # one bit, near the end: inside the data, past any header
+        path.write_bytes(data[:-10] + bytes([data[-10] ^ 0x01]) + data[-9:])
+    elif how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    else:  # garbage: not even UTF-8
+        path.write_bytes(b"garbage\x00\xff")
+
+
+CHECKPOINT_DAMAGE = [
+    (checkpoint.WEIGHTS, "flip"),
+    (checkpoint.STATE, "truncate"),
+    (checkpoint.MANIFEST, "garbage"),
+    ("config.yaml", "garbage"),
+    ("draft_config.json", "flip"),
+]
+
+
+@pytest.mark.parametrize(("name", "how"), CHECKPOINT_DAMAGE, ids=[n for n, _ in CHECKPOINT_DAMAGE])
+def test_a_damaged_checkpoint_is_skipped_by_name_and_the_run_still_ends_exact(
+    train_root: Path, reference: Path, name: str, how: str
+) -> None:
+    out = train_root / f"damaged_{name}"
+    cmd = _train_cmd(train_root, out, **{"training.save_every": 6, "training.keep_checkpoints": 4})
+    subprocess.run(cmd, check=True, capture_output=True)
+    # As if the job had been stopped after step 12, whose checkpoint then took damage.
+    for late in ("step_00000018", "step_00000024"):
+        shutil.rmtree(out / "checkpoints" / late)
+    _damage(out / "checkpoints" / "step_00000012" / name, how)
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Traceback" not in resumed.stderr
+    assert f"skipping checkpoint: {out / 'checkpoints' / 'step_00000012'}" in resumed.stdout
+    assert f"resumed from {out / 'checkpoints' / 'step_00000006'}" in resumed.stdout
+    _assert_bitwise_equal(_final_weights(reference, 24), _final_weights(out, 24))
+
+
+def test_damaged_metrics_are_kept_aside_and_the_run_goes_on(train_root: Path) -> None:
+    out = train_root / "damaged_metrics"
+    cmd = _train_cmd(train_root, out, **{"training.save_every": 4, "training.max_steps": 8})
+    subprocess.run([*cmd, "training.max_steps=4"], check=True, capture_output=True)
+    metrics = out / "metrics.jsonl"
+    found = metrics.read_bytes() + b"\xff\x00 not a record\n"
+    metrics.write_bytes(found)
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"{metrics}: 1 damaged lines left out" in resumed.stdout
+    assert (out / "metrics.jsonl.damaged").read_bytes() == found
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, 9))
+
+
+EXPORT_DAMAGE = [("sglang", "config.json", "garbage"), ("vllm", "model.safetensors", "truncate")]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name", "how"), EXPORT_DAMAGE, ids=[f for f, _, _ in EXPORT_DAMAGE]
+)
+def test_a_damaged_export_is_refused_by_name(
+    train_root: Path, reference: Path, tmp_path: Path, fmt: str, name: str, how: str
+) -> None:
+    from draftforge.drafts import DraftError, load_draft
+    from draftforge.export import export_checkpoint
+
+    export_checkpoint(reference, fmt, tmp_path / fmt)
+    _damage(tmp_path / fmt / name, how)
+    with pytest.raises(DraftError, match=re.escape(str(tmp_path / fmt / name))):
+        load_draft(tmp_path / fmt)
+
+
+# ---- nonsense settings and small untruths
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("training.lr=-0.001", "training.lr must be positive, got -0.001"),
+        ("training.max_steps=0", "training.max_steps must be >= 1, got 0"),
+        ("training.max_steps=-5", "training.max_steps must be >= 1, got -5"),
+        ("data.eval_fraction=1.5", "data.eval_fraction must be in [0, 1), got 1.5"),
+    ],
+)
+def test_out_of_range_settings_fail_before_anything_is_loaded(
+    run_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], setting: str, message: str
+) -> None:
+    # A target that does not exist: the setting's error must come first, before any loading.
+    overrides = tiny_run_overrides(run_root, tmp_path / "run", **{"target.path": tmp_path / "none"})
+    for command in ("train", "capture", "prepare"):
+        assert main([command, *overrides, setting]) == 2
+        err = capsys.readouterr().err
+        assert f"draftforge {command}: error: {message}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_says_what_the_draft_vocabulary_limit_is() -> None:
+    (doc,) = [doc for key, _, _, doc in describe_options() if key == "draft.draft_vocab_size"]
+    assert "capped" not in doc and "at most the target's vocabulary" in doc
+
+
+def test_rerunning_a_finished_run_says_it_trained_nothing(train_root: Path) -> None:
+    cmd = _train_cmd(train_root, train_root / "finished", **{"training.max_steps": 3})
+    first = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert "trained 3 steps" in first.stdout
+    again = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert "nothing to train" in again.stdout and "trained 3 steps" not in again.stdout
+
+
+def test_a_prompts_file_that_is_not_utf8_is_one_line_error(tmp_path: Path) -> None:
+    from draftforge.decode import DecodeError, load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(DecodeError, match=re.escape(f"{path}:2: not UTF-8 text")):
+        load_prompts(path)
+
+
+class _RunsCode:
+    """A pickle payload that would create a file if it were ever unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickled_draft_with_code_is_refused_without_unsafe_advice(
+    reference: Path, tmp_path: Path
+) -> None:
+    from draftforge.drafts import DraftError, load_draft
+    from draftforge.export import export_checkpoint
+
+    export_checkpoint(reference, "sglang", tmp_path / "draft")
+    (tmp_path / "draft" / "model.safetensors").unlink()
+    marker = tmp_path / "code_ran"
+    torch.save(
+        {"fc.weight": torch.zeros(2), "x": _RunsCode(marker)},
+        tmp_path / "draft" / "pytorch_model.bin",
+    )
+    with pytest.raises(DraftError, match="refused") as err:
+        load_draft(tmp_path / "draft")
+    assert "weights_only=False" not in str(err.value)
+    assert not marker.exists()

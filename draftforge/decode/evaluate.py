@@ -67,10 +67,16 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
     ``messages``, MT-Bench ``turns`` (first turn used) or a plain ``prompt``."""
     path = Path(path) if path is not None else BUILTIN_PROMPTS
     prompts = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DecodeError(
+                f"{where}: not UTF-8 text (byte {err.start + 1} of the line); save the file as UTF-8"
+            ) from None
         if not line.strip():
             continue
-        where = f"{path}:{number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
