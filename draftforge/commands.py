@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from draftforge import require_extra
 from draftforge.config import ConfigError, TargetConfig, dump_config, load_config
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.evaluate import (
@@ -153,7 +154,7 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
     template = load_template(cfg.data.chat_template)
     backend: HFBackend | HTTPBackend
     if args.backend == "hf":
-        target = load_target(cfg.target, default_device())
+        target = load_target(cfg.target, default_device(requested=cfg.parallel.device))
         backend = HFBackend(
             target.model,
             target.tokenizer,
@@ -421,6 +422,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    require_extra("matplotlib", "plot", "the bench plot (bench.png)")  # checked before the sweep
     shapes = shapes_to_sweep(args.num_steps, args.topk, args.num_draft_tokens or [None])
     if not shapes:
         raise DecodeError("no valid (num_steps, topk, num_draft_tokens) combination to run")
@@ -481,6 +483,7 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    require_extra("matplotlib", "plot", "the demo's report (report.png)")  # checked up front
     if args.minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {args.minutes}")
     if args.conversations < 10:

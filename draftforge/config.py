@@ -156,6 +156,11 @@ class TrainingConfig:
 class ParallelConfig:
     """torch.distributed layout (torchrun sets the world size)."""
 
+    device: Literal["auto", "cpu", "cuda"] = opt(
+        "auto",
+        "auto = this process's GPU when CUDA works, else the CPU; cuda without a working CUDA "
+        "is an error, never a CPU fallback",
+    )
     tp: int = opt(1, "tensor-parallel size of the target (processes per tp group)")
     fsdp: Literal["none", "draft", "target", "both"] = opt(
         "none", "what FSDP2 shards over the data-parallel ranks"

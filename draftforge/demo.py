@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from draftforge import checkpoint
+from draftforge import checkpoint, require_extra
 from draftforge.config import Config, TargetConfig, load_config
 from draftforge.decode.evaluate import Prompt, SweepRow, format_rows, sweep
 from draftforge.decode.sampling import SamplingParams
@@ -355,8 +355,7 @@ def plot_report(
     ttt_steps: int,
 ) -> Path:
     """Four panels: training loss, acc_k by step, acceptance length and tokens/s by num_steps."""
-    import matplotlib
-
+    matplotlib = require_extra("matplotlib", "plot", "the demo's report (report.png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator

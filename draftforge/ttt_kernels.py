@@ -12,11 +12,18 @@ step-0 keys ``j <= i`` of each query's own packed segment. Chosen per call by
 * Anything else (other devices, float64 on CUDA, unsupported head dims): a pure-PyTorch
   kernel over blocks of queries with the same interface; at most ``block_size * T`` scores
   per (batch, head) exist at a time.
+
+The fused kernels call private aten ops, whose names and signatures torch may change in any
+release. So a fused kernel is used only on a torch in :data:`TESTED_TORCH` and after a tiny
+probe (once per process and device type) has matched it to the pure-PyTorch kernel; otherwise
+that kernel takes over, with a one-time warning: slower, never wrong numbers.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -367,7 +374,8 @@ def chunked_kernel(block_size: int) -> Kernel:
     )
 
 
-def pick_kernel(q: Tensor, segment_ids: Tensor | None) -> Kernel:
+def _fused_kernel(q: Tensor, segment_ids: Tensor | None) -> Kernel | None:
+    """The fused kernel for this device, dtype and masking, if there is one."""
     if q.device.type == "cpu" and q.dtype in _CPU_FUSED_TYPES:
         return _CPU_FLASH
     if q.device.type == "cuda":
@@ -382,4 +390,97 @@ def pick_kernel(q: Tensor, segment_ids: Tensor | None) -> Kernel:
         params = torch.backends.cuda.SDPAParams(q, q, q, None, 0.0, True, False)
         if torch.backends.cuda.can_use_efficient_attention(params):
             return _CUDA_EFFICIENT
+    return None
+
+
+def pick_kernel(q: Tensor, segment_ids: Tensor | None) -> Kernel:
+    fused = _fused_kernel(q, segment_ids)
+    if fused is not None and _trusted(fused, q.device):
+        return fused
     return chunked_kernel(128)
+
+
+# --- The guard on the fused kernels -----------------------------------------------------------
+
+# [first, end) of the torch releases (major, minor) the private ops above were checked on: the
+# torch range pyproject.toml declares (tests/test_packaging.py keeps the two equal).
+TESTED_TORCH = ((2, 9), (2, 15))
+
+# (kernel name, device type) -> whether the kernel may run there; filled by `_trusted`.
+_VERDICTS: dict[tuple[str, str], bool] = {}
+
+# The probe's dtype per fused kernel, and whether it passes packed segments (flash has no mask).
+_PROBES = {
+    _CPU_FLASH.name: (torch.float32, True),
+    _CUDA_FLASH.name: (torch.float16, False),
+    _CUDA_EFFICIENT.name: (torch.float32, True),
+}
+
+
+def _trusted(kernel: Kernel, device: torch.device) -> bool:
+    key = (kernel.name, device.type)
+    if key not in _VERDICTS:
+        _VERDICTS[key] = _judge(kernel, device)
+    return _VERDICTS[key]
+
+
+@torch.compiler.disable  # runs eagerly once; a compiled caller then sees the stored verdict
+def _judge(kernel: Kernel, device: torch.device) -> bool:
+    """Whether ``kernel`` may run on ``device``; when not, says why in a warning (once, as
+    ``_trusted`` asks once)."""
+    release = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    version = (int(release[1]), int(release[2])) if release else (0, 0)
+    first, end = TESTED_TORCH
+    if not first <= version < end:
+        problem = (
+            f"torch {torch.__version__} is outside the releases its private aten ops were "
+            f"tested on ({first[0]}.{first[1]} up to {end[0]}.{end[1]}, not included)"
+        )
+    else:
+        problem = _probe(kernel, device)
+    if problem is None:
+        return True
+    warnings.warn(
+        f"draftforge: TTT attention does not use its fused {kernel.name} kernel: {problem}. "
+        "It uses the pure-PyTorch chunked kernel instead: same results, slower.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False
+
+
+def _probe(kernel: Kernel, device: torch.device) -> str | None:
+    """Why ``kernel`` disagrees with the pure-PyTorch kernel on a tiny case, or None.
+
+    Forward (output, lse) and backward on 4 query heads over 2 kv heads, 8 positions in two
+    segments and a non-default scale: a renamed op, a changed signature or a changed meaning
+    of an argument (mask, head mapping, lse layout, scale) shows up here.
+    """
+    dtype, packed = _PROBES[kernel.name]
+    gen = torch.Generator().manual_seed(0)
+
+    def rnd(heads: int) -> Tensor:
+        return torch.randn(1, heads, 8, 16, generator=gen).to(device, dtype)
+
+    q, k0, v0, grad_out = rnd(4), rnd(2), rnd(2), rnd(4)
+    segments = torch.tensor([[0] * 3 + [1] * 5], device=device) if packed else None
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            got = _forward_backward(kernel, q, k0, v0, grad_out, segments)
+            want = _forward_backward(chunked_kernel(4), q, k0, v0, grad_out, segments)
+    except Exception as err:  # a missing op or a changed signature fails in many ways
+        return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+    tol = 2e-2 if dtype in _HALF_TYPES else 5e-3  # loose enough for TF32 matmuls on GPUs
+    for name, g, w in zip(("output", "lse", "dq", "dk", "dv"), got, want, strict=True):
+        if g.shape != w.shape or not torch.allclose(g.float(), w.float(), rtol=tol, atol=tol):
+            return f"its {name} differs from the pure-PyTorch kernel's on a probe"
+    return None
+
+
+def _forward_backward(
+    kernel: Kernel, q: Tensor, k0: Tensor, v0: Tensor, grad_out: Tensor, segments: Tensor | None
+) -> tuple[Tensor, ...]:
+    scale = 0.5
+    out, lse, aux, aux_ints = kernel.forward(q, k0, v0, scale, segments)
+    grads = kernel.backward(grad_out, q, k0, v0, out, lse, scale, segments, aux, aux_ints)
+    return (out, lse, *grads)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -209,6 +210,66 @@ def test_cuda_kernel_plumbing_on_meta() -> None:
         grads = torch.autograd.grad(out, [q, k0, v0, *k_diag, *v_diag], torch.ones_like(out))
         assert out.shape == q.shape and out.dtype == dtype
         assert [g.shape for g in grads] == [x.shape for x in (q, k0, v0, *k_diag, *v_diag)]
+
+
+class _AtenWithout:
+    """``torch.ops.aten`` as a torch would show it that lacks the ops named ``missing*``."""
+
+    def __init__(self, missing: str) -> None:
+        self.missing = missing
+
+    def __getattr__(self, name: str):
+        if name.startswith(self.missing):
+            raise AttributeError(f"'_OpNamespace' 'aten' object has no attribute '{name}'")
+        return getattr(torch.ops.aten, name)
+
+
+def test_missing_fused_op_falls_back_to_the_chunked_kernel(monkeypatch) -> None:
+    # A torch without the CPU flash op: the probe fails once, with one warning naming it, and
+    # every call then runs the pure-PyTorch kernel, whose numbers match the reference.
+    monkeypatch.setattr(ttt_kernels, "aten", _AtenWithout("_scaled_dot_product_flash_attention"))
+    monkeypatch.setattr(ttt_kernels, "_VERDICTS", {})
+    inputs = make_inputs(4, 2, 3, torch.float64)
+    segment_ids = packed_segments()
+    with pytest.warns(RuntimeWarning, match="_scaled_dot_product_flash_attention_for_cpu"):
+        assert ttt_kernels.pick_kernel(inputs[0], segment_ids).name == "chunked"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the verdict is kept: no second probe, no second warning
+        got = outputs_and_grads(fused, inputs, segment_ids)
+    want = outputs_and_grads(reference, inputs, segment_ids)
+    assert_all_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_fused_op_with_other_numbers_is_not_used(monkeypatch) -> None:
+    # An op that still runs but means something else (here: it ignores the segment mask).
+    class AtenIgnoringMask:
+        def __getattr__(self, name: str):
+            op = getattr(torch.ops.aten, name)
+            if name == "_scaled_dot_product_flash_attention_for_cpu":
+                return lambda *args, attn_mask=None, **kwargs: op(*args, **kwargs)
+            return op
+
+    monkeypatch.setattr(ttt_kernels, "aten", AtenIgnoringMask())
+    monkeypatch.setattr(ttt_kernels, "_VERDICTS", {})
+    q = make_inputs(4, 2, 1, torch.float32)[0]
+    with pytest.warns(RuntimeWarning, match="output differs"):
+        assert ttt_kernels.pick_kernel(q, packed_segments()).name == "chunked"
+
+
+def test_torch_outside_the_tested_range_uses_the_chunked_kernel(monkeypatch) -> None:
+    monkeypatch.setattr(torch, "__version__", "2.99.0")
+    monkeypatch.setattr(ttt_kernels, "_VERDICTS", {})
+    q = make_inputs(4, 2, 1, torch.float32)[0]
+    with pytest.warns(RuntimeWarning, match="torch 2.99.0 is outside"):
+        assert ttt_kernels.pick_kernel(q, None).name == "chunked"
+
+
+def test_fused_kernel_passes_its_probe_on_this_torch(monkeypatch) -> None:
+    monkeypatch.setattr(ttt_kernels, "_VERDICTS", {})
+    q = make_inputs(4, 2, 1, torch.float32)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ttt_kernels.pick_kernel(q, packed_segments()).name == "cpu_flash"
 
 
 def test_rejects_bad_shapes() -> None:
