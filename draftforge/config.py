@@ -75,6 +75,11 @@ class DataConfig:
     chat_template: str | None = opt(
         None, "jinja chat template (string or file) overriding the tokenizer's"
     )
+    chat_template_kwargs: dict[str, Any] = opt(
+        {},
+        "variables for the chat template wherever it is applied (prepare, train, regenerate; "
+        "sent to servers as chat_template_kwargs), e.g. {enable_thinking: false}",
+    )
     eval_fraction: float = opt(0.02, "share of conversations held out for evaluation")
     mode: Literal["online", "offline"] = opt(
         "online", "online: run the target every step; offline: read captured features"
@@ -260,6 +265,10 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    if typing.get_origin(tp) is dict:
+        return f"dict[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    if tp is Any:
+        return "any"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -282,6 +291,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        key_type, value_type = typing.get_args(tp)
+        return {
+            _coerce(k, key_type, f"{key} key {k!r}"): _coerce(v, value_type, f"{key}.{k}")
+            for k, v in value.items()
+        }
+    if tp is Any:
+        return value
     if tp is type(None):
         if value is None:
             return None

@@ -62,6 +62,7 @@ def prepare_data(cfg: Config, tokenizer: Any, target_vocab_size: int) -> Prepare
         last_turn_only=cfg.data.last_turn_only,
         supervise_empty_think=cfg.data.supervise_empty_think,
         chat_template=cfg.data.chat_template,
+        chat_template_kwargs=cfg.data.chat_template_kwargs,
         cache_dir=Path(cfg.target.cache_dir).expanduser() / "datasets",
         num_workers=cfg.data.num_workers or None,
         strict=cfg.data.strict,

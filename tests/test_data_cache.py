@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from draftforge.config import ConfigError, load_config
 from draftforge.data import (
     ChatTemplate,
     DataError,
@@ -19,6 +20,7 @@ from draftforge.data import (
     prepare,
     prepare_dataset,
 )
+from draftforge.features import prepare_data
 
 CHATML = (
     "{% for m in messages %}"
@@ -106,13 +108,14 @@ def test_cache_key_follows_every_input(data, tokenizer, tmp_path):
         run(data, tokenizer, cache, last_turn_only=True).path,
         run(data, tokenizer, cache, supervise_empty_think=True).path,
         run(data, tokenizer, cache, fmt="messages").path,
+        run(data, tokenizer, cache, chat_template_kwargs={"enable_thinking": False}).path,
     }
     changed_tok = make_tokenizer()
     changed_tok.add_tokens(["answer"])
     other.add(run(data, changed_tok, cache).path)
     data.write_text(data.read_text().replace("question 5", "question 6"))
     other.add(run(data, tokenizer, cache).path)
-    assert first.path not in other and len(other) == 7
+    assert first.path not in other and len(other) == 8
     assert not list(cache.glob(".tmp-*"))  # temporary folders were renamed or removed
 
 
@@ -287,3 +290,62 @@ def test_a_damaged_file_is_named_and_built_again(
     assert prepare_tiny(data, tokenizer, cache).dataset.path == again.dataset.path
     assert capsys.readouterr().out == ""
     assert not list(cache.glob(".tmp-*"))
+
+
+QWEN3_TOOLS = Path(__file__).parent / "data_templates" / "qwen3_tools.jinja"
+REASONING_ROWS = [
+    {
+        "id": "think",
+        "messages": [
+            {"role": "user", "content": "hello there?"},
+            {"role": "assistant", "content": "how are you", "reasoning_content": "a greeting"},
+        ],
+    },
+    {
+        "id": "tool",
+        "messages": [
+            {"role": "user", "content": "today?"},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"function": {"name": "date", "arguments": "{}"}}],
+            },
+            {"role": "tool", "content": "monday"},
+            {"role": "assistant", "content": "monday"},
+        ],
+    },
+]
+
+
+def test_chat_template_kwargs_from_the_config_change_rendering_and_key(tmp_path):
+    """data.chat_template_kwargs reaches the template through `prepare_data`, and a change
+    builds its own cache entry instead of reusing the other one."""
+    path = tmp_path / "think.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in REASONING_ROWS))
+    tok = make_tokenizer()
+    base = [
+        f"data.path={path}",
+        f"data.chat_template={QWEN3_TOOLS}",
+        f"target.cache_dir={tmp_path}",
+        "draft.draft_vocab_size=16",
+        "data.num_workers=1",
+    ]
+    off = [*base, "data.chat_template_kwargs={enable_thinking: false}"]
+    thinking = prepare_data(load_config(None, base), tok, len(tok)).dataset
+    no_thinking = prepare_data(load_config(None, off), tok, len(tok)).dataset
+    assert thinking.path != no_thinking.path
+    assert prepare_data(load_config(None, off), tok, len(tok)).dataset.path == no_thinking.path
+    meta = json.loads((no_thinking.path / "meta.json").read_text())
+    assert meta["settings"]["chat_template_kwargs"] == {"enable_thinking": False}
+
+    def supervised(ds: Any, row: int) -> str:
+        return tok.decode(ds[row]["input_ids"][ds[row]["loss_mask"]])
+
+    assert len(thinking) == len(no_thinking) == 2
+    assert supervised(thinking, 0) == "<think>\na greeting\n</think>\n\nhow are you<|im_end|>"
+    assert supervised(no_thinking, 0) == "how are you<|im_end|>"
+    # The tool call is supervised, the tool's result is not.
+    call = '<tool_call>\n{"name": "date", "arguments": {}}\n</tool_call><|im_end|>'
+    assert supervised(thinking, 1) == f"{call}monday<|im_end|>"
+    with pytest.raises(ConfigError, match=r"data\.chat_template_kwargs: expected dict"):
+        load_config(None, ["data.chat_template_kwargs=[enable_thinking]"])

@@ -1,6 +1,7 @@
 """Dataset readers: every row format and file type, stable ids, and bad rows counted."""
 
 import gzip
+import hashlib
 import json
 
 import pyarrow as pa
@@ -14,7 +15,7 @@ from draftforge.data import (
     Source,
     read_conversations,
 )
-from draftforge.data.conversation import content_id
+from draftforge.data.conversation import ToolCall, content_id
 
 U, A, S = "user", "assistant", "system"
 
@@ -193,3 +194,102 @@ def test_unreadable_json_file_counts_once(tmp_path):
     convs, report = read_conversations(path)
     assert convs == [] and report.skipped == {"malformed_json": 1}
     assert report.examples["malformed_json"][0].startswith(f"{path}: ")
+
+
+# --- reasoning and tools -----------------------------------------------------------------
+
+AGENT_ROW = {
+    "id": "agent",
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            # The OpenAI form: null content, arguments as JSON text; `reasoning` as newer vLLM
+            # names it.
+            "role": "assistant",
+            "content": None,
+            "reasoning": "Ask the weather tool.",
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": "18 C", "tool_call_id": "call_1", "name": "get_weather"},
+        {"role": "assistant", "content": "It is 18 C.", "reasoning_content": "Tool says 18."},
+    ],
+}
+AGENT_MESSAGES = [
+    Message(U, "Weather in Paris?"),
+    Message(
+        A,
+        "",
+        reasoning_content="Ask the weather tool.",
+        tool_calls=(ToolCall("get_weather", {"city": "Paris"}, "call_1"),),
+    ),
+    Message("tool", "18 C", tool_call_id="call_1", name="get_weather"),
+    Message(A, "It is 18 C.", reasoning_content="Tool says 18."),
+]
+
+
+def test_reasoning_and_tool_calls_are_read(tmp_path):
+    sharegpt = {
+        "conversations": [
+            {"from": "human", "value": "Weather in Paris?"},
+            # Without the `function` wrapper, arguments as an object; gpt-oss's `thinking`.
+            {
+                "from": "gpt",
+                "value": "",
+                "thinking": "Ask the weather tool.",
+                "tool_calls": [
+                    {"id": "call_1", "name": "get_weather", "arguments": {"city": "Paris"}}
+                ],
+            },
+            {"from": "function", "value": "18 C", "tool_call_id": "call_1", "name": "get_weather"},
+            {"from": "gpt", "value": "It is 18 C.", "reasoning_content": "Tool says 18."},
+        ]
+    }
+    convs, report = read_conversations(write_jsonl(tmp_path / "d.jsonl", [AGENT_ROW, sharegpt]))
+    assert report.rows_kept == 2
+    assert convs[0].messages == convs[1].messages == AGENT_MESSAGES
+    # One reasoning field, in the chat-completions form servers and templates read.
+    assert convs[0].as_dicts()[1] == {
+        "role": "assistant",
+        "content": "",
+        "reasoning_content": "Ask the weather tool.",
+        "tool_calls": [
+            {
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": {"city": "Paris"}},
+                "id": "call_1",
+            }
+        ],
+    }
+    # Reasoning and tool fields are part of the content id; plain conversations keep theirs.
+    assert content_id(AGENT_MESSAGES) != content_id(
+        [Message(m.role, m.content) for m in convs[0].messages]
+    )
+    plain = [Message(U, "q"), Message(A, "a")]
+    expected = hashlib.sha256(json.dumps([[U, "q"], [A, "a"]]).encode()).hexdigest()[:16]
+    assert content_id(plain) == expected
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        {"function": {"name": "f", "arguments": "{not json"}},
+        {"function": {"name": "f", "arguments": "[1, 2]"}},
+        {"function": "f"},
+        "f()",
+    ],
+)
+def test_bad_tool_calls_are_counted(tmp_path, call):
+    row = {
+        "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+        ]
+    }
+    convs, report = read_conversations(write_jsonl(tmp_path / "d.jsonl", [row]))
+    assert convs == [] and report.skipped == {"bad_tool_call": 1}

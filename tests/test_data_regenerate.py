@@ -2,7 +2,9 @@
 
 The HTTP backend runs against a real OpenAI-compatible server, `transformers serve`
 (`pip install -e '.[serve]'`), serving a tiny random model from a local folder; those
-tests are skipped when its dependencies are missing.
+tests are skipped when its dependencies are missing. Reasoning, template variables and
+error answers are checked against `StubServer`, a stdlib OpenAI-compatible endpoint that
+answers as SGLang and vLLM do with a reasoning parser on.
 """
 
 import json
@@ -11,9 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -25,10 +29,14 @@ from draftforge.data import (
     GenerationSettings,
     HFBackend,
     HTTPBackend,
+    prepare_dataset,
     regenerate,
 )
 from draftforge.data.regenerate import Dialogue, Failure, Reply, ResultWriter, render_prompt
+from draftforge.data.template import load_template
 from draftforge.testing import save_tiny_target, tiny_target, tiny_tokenizer
+
+QWEN3_TOOLS = load_template(Path(__file__).parent / "data_templates" / "qwen3_tools.jinja")
 
 # The tiny target has 4 layers, too few for the default aux layers; regeneration does
 # not use them, but loading the target checks them.
@@ -239,6 +247,29 @@ def test_hf_sampling_follows_the_seed(tiny):
     assert sample(1) != sample(2)
 
 
+def test_hf_renders_prompts_with_the_template_kwargs(tmp_path, tiny, monkeypatch):
+    model, tok = tiny
+    prompts = []
+
+    def generate(self: HFBackend, batch: list[list[int]], seed: int) -> list[Reply]:
+        prompts.extend(tok.decode(ids) for ids in batch)
+        return [Reply("ok") for _ in batch]
+
+    monkeypatch.setattr(HFBackend, "generate", generate)
+    backend = HFBackend(
+        model,
+        tok,
+        GenerationSettings(),
+        chat_template=QWEN3_TOOLS,
+        chat_template_kwargs={"enable_thinking": False},
+    )
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "p", "prompt": "hi"}])
+    assert regenerate(src, tmp_path / "out.jsonl", backend, progress=False).written == 1
+    assert prompts == [
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    ]
+
+
 def test_prompts_over_the_limit_are_skipped_and_counted(tmp_path, tiny):
     model, tok = tiny
     rows = [{"id": "short", "prompt": "hi"}, {"id": "long", "prompt": "word " * 50}]
@@ -338,6 +369,137 @@ def test_http_counts_prompt_tokens_before_sending(tmp_path):
     backend = HTTPBackend(url, "m", settings, tokenizer=tiny_tokenizer(), retries=0)
     result = regenerate(src, tmp_path / "out.jsonl", backend, progress=False)
     assert result.answering.skipped == {"prompt_too_long": 1}
+
+
+class StubServer:
+    """An OpenAI-compatible `/v1/chat/completions` on a free loopback port (stdlib only).
+
+    Each answer holds `reasoning_content` apart from the content, as SGLang and vLLM write
+    it with a reasoning parser on (`reasoning_key` renames it, as newer vLLM does). The
+    request bodies are kept in `requests`; `errors` are what to answer the next requests
+    with, one each, before answering normally: an HTTP status, or a body to send with 200.
+    """
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.errors: list[int | bytes] = []
+        self.reasoning_key = "reasoning_content"
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stub.lock:
+                    stub.requests.append({"path": self.path, **body})
+                    error = stub.errors.pop(0) if stub.errors else None
+                status = error if isinstance(error, int) else 200
+                if error is None:
+                    question = body["messages"][-1]["content"]
+                    message = {
+                        "role": "assistant",
+                        "content": f"answer to {question}",
+                        stub.reasoning_key: f"thinking about {question}",
+                    }
+                    reply = {
+                        "id": "stub",
+                        "object": "chat.completion",
+                        "created": 0,
+                        "model": body["model"],
+                        "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+                    }
+                else:
+                    reply = {"error": {"message": f"stub answer {error!r}"}}
+                data = error if isinstance(error, bytes) else json.dumps(reply).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: object) -> None:  # no request lines on stderr
+                pass
+
+        self.lock = threading.Lock()
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.http.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+        self.thread.join()
+
+
+@pytest.fixture
+def stub() -> Iterator[StubServer]:
+    served = StubServer()
+    yield served
+    served.close()
+
+
+@pytest.mark.parametrize("reasoning_key", ["reasoning_content", "reasoning"])
+def test_http_keeps_reasoning_and_sends_template_kwargs(tmp_path, stub, reasoning_key):
+    """End to end: the server's reasoning is written with each answer, read back, rendered
+    in the answer's think block and supervised; every request carried the template
+    variables, and earlier answers went back without their reasoning."""
+    stub.reasoning_key = reasoning_key
+    src = write_jsonl(
+        tmp_path / "in.jsonl", [{"id": "mt", "turns": ["t1", "t2"]}, {"id": "p", "prompt": "q"}]
+    )
+    out = tmp_path / "out.jsonl"
+    kwargs = {"enable_thinking": True}
+    backend = HTTPBackend(stub.url, "m", GenerationSettings(), chat_template_kwargs=kwargs)
+    result = regenerate(src, out, backend, progress=False)
+    assert (result.written, result.turns, result.failed) == (2, 3, 0)
+    records = read_records(out)
+    assert records["mt"] == [
+        {"role": "user", "content": "t1"},
+        {"role": "assistant", "content": "answer to t1", "reasoning_content": "thinking about t1"},
+        {"role": "user", "content": "t2"},
+        {"role": "assistant", "content": "answer to t2", "reasoning_content": "thinking about t2"},
+    ]
+    assert len(stub.requests) == 3
+    assert {r["path"] for r in stub.requests} == {"/v1/chat/completions"}
+    assert all(r["chat_template_kwargs"] == kwargs for r in stub.requests)
+    second = next(r for r in stub.requests if len(r["messages"]) == 3)
+    assert second["messages"][1] == {"role": "assistant", "content": "answer to t1"}
+
+    tok = tiny_tokenizer()
+    ds = prepare_dataset(
+        out, tok, chat_template=QWEN3_TOOLS, cache_dir=tmp_path / "cache", progress=False
+    )
+    rows = {ds[i]["id"]: ds[i] for i in range(len(ds))}
+    # Qwen3 keeps the reasoning of the answers after the last user turn only.
+    supervised = tok.decode(rows["mt"]["input_ids"][rows["mt"]["loss_mask"]])
+    assert supervised == (
+        "answer to t1<|im_end|><think>\nthinking about t2\n</think>\n\nanswer to t2<|im_end|>"
+    )
+
+
+def test_http_retries_server_errors_and_fails_bad_answers_at_once(tmp_path, stub):
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": "p", "prompt": "q"}])
+    stub.errors = [503, 429]
+    backend = HTTPBackend(stub.url, "m", GenerationSettings(), backoff=0.01)
+    assert regenerate(src, tmp_path / "a.jsonl", backend, progress=False).written == 1
+    assert backend.retried == 2 and len(stub.requests) == 3
+    assert "chat_template_kwargs" not in stub.requests[0]  # not sent when not set
+
+    stub.errors = [400]
+    backend = HTTPBackend(stub.url, "m", GenerationSettings(), backoff=0.01)
+    result = regenerate(src, tmp_path / "b.jsonl", backend, progress=False)
+    assert result.answering.skipped == {"request_rejected": 1} and backend.retried == 0
+    assert "HTTP 400: " in result.answering.examples["request_rejected"][0]
+
+    stub.errors = [b"not json"]
+    result = regenerate(src, tmp_path / "c.jsonl", backend, progress=False)
+    assert result.answering.skipped == {"bad_response": 1} and backend.retried == 0
+
+
+def test_http_without_the_openai_client_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "openai", None)  # `import openai` raises ImportError
+    with pytest.raises(ConfigError, match=r"pip install 'draftforge\[http\]'"):
+        HTTPBackend("http://127.0.0.1:1/v1", "m", GenerationSettings())
 
 
 class Server:

@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from draftforge.data import ChatTemplate, Message, RowError, load_template
+from draftforge.config import ConfigError
+from draftforge.data import ChatTemplate, Message, RowError, ToolCall, load_template
 
 TEMPLATES = Path(__file__).parent / "data_templates"
 
@@ -34,6 +35,20 @@ FAMILIES = {
         {"bos_token": "<s>", "eos_token": "</s>"},
     ),
     "gemma3": ("gemma3.jinja", ["<start_of_turn>", "<end_of_turn>"], [], {"bos_token": "<bos>"}),
+    # Qwen3's own tokenizer has these as added tokens that are not special.
+    "qwen3_tools": (
+        "qwen3_tools.jinja",
+        [],
+        [
+            "<think>",
+            "</think>",
+            "<tool_call>",
+            "</tool_call>",
+            "<tool_response>",
+            "</tool_response>",
+        ],
+        {},
+    ),
 }
 
 
@@ -176,6 +191,87 @@ def test_qwen3_reasoning_is_supervised_and_old_reasoning_dropped(family_tokenize
     ]
 
 
+AGENT = [
+    SYSTEM,
+    Message("user", "Weather in Paris?"),
+    Message(
+        "assistant",
+        "",
+        reasoning_content="Ask the weather tool.",
+        tool_calls=(ToolCall("get_weather", {"city": "Paris"}, "call_1"),),
+    ),
+    Message("tool", "18 C, sunny", tool_call_id="call_1", name="get_weather"),
+    Message("assistant", "It is 18 C and sunny.", reasoning_content="The tool says 18 C."),
+]
+AGENT_PROMPT = (
+    "<|im_start|>system\nYou are a careful assistant.<|im_end|>\n"
+    "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def test_reasoning_and_tool_calls_are_supervised_tool_results_not(family_tokenizers):
+    """`reasoning_content` is written in the turn's think block and supervised with the answer
+    and the tool call; the tool's result and every header are not."""
+    tok, template = family_tokenizers["qwen3_tools"]
+    ids, mask = ChatTemplate(tok, template).encode(AGENT)
+    assert pieces(tok, ids, mask) == [
+        (AGENT_PROMPT, 0),
+        (
+            "<think>\nAsk the weather tool.\n</think>\n\n<tool_call>\n"
+            '{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>',
+            1,
+        ),
+        (
+            "\n<|im_start|>user\n<tool_response>\n18 C, sunny\n</tool_response><|im_end|>\n"
+            "<|im_start|>assistant\n",
+            0,
+        ),
+        ("<think>\nThe tool says 18 C.\n</think>\n\nIt is 18 C and sunny.<|im_end|>", 1),
+        ("\n", 0),
+    ]
+    dicts = [m.as_dict() for m in AGENT]
+    assert ids == tok.apply_chat_template(dicts, chat_template=template)["input_ids"]
+
+
+def test_enable_thinking_false_reaches_the_template(family_tokenizers):
+    """chat_template_kwargs go to every rendering: with thinking off this template leaves the
+    reasoning out, and the empty think block its prompt pre-fills is not supervised."""
+    tok, template = family_tokenizers["qwen3_tools"]
+    ct = ChatTemplate(tok, template, chat_template_kwargs={"enable_thinking": False})
+    no_think = "<think>\n\n</think>\n\n"
+    assert ct.render(AGENT[:2], generation_prompt=True) == AGENT_PROMPT + no_think
+    ids, mask = ct.encode(AGENT)
+    assert pieces(tok, ids, mask) == [
+        (AGENT_PROMPT, 0),
+        (
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+            "<|im_end|>",
+            1,
+        ),
+        (
+            "\n<|im_start|>user\n<tool_response>\n18 C, sunny\n</tool_response><|im_end|>\n"
+            f"<|im_start|>assistant\n{no_think}",
+            0,
+        ),
+        ("It is 18 C and sunny.<|im_end|>", 1),
+        ("\n", 0),
+    ]
+
+
+def test_a_template_without_tools_fails_tool_call_rows(smollm2_tokenizer):
+    # SmolLM2's template writes role and content only: the call would vanish from the turn.
+    with pytest.raises(RowError) as err:
+        ChatTemplate(smollm2_tokenizer).encode(AGENT)
+    assert err.value.reason == "tool_calls_not_rendered"
+
+
+def test_template_kwargs_cannot_set_what_draftforge_sets(smollm2_tokenizer):
+    with pytest.raises(ConfigError, match="add_generation_prompt, tokenize cannot be set"):
+        ChatTemplate(
+            smollm2_tokenizer, chat_template_kwargs={"tokenize": True, "add_generation_prompt": 1}
+        )
+
+
 def test_qwen3_supervise_empty_think(family_tokenizers):
     tok, template = family_tokenizers["qwen3"]
     ct = ChatTemplate(tok, template, supervise_empty_think=True)
@@ -259,6 +355,7 @@ PROPERTY_FAMILIES = {
     "chatml": ("<|im_end|>", False),
     "llama3": ("<|eot_id|>", False),
     "qwen3": ("<|im_end|>", False),
+    "qwen3_tools": ("<|im_end|>", False),
     "mistral": ("</s>", True),
     "gemma3": ("<end_of_turn>", True),
 }

@@ -2,7 +2,14 @@
 tokenised cache, draft vocab."""
 
 from draftforge.data.cache import TokenizedDataset, TokenizeSettings, cache_key, prepare_dataset
-from draftforge.data.conversation import FORMATS, ROLES, Conversation, Message, RowError
+from draftforge.data.conversation import (
+    FORMATS,
+    ROLES,
+    Conversation,
+    Message,
+    RowError,
+    ToolCall,
+)
 from draftforge.data.prepare import PrepareResult, prepare
 from draftforge.data.readers import Source, read_conversations
 from draftforge.data.regenerate import (
@@ -41,6 +48,7 @@ __all__ = [
     "Source",
     "TokenizeSettings",
     "TokenizedDataset",
+    "ToolCall",
     "build_draft_vocab",
     "cache_key",
     "count_supervised",

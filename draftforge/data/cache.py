@@ -15,9 +15,10 @@ never finds a file missing, and a reader that sees the rebuilt meta.json sees th
 tokens. Nothing deletes an entry's files.
 
 The key hashes everything the tokens depend on: the tokenizer (its full serialised state
-and special tokens), the chat template text, every setting, and the input's identity
-(content hashes of local files, or a Hub dataset's fingerprint). `num_workers` is not in
-it: the result does not depend on it.
+and special tokens), the chat template text, every setting (the template variables
+`chat_template_kwargs` among them), and the input's identity (content hashes of local files,
+or a Hub dataset's fingerprint). `num_workers` is not in it: the result does not depend on
+it.
 """
 
 import hashlib
@@ -26,9 +27,9 @@ import multiprocessing
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import closing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from draftforge.checkpoint import sha256_file
 from draftforge.data.conversation import Conversation, RowError
 from draftforge.data.readers import Source, read_conversations
 from draftforge.data.report import DamagedFile, DataReport
-from draftforge.data.template import ChatTemplate
+from draftforge.data.template import ChatTemplate, template_kwargs
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = Path("~/.cache/draftforge/datasets")
@@ -60,6 +61,7 @@ class TokenizeSettings:
     supervise_empty_think: bool = False
     # In the key because a strict run must fail on rows that a lenient run skipped.
     strict: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -79,11 +81,16 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 def cache_key(
     tokenizer: Any, template: str, settings: TokenizeSettings, source_fingerprint: str
 ) -> str:
+    described = asdict(settings)
+    if not settings.chat_template_kwargs:
+        # Left out when empty: entries (and the feature shards named by their key) built
+        # without template variables keep their key.
+        del described["chat_template_kwargs"]
     payload = {
         "version": CACHE_VERSION,
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "template": template,
-        "settings": asdict(settings),
+        "settings": described,
         "input": source_fingerprint,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
@@ -283,6 +290,7 @@ def prepare_dataset(
     last_turn_only: bool = False,
     supervise_empty_think: bool = False,
     chat_template: str | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     cache_dir: str | Path | None = None,
     num_workers: int | None = None,
     strict: bool = False,
@@ -290,17 +298,27 @@ def prepare_dataset(
 ) -> TokenizedDataset:
     """Read, template, mask and tokenise `path` once; later calls load the cached result.
 
-    `chat_template` replaces the tokenizer's own template (the jinja text itself).
+    `chat_template` replaces the tokenizer's own template (the jinja text itself);
+    `chat_template_kwargs` are variables for it (`enable_thinking`, ...).
     `num_workers` defaults to the number of CPU cores.
     """
     source = path if isinstance(path, Source) else Source.open(path, split)
+    kwargs = template_kwargs(chat_template_kwargs)
     template = ChatTemplate(
         tokenizer,
         chat_template,
         last_turn_only=last_turn_only,
         supervise_empty_think=supervise_empty_think,
+        chat_template_kwargs=kwargs,
     )
-    settings = TokenizeSettings(fmt, max_length, last_turn_only, supervise_empty_think, strict)
+    settings = TokenizeSettings(
+        fmt=fmt,
+        max_length=max_length,
+        last_turn_only=last_turn_only,
+        supervise_empty_think=supervise_empty_think,
+        strict=strict,
+        chat_template_kwargs=kwargs,
+    )
     key = cache_key(tokenizer, template.template, settings, source.fingerprint())
     entry = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / key
     if entry.is_dir():

@@ -11,7 +11,16 @@ Supported row formats (`fmt`):
   regenerator fills in.
 - `auto`:      chosen per row from the keys above, in that order.
 
-Turns in `conversations` and `messages` may use either `from`/`value` or `role`/`content`.
+Turns in `conversations` and `messages` may use either `from`/`value` or `role`/`content`,
+and carry what chat-completion servers write beside the content:
+
+- assistant reasoning as `reasoning_content` (SGLang, vLLM), `reasoning` (newer vLLM) or
+  `thinking` (gpt-oss), kept as `reasoning_content`;
+- assistant `tool_calls`, in the OpenAI form (`{"id", "type": "function", "function":
+  {"name", "arguments"}}`, arguments as JSON text or an object) or without the `function`
+  wrapper; the content of an assistant turn that only calls tools or only reasons may be
+  null;
+- `tool_call_id` and `name` on `role: "tool"` results.
 """
 
 import hashlib
@@ -41,10 +50,51 @@ PROMPT_KEYS = ("prompt", "instruction", "question")
 ID_KEYS = ("id", "question_id")
 
 
+# Names of an assistant turn's reasoning in rows, first found wins.
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """One function call of an assistant turn."""
+
+    name: str
+    arguments: dict[str, Any]
+    id: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The OpenAI form with the arguments as an object, as chat templates read them."""
+        call: dict[str, Any] = {
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+        if self.id:
+            call["id"] = self.id
+        return call
+
+
 @dataclass(frozen=True)
 class Message:
     role: str  # one of ROLES
     content: str
+    reasoning_content: str = ""  # assistant: the reasoning before the answer
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant
+    tool_call_id: str = ""  # tool: the call this result answers
+    name: str = ""  # tool: the tool that answered
+
+    def as_dict(self) -> dict[str, Any]:
+        """The chat-completions form (what servers and chat templates read); unset fields
+        are left out."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.reasoning_content:
+            out["reasoning_content"] = self.reasoning_content
+        if self.tool_calls:
+            out["tool_calls"] = [call.as_dict() for call in self.tool_calls]
+        if self.tool_call_id:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name:
+            out["name"] = self.name
+        return out
 
 
 @dataclass
@@ -53,8 +103,8 @@ class Conversation:
     messages: list[Message]
     source: str = field(default="", compare=False)  # "file:line" of the row, for reports
 
-    def as_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [m.as_dict() for m in self.messages]
 
 
 class RowError(ValueError):
@@ -103,6 +153,52 @@ def _role(name: object, index: int) -> str:
     return role
 
 
+def _optional_string(item: Mapping[str, Any], key: str, what: str) -> str:
+    value = item.get(key)
+    return "" if value is None else _string(value, f"{what} '{key}'")
+
+
+def _tool_call(call: object, what: str) -> ToolCall:
+    if not isinstance(call, Mapping):
+        raise RowError("bad_tool_call", f"{what} is a {type(call).__name__}, not an object")
+    function = call.get("function", call)
+    if not isinstance(function, Mapping):
+        raise RowError("bad_tool_call", f"{what} 'function' is not an object")
+    arguments = function.get("arguments", {})
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError as err:
+            raise RowError("bad_tool_call", f"{what} arguments are not JSON: {err}") from None
+    if not isinstance(arguments, Mapping):
+        raise RowError("bad_tool_call", f"{what} arguments are not a JSON object")
+    name = _string(function.get("name"), f"{what} name")
+    return ToolCall(name, dict(arguments), _optional_string(call, "id", what))
+
+
+def _message(item: Mapping[str, Any], i: int) -> Message:
+    role = _role(item.get("from", item.get("role")), i)
+    content = item.get("value", item.get("content"))
+    if role == "tool":
+        return Message(
+            role,
+            _string(content, f"turn {i} content"),
+            tool_call_id=_optional_string(item, "tool_call_id", f"turn {i}"),
+            name=_optional_string(item, "name", f"turn {i}"),
+        )
+    if role != "assistant":
+        return Message(role, _string(content, f"turn {i} content"))
+    key = next((k for k in REASONING_KEYS if item.get(k) is not None), None)
+    reasoning = _string(item[key], f"turn {i} '{key}'") if key else ""
+    calls = item.get("tool_calls") or []
+    if not isinstance(calls, list):
+        raise RowError("bad_tool_call", f"turn {i} 'tool_calls' is not a list")
+    tool_calls = tuple(_tool_call(c, f"turn {i} tool call {j}") for j, c in enumerate(calls))
+    if content is None and (reasoning or tool_calls):
+        content = ""
+    return Message(role, _string(content, f"turn {i} content"), reasoning, tool_calls)
+
+
 def _turns(items: object, key: str) -> list[Message]:
     if not isinstance(items, list):
         raise RowError("unknown_format", f"'{key}' is a {type(items).__name__}, not a list")
@@ -110,9 +206,7 @@ def _turns(items: object, key: str) -> list[Message]:
     for i, item in enumerate(items):
         if not isinstance(item, Mapping):
             raise RowError("unknown_format", f"turn {i} is a {type(item).__name__}, not an object")
-        role = _role(item.get("from", item.get("role")), i)
-        content = _string(item.get("value", item.get("content")), f"turn {i} content")
-        messages.append(Message(role, content))
+        messages.append(_message(item, i))
     return messages
 
 
@@ -155,8 +249,16 @@ def parse_messages(row: object, fmt: str) -> list[Message]:
 
 
 def content_id(messages: list[Message]) -> str:
-    """A stable id from the messages alone: 16 hex digits of SHA-256."""
-    payload = json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False)
+    """A stable id from the messages alone: 16 hex digits of SHA-256.
+
+    A message's reasoning and tool fields count only when set: a conversation without them
+    has the id of its roles and contents alone.
+    """
+    items = []
+    for m in messages:
+        extra = {k: v for k, v in m.as_dict().items() if k not in ("role", "content")}
+        items.append([m.role, m.content, extra] if extra else [m.role, m.content])
+    payload = json.dumps(items, ensure_ascii=False)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 

@@ -1,6 +1,7 @@
 """`draftforge prepare`: read, template, mask, tokenise and cache a dataset, then build the
 draft vocabulary from it."""
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,7 @@ def prepare(
     last_turn_only: bool = False,
     supervise_empty_think: bool = False,
     chat_template: str | Path | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
     cache_dir: str | Path | None = None,
     num_workers: int | None = None,
     strict: bool = False,
@@ -69,7 +71,8 @@ def prepare(
 ) -> PrepareResult:
     """Tokenised dataset (cached) and its draft vocabulary (saved beside the cache entry).
 
-    `chat_template` overrides the tokenizer's template: jinja text or a path to a file.
+    `chat_template` overrides the tokenizer's template: jinja text or a path to a file;
+    `chat_template_kwargs` are variables for it (`enable_thinking`, ...).
     `target_vocab_size` is the length of `t2d`; pass the target model's `vocab_size` when
     its embedding is larger than the tokenizer (default: `len(tokenizer)`).
     Raises `DataError` when no row is left to train on.
@@ -84,6 +87,7 @@ def prepare(
         last_turn_only=last_turn_only,
         supervise_empty_think=supervise_empty_think,
         chat_template=load_template(chat_template),
+        chat_template_kwargs=chat_template_kwargs,
         cache_dir=cache_dir,
         num_workers=num_workers,
         strict=strict,

@@ -8,7 +8,13 @@ lists (user turns only, e.g. MT-Bench) are answered the same way.
 
 Two backends: `HFBackend` runs batched `generate` in this process; `HTTPBackend` asks any
 OpenAI-compatible server (`/v1/chat/completions`: SGLang, vLLM, `transformers serve`)
-with a pool of concurrent requests, timeouts and retries with exponential backoff.
+through the `openai` client (the `http` extra) with a pool of concurrent requests,
+timeouts and retries with exponential backoff.
+
+Reasoning models: both backends apply `chat_template_kwargs` (`enable_thinking`, ...). A
+server's reasoning (`reasoning_content`, or vLLM's `reasoning`) is written with the answer as
+`reasoning_content`; the HF backend leaves Qwen3's `<think>...</think>` in the answer, where
+its template finds it. Earlier answers go back into prompts without their reasoning.
 
 The output is JSONL in the `messages` format with each conversation's `id`, written
 append-only, one whole record per write, flushed and fsynced. A restart reads the ids
@@ -22,16 +28,13 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import http.client
 import itertools
 import json
 import os
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +48,7 @@ from draftforge.config import ConfigError
 from draftforge.data.conversation import Conversation
 from draftforge.data.readers import Source, read_conversations
 from draftforge.data.report import DataError, DataReport
+from draftforge.data.template import template_kwargs
 
 # Reasons a conversation failed this time rather than for good (like `prompt_too_long`):
 # it is not written, so a rerun retries it.
@@ -89,6 +93,7 @@ class Reply:
 
     text: str
     truncated: bool = False  # stopped at max_new_tokens rather than at the end of the turn
+    reasoning_content: str = ""  # the reasoning a server's reasoning parser took apart
 
 
 @dataclass
@@ -109,7 +114,7 @@ class Dialogue:
         self.id = conversation.id
         self.source = conversation.source
         self._rest = [m for m in conversation.messages if m.role != "assistant"]
-        self.messages: list[dict[str, str]] = []
+        self.messages: list[dict[str, Any]] = []
         self.turns = 0
         self.truncated = 0
         self._take_until_user()
@@ -117,7 +122,7 @@ class Dialogue:
     def _take_until_user(self) -> None:
         while self._rest:
             message = self._rest.pop(0)
-            self.messages.append({"role": message.role, "content": message.content})
+            self.messages.append(message.as_dict())
             if message.role == "user":
                 return
 
@@ -125,8 +130,16 @@ class Dialogue:
     def done(self) -> bool:
         return not self.messages or self.messages[-1]["role"] != "user"
 
+    @property
+    def prompt(self) -> list[dict[str, str]]:
+        """The conversation so far as it is sent: earlier answers without their reasoning."""
+        return [{"role": m["role"], "content": m["content"]} for m in self.messages]
+
     def answer(self, reply: Reply) -> None:
-        self.messages.append({"role": "assistant", "content": reply.text})
+        message = {"role": "assistant", "content": reply.text}
+        if reply.reasoning_content:
+            message["reasoning_content"] = reply.reasoning_content
+        self.messages.append(message)
         self.turns += 1
         self.truncated += reply.truncated
         self._take_until_user()
@@ -142,11 +155,19 @@ class Backend(Protocol):
 
 
 def render_prompt(
-    tokenizer: Any, messages: list[dict[str, str]], template: str | None
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    template: str | None,
+    kwargs: Mapping[str, Any] | None = None,
 ) -> list[int]:
-    """Token ids of the chat-templated conversation followed by the assistant header."""
+    """Token ids of the chat-templated conversation followed by the assistant header;
+    `kwargs` are template variables (`chat_template_kwargs`)."""
     text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False, chat_template=template
+        messages,
+        add_generation_prompt=True,
+        tokenize=False,
+        chat_template=template,
+        **(kwargs or {}),
     )
     # The rendered text already holds the template's BOS, when it has one.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -177,6 +198,7 @@ class HFBackend:
         *,
         batch_size: int = 8,
         chat_template: str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -185,6 +207,7 @@ class HFBackend:
         self.settings = settings
         self.batch_size = batch_size
         self.chat_template = chat_template
+        self.chat_template_kwargs = template_kwargs(chat_template_kwargs)
         # The turn ends at the tokenizer's EOS or any end token of the model's generation
         # config (chat models often list both <|im_end|> and <|endoftext|>).
         config_eos = model.generation_config.eos_token_id
@@ -202,7 +225,12 @@ class HFBackend:
             batch.extend(itertools.islice(waiting, self.batch_size - len(batch)))
             if not batch:
                 return
-            prompts = [render_prompt(self.tokenizer, d.messages, self.chat_template) for d in batch]
+            prompts = [
+                render_prompt(
+                    self.tokenizer, d.prompt, self.chat_template, self.chat_template_kwargs
+                )
+                for d in batch
+            ]
             ready: list[tuple[Dialogue, list[int]]] = []
             for dialogue, ids in zip(batch, prompts, strict=True):
                 error = _too_long(len(ids), self.settings)
@@ -262,12 +290,25 @@ class HFBackend:
         return replies
 
 
+def _openai() -> Any:
+    """The `openai` module, or a one-line error naming the extra that installs it."""
+    try:
+        import openai
+    except ImportError:
+        raise ConfigError(
+            "the http backend needs the openai client: pip install 'draftforge[http]'"
+        ) from None
+    return openai
+
+
 class HTTPBackend:
     """Any OpenAI-compatible server, `concurrency` conversations in flight at once.
 
     Connection errors, timeouts, HTTP 429 and 5xx are retried `retries` times with
     exponential backoff and jitter (so many clients do not retry in lockstep); other 4xx
-    answers (a prompt over the server's context, a wrong model name) fail at once.
+    answers (a prompt over the server's context, a wrong model name) fail at once. The
+    client's own retries are off: these are the only ones. `chat_template_kwargs` go in the
+    request body when set (strict servers refuse fields they do not know).
     `tokenizer` is only needed to enforce `settings.max_prompt_tokens` before sending.
     """
 
@@ -285,6 +326,7 @@ class HTTPBackend:
         api_key: str | None = None,
         tokenizer: Any = None,
         chat_template: str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {concurrency}")
@@ -292,20 +334,24 @@ class HTTPBackend:
             raise ConfigError(f"need retries >= 0 and timeout > 0, got {retries} and {timeout}")
         if settings.max_prompt_tokens is not None and tokenizer is None:
             raise ConfigError("max_prompt_tokens needs the target's tokenizer to count tokens")
-        base = url.rstrip("/")
-        self.endpoint = base if base.endswith("/chat/completions") else f"{base}/chat/completions"
+        self._openai = _openai()
+        # The client takes the API base and adds /chat/completions itself. A server without
+        # keys ignores the placeholder key that the client insists on.
+        self.client = self._openai.OpenAI(
+            base_url=url.rstrip("/").removesuffix("/chat/completions"),
+            api_key=api_key or "none",
+            timeout=timeout,
+            max_retries=0,
+        )
         self.model = model
         self.settings = settings
         self.concurrency = concurrency
-        self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.headers = {"Content-Type": "application/json"}
-        if api_key:
-            self.headers["Authorization"] = f"Bearer {api_key}"
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        self.chat_template_kwargs = template_kwargs(chat_template_kwargs)
         self.retried = 0  # requests sent again after an error, for the run's summary
         self._lock = threading.Lock()
 
@@ -328,12 +374,14 @@ class HTTPBackend:
         """Answer every turn of one dialogue; why it failed, or None when done."""
         while not dialogue.done:
             if self.tokenizer is not None:
-                ids = render_prompt(self.tokenizer, dialogue.messages, self.chat_template)
+                ids = render_prompt(
+                    self.tokenizer, dialogue.prompt, self.chat_template, self.chat_template_kwargs
+                )
                 error = _too_long(len(ids), self.settings)
                 if error is not None:
                     return error
             reply = self.complete(
-                dialogue.messages, turn_seed(self.settings.seed, dialogue.id, dialogue.turns)
+                dialogue.prompt, turn_seed(self.settings.seed, dialogue.id, dialogue.turns)
             )
             if isinstance(reply, Failure):
                 return reply
@@ -343,7 +391,7 @@ class HTTPBackend:
     def complete(self, messages: list[dict[str, str]], seed: int) -> Reply | Failure:
         """One chat completion, retried on errors that waiting may cure."""
         s = self.settings
-        body = {
+        request: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "max_tokens": s.max_new_tokens,
@@ -351,9 +399,8 @@ class HTTPBackend:
             "top_p": s.top_p,
             "seed": seed,
         }
-        request = urllib.request.Request(
-            self.endpoint, data=json.dumps(body).encode(), headers=self.headers, method="POST"
-        )
+        if self.chat_template_kwargs:
+            request["extra_body"] = {"chat_template_kwargs": self.chat_template_kwargs}
         for attempt in range(self.retries + 1):
             if attempt:
                 delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
@@ -361,31 +408,42 @@ class HTTPBackend:
                 with self._lock:
                     self.retried += 1
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = response.read()
-            except urllib.error.HTTPError as err:  # before OSError: it is a subclass
-                text = err.read()[:300].decode("utf-8", "replace")
-                detail = f"HTTP {err.code}: {text}"
-                if err.code != 429 and err.code < 500:
+                completion = self.client.chat.completions.create(**request)
+            except ValueError as err:  # a body that is not JSON
+                return Failure("bad_response", f"{type(err).__name__}: {err}")
+            except self._openai.APIStatusError as err:
+                detail = f"HTTP {err.status_code}: {err.response.text[:300]}"
+                if err.status_code != 429 and err.status_code < 500:
                     return Failure("request_rejected", detail)
-            except (OSError, http.client.HTTPException) as err:
-                # Refused or reset connections, timeouts (URLError is an OSError), and
-                # bodies cut off mid-read.
-                detail = f"{type(err).__name__}: {err}"
+            except self._openai.APIConnectionError as err:
+                # Refused or reset connections, timeouts, cut-off bodies: the cause says which.
+                cause = f" ({err.__cause__})" if err.__cause__ else ""
+                detail = f"{type(err).__name__}: {err}{cause}"
             else:
-                return _parse_completion(payload)
+                return _parse_completion(completion)
         return Failure("request_failed", f"{detail} (after {self.retries + 1} tries)")
 
 
-def _parse_completion(payload: bytes) -> Reply | Failure:
+def _parse_completion(completion: Any) -> Reply | Failure:
     try:
-        choice = json.loads(payload)["choices"][0]
-        content = choice["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError) as err:
-        shown = payload[:200].decode("utf-8", "replace")
+        choice = completion.choices[0]
+        message = choice.message
+        content = message.content
+        # SGLang and vLLM with a reasoning parser on; newer vLLM names it `reasoning`.
+        reasoning = getattr(message, "reasoning_content", None) or getattr(
+            message, "reasoning", None
+        )
+    except (AttributeError, IndexError, TypeError) as err:
+        shown = str(completion)[:200]
         return Failure("bad_response", f"{type(err).__name__} {err} in {shown!r}")
+    if not isinstance(content, str | None) or not isinstance(reasoning, str | None):
+        return Failure("bad_response", f"content or reasoning is not text in {message!r:.200}")
     # `content` is null when the model said nothing at all.
-    return Reply(text=content or "", truncated=choice.get("finish_reason") == "length")
+    return Reply(
+        text=content or "",
+        truncated=choice.finish_reason == "length",
+        reasoning_content=reasoning or "",
+    )
 
 
 class ResultWriter:
@@ -520,8 +578,7 @@ def regenerate(
             where = f"{conversation.source} (id {conversation.id})"
             roles = {m.role for m in conversation.messages}
             if "tool" in roles:
-                # Messages carry no tool calls, so a regenerated answer could not lead to
-                # the tool results that follow it.
+                # A regenerated answer would not make the calls whose results follow it.
                 result.answering.skip("tool_turns", where, "tool turns cannot be regenerated")
             elif "user" not in roles:
                 result.answering.skip("no_user_turn", where, "nothing to answer")

@@ -30,22 +30,74 @@ Reasoning templates: the generation prompt is also rendered with `enable_thinkin
 (Qwen3's switch for "no reasoning"). If that longer prompt, ending in an empty
 `<think>\\n\\n</think>\\n\\n`, matches, the empty think block belongs to the prompt and is
 not supervised, unless `supervise_empty_think`. A think block with reasoning in it is
-always supervised.
+always supervised. Last, the prompt is rendered with `enable_thinking=True`: a turn that
+the template writes without a think block while the configured prompt pre-fills one (Qwen3
+with `chat_template_kwargs` `enable_thinking: false`, on turns before the last) starts after
+the plain header.
+
+Reasoning and tools: messages reach the template in the chat-completions form
+(`Message.as_dict`), the reasoning also as `thinking`, the name gpt-oss's template reads.
+Reasoning that the template writes into an assistant turn lies between the generation
+prompt and the answer, so it is supervised with the answer (where the template keeps it:
+Qwen3's drops the reasoning of turns before the last user message, DeepSeek-R1's all of
+it). Tool results are tool turns and never supervised. An assistant turn that calls tools
+is marked after the name of its last call rather than after its content (templates test the
+content, which may be empty, but not the name); its end-of-turn text is the rest of the call
+up to the first special token, so a template that writes a special token inside a call
+(gpt-oss's `<|channel|>`) would end the supervised span early. A template that leaves the
+calls out fails the row (`tool_calls_not_rendered`) rather than train on a turn without them.
+
+`chat_template_kwargs` are extra template variables (`enable_thinking`, ...) passed to every
+rendering; they are part of the dataset cache key.
 """
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import numpy as np
 
+from draftforge.config import ConfigError
 from draftforge.data.conversation import Message, RowError
 
 # Private-use code points: templates pass them through and real text almost never holds
 # this pattern; the number is the message index.
 _MARK = "\ue000{}\ue001"
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+# Arguments of `apply_chat_template` that draftforge sets itself: not template variables.
+_RESERVED_KWARGS = (
+    "conversation",
+    "chat_template",
+    "tokenize",
+    "add_generation_prompt",
+    "continue_final_message",
+    "return_dict",
+    "return_tensors",
+)
+
+
+def template_kwargs(kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A copy of `chat_template_kwargs`, refused when it sets an argument draftforge sets."""
+    taken = sorted(set(kwargs or {}) & set(_RESERVED_KWARGS))
+    if taken:
+        raise ConfigError(
+            f"data.chat_template_kwargs: {', '.join(taken)} cannot be set there; it holds "
+            "variables for the template, such as enable_thinking"
+        )
+    return dict(kwargs or {})
+
+
+def template_message(message: Message) -> dict[str, Any]:
+    """A message as chat templates read it: the chat-completions form, with the reasoning
+    also under gpt-oss's name for it."""
+    out = message.as_dict()
+    if message.reasoning_content:
+        out["thinking"] = message.reasoning_content
+    return out
 
 
 def load_template(template: str | Path | None) -> str | None:
@@ -71,6 +123,7 @@ class ChatTemplate:
         *,
         last_turn_only: bool = False,
         supervise_empty_think: bool = False,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("a fast (Rust `tokenizers`) tokenizer is needed for character offsets")
@@ -79,8 +132,22 @@ class ChatTemplate:
         if not self.template:
             raise ValueError("the tokenizer has no chat template; pass chat_template=")
         self.last_turn_only = last_turn_only
-        # Rendering with enable_thinking=False only differs for templates that read it.
-        self._no_think_variant = not supervise_empty_think and "enable_thinking" in self.template
+        self.kwargs = template_kwargs(chat_template_kwargs)
+        # Template variables to render each generation prompt with, tried in order until one
+        # is found before the answer (see the module docstring); enable_thinking only for
+        # templates that read it.
+        reads_thinking = "enable_thinking" in self.template
+        overrides: list[dict[str, Any]] = (
+            [{"enable_thinking": False}] if reads_thinking and not supervise_empty_think else []
+        )
+        overrides.append({})
+        if reads_thinking:
+            overrides.append({"enable_thinking": True})
+        self._prompt_variants: list[dict[str, Any]] = []
+        for override in overrides:
+            variant = {**self.kwargs, **override}
+            if variant not in self._prompt_variants:
+                self._prompt_variants.append(variant)
         specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
         specials.update(tokenizer.all_special_tokens)
         specials.discard("")
@@ -90,12 +157,15 @@ class ChatTemplate:
     def render(
         self, messages: list[Message], *, generation_prompt: bool = False, **kwargs: Any
     ) -> str:
-        """The template's text for `messages`; template failures become RowError."""
-        dicts = [{"role": m.role, "content": m.content} for m in messages]
+        """The template's text for `messages`; template failures become RowError.
+
+        `kwargs` are template variables on top of `chat_template_kwargs`.
+        """
+        dicts = [template_message(m) for m in messages]
         return self._render_dicts(dicts, generation_prompt, kwargs)
 
     def _render_dicts(
-        self, messages: list[dict[str, str]], generation_prompt: bool, kwargs: dict[str, Any]
+        self, messages: list[dict[str, Any]], generation_prompt: bool, kwargs: dict[str, Any]
     ) -> str:
         try:
             return self.tokenizer.apply_chat_template(
@@ -103,7 +173,7 @@ class ChatTemplate:
                 chat_template=self.template,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
-                **kwargs,
+                **{**self.kwargs, **kwargs},
             )
         except (jinja2.TemplateError, ValueError, TypeError) as err:
             # raise_exception() in templates (e.g. "roles must alternate") lands here
@@ -112,17 +182,20 @@ class ChatTemplate:
     def _render_marked(
         self, messages: list[Message], generation_prompt: bool, **kwargs: Any
     ) -> tuple[str, list[int | None]]:
-        """The rendering without markers, and where each message's content ends in it
-        (None for a message the template leaves out)."""
+        """The rendering without markers, and where each message's content ends in it, or
+        its last tool call's name (None for a message the template leaves out)."""
         dicts = []
         for k, m in enumerate(messages):
-            # Before trailing whitespace, so that templates which trim still trim it; at the
-            # end of all-whitespace content, so that templates which strip leading newlines
-            # (Qwen3 on answers) still strip them.
-            body = m.content.rstrip() or m.content
-            dicts.append(
-                {"role": m.role, "content": body + _MARK.format(k) + m.content[len(body) :]}
-            )
+            message = template_message(m)
+            if m.tool_calls:
+                message["tool_calls"][-1]["function"]["name"] += _MARK.format(k)
+            else:
+                # Before trailing whitespace, so that templates which trim still trim it; at
+                # the end of all-whitespace content, so that templates which strip leading
+                # newlines (Qwen3 on answers) still strip them.
+                body = m.content.rstrip() or m.content
+                message["content"] = body + _MARK.format(k) + m.content[len(body) :]
+            dicts.append(message)
         marked = self._render_dicts(dicts, generation_prompt, kwargs)
         ends: list[int | None] = [None] * len(messages)
         pieces, removed, last = [], 0, 0
@@ -149,6 +222,11 @@ class ChatTemplate:
         spans = []
         for i in turns:
             end = ends[i]
+            if end is None and messages[i].tool_calls:
+                raise RowError(
+                    "tool_calls_not_rendered",
+                    f"the template does not write the tool calls of assistant message {i}",
+                )
             if end is None:
                 raise RowError("span_not_found", f"the template leaves out assistant message {i}")
             start = self._generation_start(messages, i, text, ends, end)
@@ -163,11 +241,7 @@ class ChatTemplate:
             raise RowError(
                 "span_not_found", "an assistant turn with nothing before it has no prompt"
             )
-        variants: list[dict[str, Any]] = (
-            [{"enable_thinking": False}] if self._no_think_variant else []
-        )
-        variants.append({})
-        for kwargs in variants:
+        for kwargs in self._prompt_variants:
             prompt, prompt_ends = self._render_marked(messages[:i], True, **kwargs)
             # The last earlier message that both renderings contain anchors the suffix.
             placed = [k for k in range(i) if ends[k] is not None and prompt_ends[k] is not None]
