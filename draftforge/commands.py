@@ -161,6 +161,7 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
             settings,
             batch_size=args.batch_size,
             chat_template=template,
+            chat_template_kwargs=cfg.data.chat_template_kwargs,
         )
     else:
         if not args.model:
@@ -180,6 +181,7 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             tokenizer=tokenizer,
             chat_template=template,
+            chat_template_kwargs=cfg.data.chat_template_kwargs,
         )
     result = regenerate(
         args.input,
