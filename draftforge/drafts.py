@@ -47,6 +47,8 @@ EXPORTABLE_ARCHS: tuple[str, ...] = ("eagle3",)  # draft.arch values read from c
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 RUN_CONFIG_FILE = "run_config.yaml"  # the run's config, as an hf export keeps it
+# Every export writes it: where it came from, and the size and sha256 of each file beside it.
+PROVENANCE_FILE = "draftforge_export.json"
 EMBEDDING = "embed_tokens.weight"
 
 # Flags of other EAGLE-3 variants (extra norms, post-norm feedback); our draft has none of them.
@@ -429,12 +431,38 @@ def _state_from_dir(directory: Path, config: LlamaConfig) -> DraftState:
     return DraftState(config=config, weights=weights, embedding=embedding)
 
 
+def check_export_files(path: Path) -> None:
+    """The files a draftforge export lists in its provenance file, with the recorded sizes and
+    sha256; a draft from elsewhere (no provenance file) is only checked as it is read."""
+    try:
+        files = json.loads((path / PROVENANCE_FILE).read_text()).get("files", {})
+        expected = {name: (meta["bytes"], meta["sha256"]) for name, meta in files.items()}
+    except FileNotFoundError:
+        return
+    except (ValueError, AttributeError, KeyError, TypeError) as err:
+        raise DraftError(
+            f"{path / PROVENANCE_FILE}: not readable ({err!r}); export again"
+        ) from None
+    for name, (size, sha256) in expected.items():
+        file = path / name
+        if (
+            not file.is_file()
+            or file.stat().st_size != size
+            or checkpoint.sha256_file(file) != sha256
+        ):
+            raise DraftError(
+                f"{file}: missing or damaged (size or sha256 differs from {PROVENANCE_FILE}); "
+                "export or download the draft again"
+            )
+
+
 def read_draft(path: Path) -> DraftState:
     """Any draft draftforge knows -> its state: a checkpoint or run directory, one of the three
     exports, or an SGLang-layout (LlamaForCausalLMEagle3) or speculators eagle3 draft from
     another trainer."""
     if not path.is_dir():
         raise DraftError(f"{path} is not a directory")
+    check_export_files(path)
     if (path / CONFIG_FILE).is_file():
         try:
             cfg = json.loads((path / CONFIG_FILE).read_text())

@@ -32,6 +32,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -39,9 +40,11 @@ from torch import Tensor
 from transformers import LlamaConfig
 
 from draftforge import locks
+from draftforge.checkpoint import sha256_file
 from draftforge.drafts import (
     CONFIG_FILE,
     EMBEDDING,
+    PROVENANCE_FILE,
     RUN_CONFIG_FILE,
     VARIANT_FLAGS,
     WEIGHTS_FILE,
@@ -65,7 +68,6 @@ from draftforge.target import TargetInfo, aux_problem, read_target_embedding, re
 FORMATS: tuple[str, ...] = ("sglang", "vllm", "hf")
 SPECULATORS_ARCH = "Eagle3Speculator"
 SPECULATORS_VERSION = "0.9.0"  # the speculators release whose config schema this writes
-PROVENANCE_FILE = "draftforge_export.json"
 DEFAULT_SPECULATIVE_TOKENS = 3
 
 
@@ -321,11 +323,18 @@ def _refuse_to_replace(out: Path, force: bool) -> None:
 
 
 def write_dir(
-    out: Path, config: dict, tensors: dict[str, Tensor], extra: dict[str, str], force: bool
+    out: Path,
+    config: dict,
+    tensors: dict[str, Tensor],
+    extra: dict[str, str],
+    provenance: dict[str, Any],
+    force: bool,
 ) -> None:
     """Write into a temporary sibling, then rename into place: a failure leaves ``out`` as it was.
 
-    ``out`` must be new, empty, or with ``force`` a previous export (see :func:`_refuse_to_replace`).
+    The provenance file is written last and records the size and sha256 of every other file,
+    which readers check (:func:`draftforge.drafts.check_export_files`). ``out`` must be new,
+    empty, or with ``force`` a previous export (see :func:`_refuse_to_replace`).
     """
     _refuse_to_replace(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -336,6 +345,12 @@ def write_dir(
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for name, text in extra.items():
             (tmp / name).write_text(text)
+        files = {
+            f.name: {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in sorted(tmp.iterdir())
+        }
+        text = json.dumps({**provenance, "files": files}, indent=2) + "\n"
+        (tmp / PROVENANCE_FILE).write_text(text)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}-old-", dir=out.parent))
             os.replace(out, old / "dir")
@@ -458,10 +473,10 @@ def export_checkpoint(
             "aux_layers_hf_hidden_states": [i + 1 for i in aux],
             "embedding": "target" if any(k.endswith(EMBEDDING) for k in tensors) else "none",
         }
-        extra = {PROVENANCE_FILE: json.dumps(provenance, indent=2) + "\n"}
+        extra = {}
         if fmt == "hf":
             extra[RUN_CONFIG_FILE] = (step_dir / "config.yaml").read_text()
-        write_dir(out, config, tensors, extra, force)
+        write_dir(out, config, tensors, extra, provenance, force)
     return ExportResult(
         out=out,
         fmt=fmt,

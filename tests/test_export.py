@@ -520,14 +520,17 @@ def test_head_shared_with_the_target_loads(env, tmp_path):
 
 
 def test_unknown_variants_are_refused(env, tmp_path):
+    # Drafts from other trainers: no provenance file, so the variant check itself must speak.
     base = env["out"]["sglang"]
     biased = shutil.copytree(base, tmp_path / "biased")
+    (biased / PROVENANCE_FILE).unlink()
     tensors = load_file(biased / WEIGHTS_FILE)
     tensors["fc.bias"] = torch.zeros(64, dtype=torch.bfloat16)
     save_file(tensors, biased / WEIGHTS_FILE)
     with pytest.raises(DraftError, match=r"unexpected \['fc.bias'\]"):
         load_draft(biased, env["target"])
     post_norm = shutil.copytree(env["out"]["vllm"], tmp_path / "post_norm")
+    (post_norm / PROVENANCE_FILE).unlink()
     config = config_of(post_norm)
     config["norm_before_residual"] = True
     (post_norm / CONFIG_FILE).write_text(json.dumps(config))

@@ -695,7 +695,11 @@ def test_damaged_metrics_are_kept_aside_and_the_run_goes_on(train_root: Path) ->
     assert steps == list(range(1, 9))
 
 
-EXPORT_DAMAGE = [("sglang", "config.json", "garbage"), ("vllm", "model.safetensors", "truncate")]
+EXPORT_DAMAGE = [
+    ("sglang", "config.json", "garbage"),
+    ("vllm", "model.safetensors", "truncate"),
+    ("vllm", "model.safetensors", "flip"),  # still a readable file: only the checksum tells
+]
 
 
 @pytest.mark.parametrize(
