@@ -188,22 +188,28 @@ def test_resume_on_another_world_size(workdir, single, first, second):
     _assert_same_run(single, out)
 
 
-def test_a_dead_rank_fails_the_job_naming_it(workdir, tmp_path):
-    script = tmp_path / "die.py"
+def _rank_1_at_step_3(tmp_path: Path, action: str) -> Path:
+    """A ``draftforge`` entry point whose rank 1 runs ``action`` (Python) at its third step."""
+    script = tmp_path / "rank1.py"
     script.write_text(
-        "import os, sys\n"
+        "import os, sys, time\n"
         "import draftforge.train as t\n"
         "from draftforge.cli import main\n"
         "step = t.train_step\n"
         "calls = [0]\n"
-        "def dying(*args, **kwargs):\n"
+        "def patched(*args, **kwargs):\n"
         "    calls[0] += 1\n"
         "    if calls[0] == 3 and os.environ['RANK'] == '1':\n"
-        "        os._exit(7)\n"
+        f"        {action}\n"
         "    return step(*args, **kwargs)\n"
-        "t.train_step = dying\n"
+        "t.train_step = patched\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
+    return script
+
+
+def test_a_dead_rank_fails_the_job_naming_it(workdir, tmp_path):
+    script = _rank_1_at_step_3(tmp_path, "os._exit(7)")
     args = tiny_run_overrides(
         workdir, tmp_path / "run", **{"training.max_steps": 6, "parallel.timeout_minutes": 1}
     )
@@ -271,21 +277,7 @@ def test_sharded_target_with_uneven_samples_per_rank(uneven_root, world):
 
 
 def test_a_stalled_rank_ends_the_job_naming_rank_and_step(workdir, tmp_path):
-    script = tmp_path / "stall.py"
-    script.write_text(
-        "import os, sys, time\n"
-        "import draftforge.train as t\n"
-        "from draftforge.cli import main\n"
-        "step = t.train_step\n"
-        "calls = [0]\n"
-        "def stalling(*args, **kwargs):\n"
-        "    calls[0] += 1\n"
-        "    if calls[0] == 3 and os.environ['RANK'] == '1':\n"
-        "        time.sleep(30)\n"
-        "    return step(*args, **kwargs)\n"
-        "t.train_step = stalling\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
+    script = _rank_1_at_step_3(tmp_path, "time.sleep(30)")
     args = tiny_run_overrides(
         workdir, tmp_path / "run", **{"training.max_steps": 6, "parallel.timeout_minutes": 0.1}
     )
