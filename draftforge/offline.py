@@ -164,7 +164,10 @@ def capture(
     cfg.validate()
     rank, _, local_rank = _rank_world()
     log = print if rank == 0 else _quiet
-    target = target or load_target(cfg.target, parallel.default_device(local_rank))
+    target = target or load_target(
+        cfg.target, parallel.default_device(local_rank, cfg.parallel.device)
+    )
+    log(parallel.describe_device(target.device, target.model.dtype), flush=True)
     dataset, _ = load_data(cfg, target, log, prepared)
     settings = capture_settings(cfg, target, dataset)
     out = features_dir(cfg, settings)

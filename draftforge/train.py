@@ -3,7 +3,8 @@ step (online) or read from a capture (offline); see :mod:`draftforge.features`.
 
 ``train()`` sets a run up and runs its loop: :class:`Run` holds what changes as it trains
 (draft, optimizer, schedule, clock, position in the data) and saves and resumes it;
-``train_step()`` is one optimizer step over ``grad_accum`` packed micro-batches. Everything
+``train_step()`` is one optimizer step over this rank's share of the step's
+``micro_batches_per_step`` packed micro-batches. Everything
 that decides the result (init, data order, packing) derives from ``training.seed``, so a
 resumed run is bitwise the uninterrupted one.
 """
@@ -29,7 +30,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from tqdm import tqdm
 
 from draftforge import checkpoint, locks, parallel, ttt
 from draftforge.config import Config, ConfigError, dump_config
@@ -40,6 +40,7 @@ from draftforge.features import (
     MicroBatch,
     Position,
     collate,
+    epoch_steps,
     feature_source,
     load_data,
     micro_batches,
@@ -48,10 +49,11 @@ from draftforge.features import (
     split_eval,
     step_batches,
 )
-from draftforge.metrics import StepStats, Trackers, summarize, window_metrics
+from draftforge.metrics import StepStats, Trackers, eval_line, summarize, window_metrics
 from draftforge.models import build_draft
 from draftforge.models.eagle3 import TTTOutput
 from draftforge.parallel import Layout
+from draftforge.progress import Progress, progress
 from draftforge.schedule import Clock, lr_factor
 from draftforge.target import Target, decoder_layers, decoder_module, load_target
 
@@ -226,9 +228,10 @@ class Run:
     data: resuming from it, on any world size, continues exactly where it stopped.
     """
 
-    def __init__(self, cfg: Config, draft: nn.Module, layout: Layout) -> None:
+    def __init__(self, cfg: Config, draft: nn.Module, layout: Layout, total_steps: int) -> None:
         tc = cfg.training
         self.cfg, self.draft, self.layout = cfg, draft, layout
+        self.total_steps = total_steps  # max_steps, or fewer when training.epochs ends sooner
         params = [p for p in draft.parameters() if p.requires_grad]
         if tc.optimizer == "sgd":
             self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
@@ -242,7 +245,7 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(
-                s, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio, self.clock.fraction
+                s, tc.warmup_steps, total_steps, tc.min_lr_ratio, self.clock.fraction
             ),
         )
         self.step, self.skipped, self.position = 0, 0, Position()
@@ -251,7 +254,7 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.cfg.training.max_steps or self.clock.out_of_time
+        return self.step >= self.total_steps or self.clock.out_of_time
 
     def resume(self, path: Path) -> None:
         weights, state = checkpoint.load_checkpoint(path)
@@ -326,14 +329,15 @@ def train(
 
 
 def _for_layout(cfg: Config, layout: Layout) -> Config:
-    """A copy of ``cfg`` with ``training.grad_accum`` resolved for this many dp ranks."""
-    grad_accum = cfg.training.grad_accum or layout.dp
-    if grad_accum % layout.dp:
+    """A copy of ``cfg`` with ``training.micro_batches_per_step`` resolved for this many dp
+    ranks."""
+    per_step = cfg.training.micro_batches_per_step or layout.dp
+    if per_step % layout.dp:
         raise ConfigError(
-            f"training.grad_accum ({grad_accum}) must be a multiple of the {layout.dp} "
-            "data-parallel ranks: each step's micro-batches are shared out evenly"
+            f"training.micro_batches_per_step ({per_step}) must be a multiple of the "
+            f"{layout.dp} data-parallel ranks: each step's micro-batches are shared out evenly"
         )
-    training = dataclasses.replace(cfg.training, grad_accum=grad_accum)
+    training = dataclasses.replace(cfg.training, micro_batches_per_step=per_step)
     return dataclasses.replace(cfg, training=training)
 
 
@@ -342,6 +346,8 @@ def _train(
 ) -> TrainResult:
     log = print if layout.is_main else _quiet
     target = _setup_target(cfg, target, layout)
+    bf16 = _use_bf16(cfg.training.precision, layout.device)
+    log(parallel.describe_device(layout.device, target.model.dtype, bf16), flush=True)
     # Rank 0 builds the tokenised cache; the others then find it there.
     if layout.is_main:
         dataset, draft_ids = load_data(cfg, target, log, prepared)
@@ -355,7 +361,8 @@ def _train(
         raise ConfigError(
             f"{cfg.data.path}: no training rows left after holding out data.eval_fraction"
         )
-    run = Run(cfg, _setup_draft(cfg, target, draft_ids, layout, log), layout)
+    draft = _setup_draft(cfg, target, draft_ids, layout, log)
+    run = Run(cfg, draft, layout, _total_steps(cfg, dataset, train_rows, lengths, log))
     run_dir = Path(cfg.output.dir)
     if layout.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -378,7 +385,7 @@ def _train(
         ),
         run.draft.draft_ids(),
     )
-    bar = _progress_bar(run)
+    bar = _progress(run)
     try:
         with (
             parallel.collective_errors(
@@ -400,7 +407,7 @@ def _train(
     finally:
         steps.close()  # however training ends, no reader thread outlives it
     bar.close()
-    if run.clock.out_of_time and run.step < cfg.training.max_steps:
+    if run.clock.out_of_time and run.step < run.total_steps:
         minutes = cfg.training.time_limit_minutes
         log(f"time limit of {minutes:g} min reached at step {run.step}", flush=True)
     if run.saved_at != run.step:
@@ -457,20 +464,33 @@ def _setup_draft(
     )
 
 
-def _progress_bar(run: Run) -> tqdm:
-    """Steps done of ``max_steps``; under a time limit, seconds spent of it (and its ETA)."""
+def _total_steps(
+    cfg: Config, dataset: Any, rows: list[int], lengths: list[int], log: Callable[..., None]
+) -> int:
+    """``max_steps``, or the steps of ``training.epochs`` when they end sooner."""
+    tc = cfg.training
+    if not tc.epochs:
+        return tc.max_steps
+    steps = epoch_steps(dataset, rows, lengths, cfg)
+    first = f"; training.max_steps ({tc.max_steps}) ends the run first" * (tc.max_steps < steps)
+    log(f"training.epochs {tc.epochs}: {steps} optimizer steps{first}", flush=True)
+    return min(steps, tc.max_steps)
+
+
+def _progress(run: Run) -> Progress:
+    """Steps done of the total; under a time limit, seconds spent of it (and its ETA)."""
     timed = bool(run.clock.limit_s)
-    return tqdm(
-        total=round(run.clock.limit_s) if timed else run.cfg.training.max_steps,
+    return progress(
+        round(run.clock.limit_s) if timed else run.total_steps,
         initial=round(run.clock.spent_s) if timed else run.step,
         desc="train",
-        unit="s" if timed else "step",
+        unit="seconds" if timed else "step",
         bar_format=(
             "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}{postfix}]"
             if timed
             else None
         ),
-        dynamic_ncols=True,
+        interval_s=run.cfg.output.progress_interval_s,
         disable=not run.layout.is_main,
     )
 
@@ -479,12 +499,12 @@ def _loop(
     run: Run,
     steps: Iterator[tuple[Position, list[MicroBatch], list[Features]]],
     trackers: Trackers,
-    bar: tqdm,
+    bar: Progress,
     evaluate_now: Callable[[], dict[str, float]] | None,
     terminate: threading.Event,
 ) -> dict[str, float]:
-    """Optimizer steps until ``max_steps`` or the time limit, logging, evaluating and saving
-    as ``training`` says; returns the last logged metrics. Raises :class:`Terminated` at the
+    """Optimizer steps until the run's total or the time limit, logging, evaluating and saving
+    as ``training`` says (held-out results also on the console); returns the last logged metrics. Raises :class:`Terminated` at the
     first step boundary after ``terminate`` is set on any rank."""
     tc = run.cfg.training
     window: list[StepStats] = []
@@ -512,16 +532,19 @@ def _loop(
             lr = run.scheduler.get_last_lr()[0]
             metrics = window_metrics(window, elapsed, lr, run.skipped)
             trackers.log("train", run.step, metrics)
-            bar.set_postfix(
-                step=run.step,
-                loss=f"{metrics['loss']:.3f}",
-                acc0=f"{metrics['acc_0']:.2f}",
-                al=f"{metrics['al_estimate']:.2f}",
-                tok_s=f"{metrics['tokens_per_s']:.0f}",
-            )
+            shown = {
+                "loss": f"{metrics['loss']:.3f}",
+                "acc0": f"{metrics['acc_0']:.2f}",
+                "al": f"{metrics['al_estimate']:.2f}",
+                "tok/s": f"{metrics['tokens_per_s']:.0f}",
+            }
+            bar.set_postfix({"step": run.step, **shown} if run.clock.limit_s else shown)
             window, window_start = [], time.perf_counter()
         if evaluate_now and tc.eval_every and (run.step % tc.eval_every == 0 or run.done):
-            trackers.log("eval", run.step, evaluate_now())
+            held_out = evaluate_now()
+            trackers.log("eval", run.step, held_out)
+            if run.layout.is_main:
+                bar.write(eval_line(run.step, held_out))
         if tc.save_every and run.step % tc.save_every == 0:
             run.save()
     return metrics
