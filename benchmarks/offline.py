@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    target = load_target(load_config().target)  # the default target: SmolLM2-135M-Instruct
+    target = load_target(load_config(None, ["target.path=smollm2"]).target)  # SmolLM2-135M
     with tempfile.TemporaryDirectory(prefix="draftforge-offline-") as tmp:
         root = Path(tmp)
         write_data(root / "data.jsonl", args.repeat)

@@ -129,6 +129,14 @@ COMMANDS: tuple[Command, ...] = (
         commands.cmd_export,
     ),
     Command(
+        "report",
+        "draw a run's loss, acc_k and AL-estimate curves (train and held out) to report.png",
+        commands.report_arguments,
+        commands.cmd_report,
+        description="Read RUN_DIR/metrics.jsonl and draw its loss, acc_k and acceptance-length "
+        "estimate curves, train and held out, to RUN_DIR/report.png (needs the plot extra).",
+    ),
+    Command(
         "eval",
         "speculative decoding on a prompt set: acceptance length, per-position acceptance, "
         "tokens/s against no drafting and HF generate; JSON report",

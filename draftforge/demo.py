@@ -51,14 +51,16 @@ import torch
 from tqdm import tqdm
 
 from draftforge import checkpoint, require_extra
-from draftforge.config import Config, TargetConfig, load_config
+from draftforge.config import Config, load_config
+from draftforge.curves import plot_acc, plot_loss, split_records
 from draftforge.decode.evaluate import Prompt, SweepRow, format_rows, sweep
 from draftforge.decode.sampling import SamplingParams
 from draftforge.decode.tree import TreeShape
 from draftforge.demo_prompts import build_heldout
 from draftforge.drafts import load_draft_for
 from draftforge.export import DEFAULT_SPECULATIVE_TOKENS, export_checkpoint
-from draftforge.target import Target, load_target
+from draftforge.metrics import read_records
+from draftforge.target import DEMO_TARGET, Target, load_target
 
 DEMO_DATA = Path(__file__).resolve().parent / "assets" / "demo_smollm2.jsonl.gz"
 SAVE_EVERY = 50  # steps between checkpoints, besides the one Ctrl-C and the time limit save
@@ -77,7 +79,7 @@ class DemoSettings:
     max_new_tokens: int = 64
     chain_steps: tuple[int, ...] = (1, 2, 3, 4, 5)
     tree: TreeShape = field(default_factory=lambda: TreeShape(4, 4, 8))
-    cache_dir: str = TargetConfig.cache_dir
+    cache_dir: str = ""  # target.cache_dir; empty: the CLI's cache (config.cache_root)
     data: Path = DEMO_DATA  # gzipped JSONL conversations
     overrides: list[str] = field(default_factory=list)  # section.key=value, applied last
 
@@ -85,6 +87,7 @@ class DemoSettings:
 def training_config(settings: DemoSettings, data_path: Path) -> Config:
     """The run config: offline mode on the demo data, stopped by the time budget."""
     overrides = {
+        "target.path": DEMO_TARGET,
         "target.cache_dir": settings.cache_dir,
         "data.path": data_path,
         "data.mode": "offline",
@@ -285,15 +288,9 @@ def _report(
     num_prompts: int,
 ) -> dict[str, Any]:
     run_dir = Path(cfg.output.dir)
-    metrics = [
-        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line
-    ]
-    train_rows = [m for m in metrics if m["split"] == "train"]
-    eval_rows = [m for m in metrics if m["split"] == "eval"]
+    train_rows, eval_rows = split_records(read_records(run_dir / "metrics.jsonl"))
     best = best_chain(rows)
-    plot = plot_report(
-        train_rows, eval_rows, rows, baseline, settings.out / "report.png", cfg.training.ttt_steps
-    )
+    plot = plot_report(train_rows, eval_rows, rows, baseline, settings.out / "report.png")
     last = train_rows[-1] if train_rows else {}
     lines = [
         "draftforge demo: EAGLE-3 draft for SmolLM2-135M-Instruct",
@@ -352,9 +349,9 @@ def plot_report(
     rows: list[SweepRow],
     baseline: float,
     path: Path,
-    ttt_steps: int,
 ) -> Path:
-    """Four panels: training loss, acc_k by step, acceptance length and tokens/s by num_steps."""
+    """Four panels: loss and acc_k by training step (:mod:`draftforge.curves`), acceptance
+    length and tokens/s by num_steps."""
     matplotlib = require_extra("matplotlib", "plot", "the demo's report (report.png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -362,19 +359,8 @@ def plot_report(
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     (ax_loss, ax_acc), (ax_al, ax_speed) = axes
-    steps = [m["step"] for m in train_rows]
-    ax_loss.plot(steps, [m["loss"] for m in train_rows], label="train")
-    if eval_rows:
-        ax_loss.plot(
-            [m["step"] for m in eval_rows], [m["loss"] for m in eval_rows], "o-", label="held out"
-        )
-    ax_loss.set(xlabel="step", ylabel="TTT loss", title="training loss")
-    for k in range(ttt_steps):
-        key = f"acc_{k}"
-        if train_rows and key in train_rows[0]:
-            ax_acc.plot(steps, [m[key] for m in train_rows], label=f"acc_{k}")
-    ax_acc.set(xlabel="step", ylabel="top-1 agreement with the target", title="acc_k (train)")
-    ax_acc.set_ylim(0, 1)
+    plot_loss(ax_loss, train_rows, eval_rows)
+    plot_acc(ax_acc, train_rows, eval_rows)
     chains = sorted((r for r in rows if r.shape.topk == 1), key=lambda r: r.shape.num_steps)
     trees = [r for r in rows if r.shape.topk > 1]
     x = [r.shape.num_steps for r in chains]

@@ -1,8 +1,8 @@
 """Read, load and check EAGLE-3 drafts, whatever wrote them.
 
 A draft is read from a training checkpoint or run directory, from one of the exports
-:mod:`draftforge.export` writes (sglang, vllm, hf), or from another trainer's SGLang-layout
-(``LlamaForCausalLMEagle3``) or speculators eagle3 directory. Reading gives a
+:mod:`draftforge.export` writes (sglang, vllm, draftforge), or from another trainer's
+SGLang-layout (``LlamaForCausalLMEagle3``) or speculators eagle3 directory. Reading gives a
 :class:`DraftState` in draftforge's own terms; :func:`build_draft_module` turns it into an
 :class:`Eagle3Draft`, taking what the format left out from the target.
 
@@ -36,7 +36,6 @@ from draftforge import checkpoint
 from draftforge.config import ConfigError, TargetConfig, from_dict
 from draftforge.models.eagle3 import SGLANG_ARCH, DraftShapeError, Eagle3Draft, eagle3_config
 from draftforge.target import (
-    DEFAULT_TARGET,
     Target,
     aux_problem,
     default_aux_layers,
@@ -46,7 +45,7 @@ from draftforge.target import (
 EXPORTABLE_ARCHS: tuple[str, ...] = ("eagle3",)  # draft.arch values read from checkpoints
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-RUN_CONFIG_FILE = "run_config.yaml"  # the run's config, as an hf export keeps it
+RUN_CONFIG_FILE = "run_config.yaml"  # the run's config, as a draftforge export keeps it
 # Every export writes it: where it came from, and the size and sha256 of each file beside it.
 PROVENANCE_FILE = "draftforge_export.json"
 EMBEDDING = "embed_tokens.weight"
@@ -478,8 +477,8 @@ def read_draft(path: Path) -> DraftState:
 
 
 def target_path_of(draft_path: str | Path) -> str:
-    """The target a draft was trained for, from the run config saved beside it; the default
-    target when none is recorded."""
+    """The target a draft was trained for, from the run config saved beside it; a
+    :class:`DraftError` when none is recorded."""
     path = Path(draft_path)
     candidates = [path / "config.yaml", path / RUN_CONFIG_FILE]
     # An export directory has no checkpoint: its run config is among the candidates already.
@@ -488,8 +487,10 @@ def target_path_of(draft_path: str | Path) -> str:
     for file in candidates:
         if file.is_file():
             run = yaml.safe_load(file.read_text()) or {}
-            return str((run.get("target") or {}).get("path") or DEFAULT_TARGET)
-    return DEFAULT_TARGET
+            recorded = (run.get("target") or {}).get("path")
+            if recorded:
+                return str(recorded)
+    raise DraftError(f"{path} records no target (no run config names one): pass --target")
 
 
 # ----------------------------------------------------------------------------- loading

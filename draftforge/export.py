@@ -7,8 +7,9 @@ Three formats, each a key map plus a check of what it is about to write:
 - ``vllm``: the speculators format (``speculators_model_type: eagle3``) that ``vllm serve DIR``
   recognises, with the decoder layer under ``layers.0.`` and, unless left out, the target's own
   embedding (vLLM uses a draft's ``embed_tokens.weight`` when present, so it must be the real one).
-- ``hf``: draftforge's own self-contained directory (sglang layout plus the embedding, fp32),
-  to reload or to start fine-tuning from.
+- ``draftforge``: draftforge's own self-contained directory (sglang layout plus the embedding,
+  fp32, and the run config), to reload with :func:`draftforge.drafts.load_draft` or to start
+  fine-tuning from (``draft.init_from``); not a transformers Auto-class model.
 
 Every export loads back with :func:`draftforge.drafts.load_draft`. Conventions that differ
 between engines and fail silently when mixed up:
@@ -65,7 +66,7 @@ from draftforge.models.eagle3 import SGLANG_ARCH
 from draftforge.shards import FORMAT, MANIFEST
 from draftforge.target import TargetInfo, aux_problem, read_target_embedding, read_target_info
 
-FORMATS: tuple[str, ...] = ("sglang", "vllm", "hf")
+FORMATS: tuple[str, ...] = ("sglang", "vllm", "draftforge")
 SPECULATORS_ARCH = "Eagle3Speculator"
 SPECULATORS_VERSION = "0.9.0"  # the speculators release whose config schema this writes
 DEFAULT_SPECULATIVE_TOKENS = 3
@@ -253,10 +254,10 @@ def vllm_files(
     return config, _cast(tensors, torch.bfloat16)
 
 
-def hf_files(state: DraftState) -> tuple[dict, dict[str, Tensor]]:
+def draftforge_files(state: DraftState) -> tuple[dict, dict[str, Tensor]]:
     """draftforge's own directory: the sglang layout plus the embedding, in fp32."""
     if state.embedding is None:
-        raise DraftError("the hf format holds the embedding: the target's is needed")
+        raise DraftError("the draftforge format holds the embedding: the target's is needed")
     config, _ = sglang_files(state)
     config.update(torch_dtype="float32", dtype="float32")
     return config, _cast({**state.weights, EMBEDDING: state.embedding}, torch.float32)
@@ -455,14 +456,14 @@ def export_checkpoint(
             run_target.cache_dir,
             trust_remote_code=run_target.trust_remote_code,
         )
-        if fmt == "hf" or (fmt == "vllm" and include_embedding):
+        if fmt == "draftforge" or (fmt == "vllm" and include_embedding):
             state.embedding = read_target_embedding(info)
         if fmt == "sglang":
             config, tensors = sglang_files(state)
         elif fmt == "vllm":
             config, tensors = vllm_files(state, info, speculative_tokens=speculative_tokens)
         else:
-            config, tensors = hf_files(state)
+            config, tensors = draftforge_files(state)
         check_export(fmt, config, tensors, info)
         aux = list(state.aux_layers or [])
         provenance = {
@@ -474,7 +475,7 @@ def export_checkpoint(
             "embedding": "target" if any(k.endswith(EMBEDDING) for k in tensors) else "none",
         }
         extra = {}
-        if fmt == "hf":
+        if fmt == "draftforge":
             extra[RUN_CONFIG_FILE] = (step_dir / "config.yaml").read_text()
         write_dir(out, config, tensors, extra, provenance, force)
     return ExportResult(

@@ -4,7 +4,8 @@ Data: the prepared dataset (:func:`load_data`), split into train and held-out ro
 of each row's id (:func:`split_eval`), shuffled and packed into micro-batches of
 ``training.tokens_per_batch`` tokens per epoch (:func:`epoch_plan`, a pure function of the
 seed and the epoch), grouped into optimizer steps and shared out over the data-parallel ranks
-(:func:`step_batches`).
+(:func:`step_batches`); so the steps of ``training.epochs`` are known up front
+(:func:`epoch_steps`).
 
 Features: for each micro-batch, the aux hidden states and the teacher distribution over the
 draft vocabulary (:class:`Features`), from one of two sources with the same interface
@@ -20,14 +21,13 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
 from draftforge import parallel
-from draftforge.config import Config, ConfigError
+from draftforge.config import Config, ConfigError, cache_root
 from draftforge.parallel import Layout
 from draftforge.shards import ShardReader, capture_settings, features_dir, verify
 from draftforge.target import Target, chunk_tokens, teacher
@@ -63,11 +63,12 @@ def prepare_data(cfg: Config, tokenizer: Any, target_vocab_size: int) -> Prepare
         supervise_empty_think=cfg.data.supervise_empty_think,
         chat_template=cfg.data.chat_template,
         chat_template_kwargs=cfg.data.chat_template_kwargs,
-        cache_dir=Path(cfg.target.cache_dir).expanduser() / "datasets",
+        cache_dir=cache_root(cfg.target.cache_dir) / "datasets",
         num_workers=cfg.data.num_workers or None,
         strict=cfg.data.strict,
         draft_vocab_size=cfg.draft.draft_vocab_size,
         target_vocab_size=target_vocab_size,
+        progress_interval_s=cfg.output.progress_interval_s,
     )
 
 
@@ -177,6 +178,29 @@ def micro_batches(
         epoch, index = epoch + 1, 0
 
 
+def epoch_steps(dataset: Any, rows: list[int], lengths: list[int], cfg: Config) -> int:
+    """The optimizer steps that ``training.epochs`` passes over ``rows`` make.
+
+    Training takes the micro-batches of epoch after epoch ``micro_batches_per_step`` at a time,
+    so the last step of the last epoch is topped up from the next epoch; a step that
+    supervises nothing is skipped (it is no optimizer step). Step 0 of TTT supervises index t
+    when token t+2 of the same sample is supervised, so a row counts when its loss mask is set
+    anywhere from index 2 on.
+    """
+    tc = cfg.training
+    budget, per_step = tc.tokens_per_batch, tc.micro_batches_per_step
+    batches = sum(
+        len(epoch_plan(rows, lengths, budget, tc.seed, epoch)) for epoch in range(tc.epochs)
+    )
+    supervises = {row: bool(dataset[row]["loss_mask"][2:budget].any()) for row in rows}
+    stream = micro_batches(dataset, rows, lengths, cfg, Position())
+    steps = 0
+    for _ in range(-(-batches // per_step)):
+        step_rows = [row for _ in range(per_step) for row in next(stream)[1]]
+        steps += any(supervises[row] for row in step_rows)
+    return steps
+
+
 def rank_share(items: list[Any], layout: Layout) -> list[Any]:
     """This dp rank's items: every dp-th one, starting at its dp rank."""
     return items[layout.dp_rank :: layout.dp]
@@ -189,7 +213,7 @@ def step_batches(
     step's last micro-batch."""
     while True:
         step_rows = []
-        for _ in range(cfg.training.grad_accum):
+        for _ in range(cfg.training.micro_batches_per_step):
             position, rows = next(stream)
             step_rows.append(rows)
         budget = cfg.training.tokens_per_batch

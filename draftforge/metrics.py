@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +43,15 @@ def summarize(loss: float, correct: Tensor, counts: Tensor, ce_sums: Tensor) -> 
     return metrics
 
 
+def eval_line(step: int, metrics: dict[str, float]) -> str:
+    """The console line of one held-out evaluation: step, loss, acc_k, AL estimate."""
+    accs = " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("acc_"))
+    return (
+        f"eval step {step} loss {metrics['loss']:.4f} {accs} "
+        f"al_estimate {metrics['al_estimate']:.3f}"
+    )
+
+
 def window_metrics(
     window: list[StepStats], elapsed: float, lr: float, skipped: int
 ) -> dict[str, float]:
@@ -56,9 +67,20 @@ def window_metrics(
     return metrics
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
 class Trackers:
     """metrics.jsonl always; tensorboard and wandb when asked for (optional extras).
-    Only rank 0 writes (``enabled``)."""
+    Only rank 0 writes (``enabled``).
+
+    A run resumed at ``step`` writes only the steps after it, wherever they go: metrics.jsonl
+    drops the records after it, tensorboard purges its events after it (``purge_step``), and
+    wandb continues the same run, whose id the run directory keeps (``wandb_run_id``; wandb
+    ignores, with a warning, steps that an interrupted run had logged after its checkpoint:
+    the resumed run computes the same values). A run that starts at step 0 starts a new
+    wandb run.
+    """
 
     def __init__(
         self, names: list[str], run_dir: Path, cfg: Config, enabled: bool = True, step: int = 0
@@ -76,7 +98,7 @@ class Trackers:
                     raise ConfigError(
                         "training.trackers has tensorboard: pip install 'draftforge[tensorboard]'"
                     ) from None
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1)
             elif name == "wandb":
                 try:
                     import wandb
@@ -84,7 +106,13 @@ class Trackers:
                     raise ConfigError(
                         "training.trackers has wandb: pip install 'draftforge[wandb]'"
                     ) from None
-                self.wandb = wandb.init(project="draftforge", dir=str(run_dir), config=to_dict(cfg))
+                self.wandb = wandb.init(
+                    project="draftforge",
+                    dir=str(run_dir),
+                    config=to_dict(cfg),
+                    id=_wandb_id(run_dir, step),
+                    resume="allow",
+                )
 
     def log(self, split: str, step: int, metrics: dict[str, float]) -> None:
         if self.jsonl is None:
@@ -104,6 +132,29 @@ class Trackers:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _wandb_id(run_dir: Path, step: int) -> str:
+    """The wandb run id kept in ``run_dir``: the recorded one when resuming, else a new one."""
+    path = run_dir / WANDB_ID_FILE
+    if step > 0 and path.is_file() and path.read_text().strip():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:12]
+    path.write_text(run_id + "\n")
+    return run_id
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl, in order; lines that are not records are skipped."""
+    records = []
+    for line in path.read_bytes().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "split" in record and "step" in record:
+            records.append(record)
+    return records
 
 
 def _keep_records(lines: list[bytes], step: int) -> tuple[list[str], int]:

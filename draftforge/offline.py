@@ -38,11 +38,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import save
 from torch import Tensor
-from tqdm import tqdm
 
 from draftforge import __version__, locks, parallel
 from draftforge.config import Config
 from draftforge.features import load_data, sample_features
+from draftforge.progress import progress_bar
 from draftforge.shards import (
     ELSEWHERE,
     FORMAT,
@@ -228,7 +228,8 @@ def _capture_slices(
     tokens = 0
     if not done:
         writer = _SliceWriter(out, settings, rank, world, shards, shard_bytes, dataset.ids)
-        tokens = writer.run(target, dataset, rank_slice(lengths, rank, world), progress)
+        rows = rank_slice(lengths, rank, world)
+        tokens = writer.run(target, dataset, rows, progress, cfg.output.progress_interval_s)
     manifest = None
     if rank == 0:
         _wait_for_ranks(out, world, log)
@@ -357,18 +358,20 @@ class _SliceWriter:
         self.dtype = STORAGE_DTYPES[settings["storage_dtype"]]
         self.per_token = bytes_per_token(settings["hidden_size"], settings["storage_dtype"])
 
-    def run(self, target: Target, dataset: Any, rows: range, progress: bool) -> int:
+    def run(
+        self, target: Target, dataset: Any, rows: range, progress: bool, interval_s: float
+    ) -> int:
         """Capture the samples after the recorded shards; return the tokens captured."""
         first = rows.start + sum(len(entry["rows"]) for entry in self.shards)
         todo = range(first, rows.stop)
         lengths = dataset.lengths()
-        bar = tqdm(
-            total=sum(lengths[r] for r in rows),
+        bar = progress_bar(
+            sum(lengths[r] for r in rows),
             initial=sum(lengths[r] for r in range(rows.start, first)),
             desc="capture",
             unit="tok",
             unit_scale=True,
-            dynamic_ncols=True,
+            interval_s=interval_s,
             disable=not progress or self.rank != 0,
         )
         pending: list[Sample] = []

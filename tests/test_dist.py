@@ -36,7 +36,7 @@ def _cmd(procs: int, root: Path, out: Path, **extra) -> list[str]:
     settings = {
         "training.optimizer": "sgd",
         "training.lr": 0.5,
-        "training.grad_accum": 2,
+        "training.micro_batches_per_step": 2,
         "training.tokens_per_batch": 128,
         "data.max_length": 128,
         "training.log_every": 1,
@@ -143,7 +143,7 @@ def test_tensor_parallel_smollm2_matches_one_process(smollm2_dir, tmp_path):
         "training.optimizer": "sgd",
         "training.lr": 0.5,
         "training.warmup_steps": 0,
-        "training.grad_accum": 1,
+        "training.micro_batches_per_step": 1,
         "training.tokens_per_batch": 256,
         "training.max_steps": steps,
         "training.log_every": 1,
@@ -224,7 +224,7 @@ def test_a_dead_rank_fails_the_job_naming_it(workdir, tmp_path):
 UNEVEN = {
     "training.tokens_per_batch": 300,
     "data.max_length": 128,
-    "training.grad_accum": 4,
+    "training.micro_batches_per_step": 4,
     "training.eval_every": 10,
     "data.eval_fraction": 0.1,
     "parallel.fsdp": "target",

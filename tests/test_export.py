@@ -93,7 +93,7 @@ def env(tmp_path_factory):
     target = load_target(TargetConfig(path=str(target_dir), aux_layers=AUX))
     out = {
         fmt: export_checkpoint(run, fmt, root / f"out_{fmt}").out
-        for fmt in ("sglang", "vllm", "hf")
+        for fmt in ("sglang", "vllm", "draftforge")
     }
     out["vllm_noembed"] = export_checkpoint(
         run, "vllm", root / "out_vllm_noembed", include_embedding=False
@@ -157,7 +157,7 @@ def test_checkpoint_and_run_dir_load_the_same_draft(env):
 
 def test_hf_round_trip_is_exact_and_self_contained(env):
     original = logits(load_draft(env["step"], env["target"]))
-    reloaded = load_draft(env["out"]["hf"])  # no target: everything is in the directory
+    reloaded = load_draft(env["out"]["draftforge"])  # no target: everything is in the directory
     assert torch.equal(logits(reloaded), original)
     assert torch.equal(reloaded.embed_tokens.weight, env["target"].embed_weight())
 
@@ -194,7 +194,10 @@ def test_aux_layer_conventions(env):
     assert "eagle_aux_hidden_state_layer_ids" not in sglang
     # vLLM/speculators count HF hidden_states: output of layer i is hidden_states[i + 1].
     assert vllm["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in AUX]
-    assert config_of(env["out"]["hf"])["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == AUX
+    assert (
+        config_of(env["out"]["draftforge"])["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
+        == AUX
+    )
     provenance = json.loads((env["out"]["vllm"] / PROVENANCE_FILE).read_text())
     assert provenance["aux_layers_output_of_layer"] == AUX
     assert provenance["aux_layers_hf_hidden_states"] == [i + 1 for i in AUX]
@@ -202,7 +205,7 @@ def test_aux_layer_conventions(env):
 
 def test_d2t_is_an_offset_and_t2d_a_mask(env):
     draft_ids = sorted(random.Random(2).sample(range(TINY_VOCAB), DRAFT_VOCAB))
-    for name in ("sglang", "vllm", "hf"):
+    for name in ("sglang", "vllm", "draftforge"):
         tensors = load_file(env["out"][name] / WEIGHTS_FILE)
         d2t, t2d = tensors["d2t"], tensors["t2d"]
         assert d2t.dtype == torch.int64 and t2d.dtype == torch.bool, name
@@ -217,7 +220,9 @@ def test_embedding_rule(env):
     # vLLM uses a draft's embedding when present: it must be the target's, never a random one.
     vllm = load_file(env["out"]["vllm"] / WEIGHTS_FILE)["embed_tokens.weight"]
     assert torch.equal(vllm, real.bfloat16())
-    assert torch.equal(load_file(env["out"]["hf"] / WEIGHTS_FILE)["embed_tokens.weight"], real)
+    assert torch.equal(
+        load_file(env["out"]["draftforge"] / WEIGHTS_FILE)["embed_tokens.weight"], real
+    )
 
 
 def test_key_names_and_dtypes(env):
@@ -235,8 +240,8 @@ def test_key_names_and_dtypes(env):
     assert set(vllm) == head | {f"layers.0.{k}" for k in layer} | {"embed_tokens.weight"}
     for tensors, dtype in ((sglang, torch.bfloat16), (vllm, torch.bfloat16)):
         assert {t.dtype for k, t in tensors.items() if k not in ("d2t", "t2d")} == {dtype}
-    hf = load_file(env["out"]["hf"] / WEIGHTS_FILE)
-    assert {t.dtype for k, t in hf.items() if k not in ("d2t", "t2d")} == {torch.float32}
+    own = load_file(env["out"]["draftforge"] / WEIGHTS_FILE)
+    assert {t.dtype for k, t in own.items() if k not in ("d2t", "t2d")} == {torch.float32}
 
 
 def test_sglang_config_fields(env):
@@ -301,7 +306,7 @@ def test_rope_theta_is_written_beside_rope_parameters(env):
 def test_torch_dtype_is_written(env):
     assert config_of(env["out"]["sglang"])["torch_dtype"] == "bfloat16"
     assert config_of(env["out"]["vllm"])["transformer_layer_config"]["torch_dtype"] == "bfloat16"
-    assert config_of(env["out"]["hf"])["torch_dtype"] == "float32"
+    assert config_of(env["out"]["draftforge"])["torch_dtype"] == "float32"
 
 
 def test_no_ambiguous_norm_flags(env):

@@ -555,7 +555,11 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_is_bitwise_identical(
 def test_sigterm_under_torchrun_stops_both_ranks_at_one_step_and_resumes_exactly(
     train_root: Path,
 ) -> None:
-    settings = {"training.grad_accum": 2, "training.save_every": 0, "training.max_steps": 16}
+    settings = {
+        "training.micro_batches_per_step": 2,
+        "training.save_every": 0,
+        "training.max_steps": 16,
+    }
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
     def cmd(out: Path) -> list[str]:

@@ -113,7 +113,13 @@ def test_gguf_target_without_gguf_names_the_extra(monkeypatch, capsys, tmp_path)
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
 def test_cuda_requested_without_cuda_is_a_one_line_error(capsys, tmp_path) -> None:
-    assert main(["train", "parallel.device=cuda", f"output.dir={tmp_path / 'run'}"]) == 2
+    argv = [
+        "train",
+        "target.path=smollm2",
+        "parallel.device=cuda",
+        f"output.dir={tmp_path / 'run'}",
+    ]
+    assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1
     assert err.startswith(

@@ -231,6 +231,7 @@ def test_smollm2_training_raises_acc0(smollm2, tmp_path):
         "training.warmup_steps=10",
         "training.log_every=20",
         "training.save_every=0",
+        f"target.path={smollm2.path}",
         f"target.cache_dir={tmp_path / 'cache'}",
         f"output.dir={tmp_path / 'run'}",
     ]
@@ -245,14 +246,14 @@ def test_init_from_an_export_starts_from_its_weights(workdir, tmp_path):
 
     first = tmp_path / "first"
     train(load_config(None, _overrides(workdir, first, **{"training.max_steps": 3})))
-    export_checkpoint(first, "hf", tmp_path / "hf")
+    export_checkpoint(first, "draftforge", tmp_path / "export")
     second = tmp_path / "second"
     # One SGD step at a rate far below the weights' last bit leaves them exactly as loaded.
     start = {
         "training.max_steps": 1,
         "training.optimizer": "sgd",
         "training.lr": 1e-30,
-        "draft.init_from": tmp_path / "hf",
+        "draft.init_from": tmp_path / "export",
     }
     train(load_config(None, _overrides(workdir, second, **start)))
     a = load_file(first / "checkpoints" / "step_00000003" / checkpoint.WEIGHTS)
@@ -262,7 +263,7 @@ def test_init_from_an_export_starts_from_its_weights(workdir, tmp_path):
     mismatched = _overrides(
         workdir,
         tmp_path / "third",
-        **{"draft.init_from": tmp_path / "hf", "draft.draft_vocab_size": 100},
+        **{"draft.init_from": tmp_path / "export", "draft.draft_vocab_size": 100},
     )
     with pytest.raises(ConfigError, match="does not fit this draft"):
         train(load_config(None, mismatched))

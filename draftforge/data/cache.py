@@ -37,16 +37,16 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 from safetensors.torch import load_file
-from tqdm import tqdm
 
 from draftforge.checkpoint import sha256_file
+from draftforge.config import cache_root
 from draftforge.data.conversation import Conversation, RowError
 from draftforge.data.readers import Source, read_conversations
 from draftforge.data.report import DamagedFile, DataReport
 from draftforge.data.template import ChatTemplate, template_kwargs
+from draftforge.progress import progress_bar
 
 CACHE_VERSION = 1
-DEFAULT_CACHE_DIR = Path("~/.cache/draftforge/datasets")
 TOKENS = "tokens.safetensors"
 META = "meta.json"
 
@@ -295,12 +295,14 @@ def prepare_dataset(
     num_workers: int | None = None,
     strict: bool = False,
     progress: bool = True,
+    progress_interval_s: float = 30.0,
 ) -> TokenizedDataset:
     """Read, template, mask and tokenise `path` once; later calls load the cached result.
 
     `chat_template` replaces the tokenizer's own template (the jinja text itself);
     `chat_template_kwargs` are variables for it (`enable_thinking`, ...).
-    `num_workers` defaults to the number of CPU cores.
+    `num_workers` defaults to the number of CPU cores. `progress`: a bar, or a line every
+    `progress_interval_s` seconds when stderr is not a terminal.
     """
     source = path if isinstance(path, Source) else Source.open(path, split)
     kwargs = template_kwargs(chat_template_kwargs)
@@ -320,7 +322,7 @@ def prepare_dataset(
         chat_template_kwargs=kwargs,
     )
     key = cache_key(tokenizer, template.template, settings, source.fingerprint())
-    entry = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser() / key
+    entry = (Path(cache_dir).expanduser() if cache_dir else cache_root() / "datasets") / key
     if entry.is_dir():
         try:
             return _load_entry(entry, source)
@@ -332,16 +334,35 @@ def prepare_dataset(
     ids, arrays, truncated = [], [], 0
     # closing(): a strict-mode DataError must also shut the worker pool down.
     with closing(_encode_all(conversations, template, max_length, workers)) as results:
-        bar = tqdm(results, total=len(conversations), desc="tokenising", disable=not progress)
-        for conversation, result in zip(conversations, bar, strict=True):
+        bar = progress_bar(
+            len(conversations),
+            desc="tokenising",
+            unit="conv",
+            interval_s=progress_interval_s,
+            disable=not progress,
+        )
+        for conversation, result in zip(conversations, results, strict=True):
+            bar.update(1)
             if isinstance(result, RowError):
                 report.skip(result.reason, conversation.source, result.detail)
                 continue
             ids.append(conversation.id)
             arrays.append(result[:2])
             truncated += result[2]
+        bar.close()
+    description = {
+        "settings": asdict(settings),
+        "source": source.name,
+        "template": template.template,
+    }
+    _write_entry(entry, key, ids, arrays, _stats(arrays, truncated), report, description)
+    return _load_entry(entry, source)
+
+
+def _stats(arrays: list[tuple[np.ndarray, np.ndarray]], truncated: int) -> dict[str, Any]:
+    """Rows and tokens of the tokenised rows (input ids, loss mask), as meta.json keeps them."""
     tokens = sum(len(a) for a, _ in arrays)
-    stats = {
+    return {
         "rows": len(arrays),
         "tokens": tokens,
         "supervised_tokens": int(sum(int(m.sum()) for _, m in arrays)),
@@ -349,10 +370,3 @@ def prepare_dataset(
         "mean_row_tokens": tokens / len(arrays) if arrays else 0.0,
         "rows_truncated": truncated,
     }
-    description = {
-        "settings": asdict(settings),
-        "source": source.name,
-        "template": template.template,
-    }
-    _write_entry(entry, key, ids, arrays, stats, report, description)
-    return _load_entry(entry, source)

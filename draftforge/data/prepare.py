@@ -68,6 +68,7 @@ def prepare(
     draft_vocab_size: int = 32000,
     target_vocab_size: int | None = None,
     progress: bool = True,
+    progress_interval_s: float = 30.0,
 ) -> PrepareResult:
     """Tokenised dataset (cached) and its draft vocabulary (saved beside the cache entry).
 
@@ -92,6 +93,7 @@ def prepare(
         num_workers=num_workers,
         strict=strict,
         progress=progress,
+        progress_interval_s=progress_interval_s,
     )
     if not len(dataset):
         raise DataError(_nothing_usable(str(path), dataset.report))
