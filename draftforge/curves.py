@@ -45,10 +45,10 @@ def acc_keys(records: Records) -> list[str]:
 
 def plot_acc(ax: Any, train: Records, held_out: Records) -> None:
     """acc_k of each TTT step: train as lines, held out as markers of the same colour."""
-    for key in acc_keys(train + held_out):
+    for i, key in enumerate(acc_keys(train + held_out)):
         colour = f"C{int(key[4:]) % 10}"
         _curve(ax, train, key, "-", color=colour, label=key)
-        _curve(ax, held_out, key, "o--", color=colour, label=f"{key} held out")
+        _curve(ax, held_out, key, "o--", color=colour, label=None if i else "held out (o)")
     ax.set(xlabel="step", ylabel="top-1 agreement with the target", title="acc_k")
     ax.set_ylim(0, 1)
 
