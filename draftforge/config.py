@@ -136,15 +136,15 @@ class TrainingConfig:
         0,
         "passes over the training rows; 0 = max_steps alone decides. With both, the run stops "
         "at whichever comes first (raise max_steps to let epochs decide) and the lr schedule "
-        "spans that many steps. Epoch e's steps: its packed micro-batches, micro_batches_per_step "
-        "at a time (the last step topped up from the next epoch), less the steps that supervise "
-        "nothing (skipped, as in training)",
+        "spans that many steps. The epochs' optimizer steps are their packed micro-batches "
+        "taken micro_batches_per_step at a time (the last step topped up from the next epoch), "
+        "less the steps with nothing supervised (training skips those)",
     )
     time_limit_minutes: float = opt(
         0.0,
         "stop after this much training time, summed over resumes, with a checkpoint; the "
-        "cosine decay then follows the clock (it ends at the limit or at max_steps, whichever "
-        "comes first); 0 = no limit",
+        "cosine decay then follows the clock (it ends at the limit or at max_steps or the "
+        "epochs' steps, whichever comes first); 0 = no limit",
     )
     tokens_per_batch: int = opt(2048, "token budget of one packed micro-batch")
     micro_batches_per_step: int = opt(

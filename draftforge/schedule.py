@@ -1,8 +1,8 @@
 """The learning-rate schedule and the training clock it can follow.
 
-A run ends at ``training.max_steps`` or, under ``training.time_limit_minutes``, when its
-training time (summed over resumes) runs out; the cosine decay follows whichever is further
-along, so a time-boxed run still ends annealed.
+A run ends at ``training.max_steps`` (or the steps of ``training.epochs``, when fewer) or,
+under ``training.time_limit_minutes``, when its training time (summed over resumes) runs out;
+the cosine decay follows whichever is further along, so a time-boxed run still ends annealed.
 """
 
 from __future__ import annotations

@@ -269,7 +269,7 @@ def test_epoch_steps_leave_out_steps_that_supervise_nothing() -> None:
 # ----------------------------------------------------------------------------- settings
 
 
-def test_grad_accum_is_now_the_global_micro_batch_count() -> None:
+def test_the_micro_batch_count_key_names_the_global_count() -> None:
     with pytest.raises(ConfigError, match=r"unknown config key 'training\.grad_accum'"):
         load_config(None, ["training.grad_accum=2"])
     assert (
