@@ -115,6 +115,14 @@ COMMANDS: tuple[Command, ...] = (
         commands.cmd_plan,
     ),
     Command(
+        "check",
+        "preflight a run config: aux layers, chat template, end-of-turn token, draft "
+        "vocabulary, memory and disk; one line per finding (no weights loaded)",
+        commands.check_arguments,
+        commands.cmd_check,
+        lists_options=True,
+    ),
+    Command(
         "capture",
         "run the target over the prepared data once and store its features for "
         "data.mode=offline (resumable; split over processes under torchrun)",

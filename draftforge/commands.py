@@ -259,6 +259,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_arguments(p: argparse.ArgumentParser) -> None:
+    config_arguments(p)
+    p.add_argument(
+        "--world-size",
+        type=int,
+        help="processes the run will use (torchrun's world size); default: one per GPU here, "
+        "else 1",
+    )
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from draftforge.check import check_config
+
+    cfg = load_config(*_split_config_args(args))
+    cfg.validate()
+    findings = check_config(cfg, args.world_size)
+    for finding in findings:
+        print(finding)
+    errors = sum(f.error for f in findings)
+    print(f"check: {errors} error(s), {len(findings) - errors} warning(s)")
+    return 1 if errors else 0
+
+
 def capture_arguments(p: argparse.ArgumentParser) -> None:
     config_arguments(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -40,6 +40,7 @@ from safetensors.torch import save
 from torch import Tensor
 
 from draftforge import __version__, locks, parallel
+from draftforge.check import preflight
 from draftforge.config import Config
 from draftforge.features import load_data, sample_features
 from draftforge.progress import progress_bar
@@ -162,12 +163,15 @@ def capture(
     training checks it, and its missing or damaged shards are captured again.
     """
     cfg.validate()
-    rank, _, local_rank = _rank_world()
+    rank, world, local_rank = _rank_world()
     log = print if rank == 0 else _quiet
     target = target or load_target(
         cfg.target, parallel.default_device(local_rank, cfg.parallel.device)
     )
     log(parallel.describe_device(target.device, target.model.dtype), flush=True)
+    prepared = preflight(
+        cfg, target, prepared, world=world, device=target.device, stage="capture", log=log
+    )
     dataset, _ = load_data(cfg, target, log, prepared)
     settings = capture_settings(cfg, target, dataset)
     out = features_dir(cfg, settings)

@@ -88,13 +88,25 @@ def target_forward_bytes(text: object, tokens: int, logit_chunk_mb: int = 64) ->
     return BF16 * tokens * (4 * h + 2 * inter + 3 * h) + logit_chunk_mb * 2**20
 
 
-def plan_layouts(
-    config: object, sizes: list[int], tokens: int = 4096, steps: int = 7, draft_vocab: int = 32000
-) -> list[Plan]:
-    """Per-GPU bytes for TP and FSDP layouts of each size."""
+def layout_plan(
+    config: object,
+    params: int,
+    *,
+    tp: int = 1,
+    dp: int = 1,
+    fsdp: str = "none",
+    tokens: int = 4096,
+    steps: int = 7,
+    draft_vocab: int = 32000,
+    weight_bytes: int = BF16,
+    label: str = "",
+) -> Plan:
+    """Bytes per GPU of one layout of online training: ``tp`` ranks split each target layer,
+    ``dp`` groups read their own batches, and ``fsdp`` (``parallel.fsdp``) says what FSDP2
+    shards over the ``dp`` ranks. ``params`` is the target's parameter count
+    (:func:`count_target_params`); ``weight_bytes`` its bytes per weight."""
     text = config.get_text_config()
-    target_bytes = BF16 * count_target_params(config)
-    layers = text.num_hidden_layers
+    target_bytes = weight_bytes * params / tp
     trainable, frozen = draft_params(text, min(draft_vocab, text.vocab_size))
     # Draft state: fp32 master weights, fp32 grads and two fp32 Adam moments (16 B/param),
     # plus bf16 compute copies; the frozen embedding is bf16.
@@ -103,21 +115,25 @@ def plan_layouts(
     acts = ttt_activation_bytes(text, tokens, steps, draft_vocab) + target_forward_bytes(
         text, tokens
     )
+    if fsdp in ("target", "both") and dp > 1:
+        # Sharded over the dp ranks; one target layer is gathered at a time.
+        target_bytes = target_bytes / dp + target_bytes / text.num_hidden_layers
+    if fsdp in ("draft", "both"):
+        draft_state /= dp
+    return Plan(label or f"tp{tp}dp{dp}", tp * dp, target_bytes, draft_state + draft_compute, acts)
+
+
+def plan_layouts(
+    config: object, sizes: list[int], tokens: int = 4096, steps: int = 7, draft_vocab: int = 32000
+) -> list[Plan]:
+    """Per-GPU bytes for TP and FSDP layouts of each size: the target split ``size`` ways by
+    tensor parallelism (the draft replicated), or target and draft FSDP-sharded."""
+    params = count_target_params(config)
+    shape = {"tokens": tokens, "steps": steps, "draft_vocab": draft_vocab}
     plans = []
     for size in sizes:
-        # Tensor parallel: target weights split size ways; the draft is replicated.
-        plans.append(Plan("tp", size, target_bytes / size, draft_state + draft_compute, acts))
-        # FSDP: target and draft state sharded size ways; one target layer is gathered at a time.
-        gathered_layer = target_bytes / layers
-        plans.append(
-            Plan(
-                "fsdp",
-                size,
-                target_bytes / size + (gathered_layer if size > 1 else 0),
-                draft_state / size + draft_compute,
-                acts,
-            )
-        )
+        plans.append(layout_plan(config, params, tp=size, label="tp", **shape))
+        plans.append(layout_plan(config, params, dp=size, fsdp="both", label="fsdp", **shape))
     return plans
 
 

@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from draftforge import checkpoint, locks, parallel, ttt
+from draftforge.check import preflight
 from draftforge.config import Config, ConfigError, dump_config
 from draftforge.drafts import load_draft
 from draftforge.features import (
@@ -350,6 +351,9 @@ def _train(
     log(parallel.describe_device(layout.device, target.model.dtype, bf16), flush=True)
     # Rank 0 builds the tokenised cache; the others then find it there.
     if layout.is_main:
+        prepared = preflight(
+            cfg, target, prepared, world=layout.world, device=layout.device, stage="train", log=log
+        )
         dataset, draft_ids = load_data(cfg, target, log, prepared)
     parallel.barrier(layout)
     if not layout.is_main:
