@@ -784,7 +784,9 @@ def test_a_pickled_draft_with_code_is_refused_without_unsafe_advice(
     from draftforge.export import export_checkpoint
 
     export_checkpoint(reference, "sglang", tmp_path / "draft")
+    # A draft published as a pickle (no safetensors, no draftforge provenance file).
     (tmp_path / "draft" / "model.safetensors").unlink()
+    (tmp_path / "draft" / "draftforge_export.json").unlink()
     marker = tmp_path / "code_ran"
     torch.save(
         {"fc.weight": torch.zeros(2), "x": _RunsCode(marker)},
