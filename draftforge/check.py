@@ -46,8 +46,8 @@ from draftforge.parallel import default_device
 from draftforge.plan import GIB, Plan, count_target_params, layout_plan, target_forward_bytes
 from draftforge.shards import MANIFEST, STORAGE_DTYPES, bytes_per_token, size_text
 from draftforge.target import (
-    Target,
     TargetError,
+    TargetParts,
     aux_problem,
     default_aux_layers,
     load_tokenizer,
@@ -96,13 +96,11 @@ class TargetFacts:
         return self.config.get_text_config()
 
     @classmethod
-    def of(cls, target: Target) -> TargetFacts:
+    def of(cls, target: TargetParts) -> TargetFacts:
         """From a loaded target (``train``, ``capture``)."""
-        model = target.model
-        stops = _stop_ids(target.tokenizer, model.config, getattr(model, "generation_config", None))
-        return cls(
-            target.path, model.config, target.tokenizer, target.vocab_size, stops, model.dtype
-        )
+        config = target.model_config
+        stops = _stop_ids(target.tokenizer, config, target.generation_config)
+        return cls(target.path, config, target.tokenizer, target.vocab_size, stops, target.dtype)
 
     @classmethod
     def read(cls, cfg: TargetConfig, device: torch.device) -> TargetFacts:
@@ -453,7 +451,7 @@ def run_checks(
 
 def preflight(
     cfg: Config,
-    target: Target,
+    target: TargetParts,
     prepared: PrepareResult | None,
     *,
     world: int,

@@ -37,6 +37,7 @@ from draftforge.config import ConfigError, TargetConfig, from_dict
 from draftforge.models.eagle3 import SGLANG_ARCH, DraftShapeError, Eagle3Draft, eagle3_config
 from draftforge.target import (
     Target,
+    TargetParts,
     aux_problem,
     default_aux_layers,
     safetensors_files,
@@ -496,7 +497,7 @@ def target_path_of(draft_path: str | Path) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def build_draft_module(state: DraftState, target: Target | None = None) -> Eagle3Draft:
+def build_draft_module(state: DraftState, target: TargetParts | None = None) -> Eagle3Draft:
     """An :class:`Eagle3Draft` from a state; what the state lacks (embedding, a full-vocabulary
     head, aux ids) comes from ``target``, which must then be given."""
     config = copy.deepcopy(state.config)
@@ -542,7 +543,7 @@ def build_draft_module(state: DraftState, target: Target | None = None) -> Eagle
     return draft.eval()
 
 
-def load_draft(path: str | Path, target: Target | None = None) -> Eagle3Draft:
+def load_draft(path: str | Path, target: TargetParts | None = None) -> Eagle3Draft:
     """Load a draft from a checkpoint, a run directory, any export format, or an EAGLE-3 draft
     made by another trainer. Formats without the embedding (checkpoints, sglang, vllm without
     it) take it from ``target``."""

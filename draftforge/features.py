@@ -30,7 +30,7 @@ from draftforge import parallel
 from draftforge.config import Config, ConfigError, cache_root
 from draftforge.parallel import Layout
 from draftforge.shards import ShardReader, capture_settings, features_dir, verify
-from draftforge.target import Target, chunk_tokens, teacher
+from draftforge.target import Target, TargetParts, chunk_tokens, teacher
 
 if TYPE_CHECKING:
     from draftforge.data import PrepareResult
@@ -74,7 +74,7 @@ def prepare_data(cfg: Config, tokenizer: Any, target_vocab_size: int) -> Prepare
 
 def load_data(
     cfg: Config,
-    target: Target,
+    target: TargetParts,
     log: Callable[..., None] = print,
     prepared: PrepareResult | None = None,
 ) -> tuple[Any, Tensor]:
@@ -253,7 +253,7 @@ def online_features(
 
 
 def features_from_hidden(
-    target: Target, aux: Tensor, last: Tensor, draft_ids: Tensor, chunk_mb: int
+    target: TargetParts, aux: Tensor, last: Tensor, draft_ids: Tensor, chunk_mb: int
 ) -> Features:
     """The teacher over the draft vocab from final hidden states [T, H] (target's lm_head)."""
     weight, bias = target.lm_head()
@@ -324,7 +324,7 @@ class OfflineFeatures:
     the disk and the conversion to the training dtypes overlap with the draft's compute.
     """
 
-    def __init__(self, reader: ShardReader, target: Target, cfg: Config) -> None:
+    def __init__(self, reader: ShardReader, target: TargetParts, cfg: Config) -> None:
         self.reader = reader
         self.target = target
         self.chunk_mb = cfg.target.teacher_chunk_mb
@@ -405,7 +405,9 @@ class OfflineFeatures:
             producer.join()
 
 
-def open_features(cfg: Config, target: Target, dataset: Any, layout: Layout) -> OfflineFeatures:
+def open_features(
+    cfg: Config, target: TargetParts, dataset: Any, layout: Layout
+) -> OfflineFeatures:
     """Verify the capture this run needs, before any training, and read features from it."""
     settings = capture_settings(cfg, target, dataset)
     directory = features_dir(cfg, settings)
@@ -417,9 +419,11 @@ def open_features(cfg: Config, target: Target, dataset: Any, layout: Layout) -> 
     return OfflineFeatures(ShardReader(directory, manifest), target, cfg)
 
 
-def feature_source(cfg: Config, target: Target, dataset: Any, layout: Layout) -> FeatureSource:
+def feature_source(cfg: Config, target: TargetParts, dataset: Any, layout: Layout) -> FeatureSource:
     """Online or offline features, as ``data.mode`` says; an offline capture is verified here,
     before training starts."""
     if cfg.data.mode == "offline":
         return open_features(cfg, target, dataset, layout)
+    if not isinstance(target, Target):
+        raise TypeError("online features need the loaded target (load_target), not its head only")
     return OnlineFeatures(target, cfg, layout)

@@ -17,8 +17,8 @@ the online trainer does. That is the cheapest exact representation:
 Training from a capture therefore needs of the target only its ``lm_head`` (+ softcap), and
 what the draft itself is built from (config, tokenizer, input embedding). This module reads
 nothing else from it (:class:`OfflineFeatures` calls ``lm_head()``, ``logit_softcap`` and
-``device``), so loading just those tensors is a change to ``train``'s target loading only;
-today it loads the whole target.
+``device``), and ``train`` reads just those tensors from the checkpoint
+(:mod:`draftforge.target_head`).
 
 On disk (``data.features_dir``; empty: ``<target.cache_dir>/features/<hash of the settings>``)
 -----------------------------------------------------------------------------------------------
@@ -63,7 +63,7 @@ from torch import Tensor
 
 from draftforge.checkpoint import sha256_file
 from draftforge.config import Config, cache_root
-from draftforge.target import Target
+from draftforge.target import TargetParts
 
 FORMAT = "draftforge-features"
 VERSION = 1
@@ -116,7 +116,7 @@ def target_fingerprint(path: str) -> str:
     return digest.hexdigest()[:32]
 
 
-def capture_settings(cfg: Config, target: Target, dataset: Any) -> dict[str, Any]:
+def capture_settings(cfg: Config, target: TargetParts, dataset: Any) -> dict[str, Any]:
     """Everything the stored features depend on; training refuses a capture that differs."""
     target_dtype = str(target.lm_head()[0].dtype).removeprefix("torch.")
     storage = cfg.data.storage_dtype

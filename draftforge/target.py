@@ -14,10 +14,12 @@ import os
 import re
 import shutil
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -296,8 +298,54 @@ def decoder_module(model: nn.Module) -> nn.Module:
     raise TargetError(f"cannot find the decoder of {type(model).__name__}")
 
 
+class TargetParts(ABC):
+    """What draftforge reads of a target besides its forward: tokenizer, aux layers, config,
+    dtype and device, the output head and the input embedding.
+
+    :class:`Target` holds the loaded model; training from captured features needs no more
+    than this (:mod:`draftforge.target_head` reads just these from the checkpoint).
+    """
+
+    tokenizer: object
+    aux_layers: list[int]
+    path: str
+    model_config: Any  # the model's PretrainedConfig (composite models too)
+    generation_config: Any  # a GenerationConfig, or None
+    dtype: torch.dtype
+    device: torch.device
+
+    @property
+    def config(self):  # noqa: ANN201 (a transformers PretrainedConfig)
+        return self.model_config.get_text_config()
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def logit_softcap(self) -> float | None:
+        return getattr(self.config, "final_logit_softcapping", None)
+
+    @property
+    @abstractmethod
+    def vocab_size(self) -> int:
+        """Rows of the output head."""
+
+    @abstractmethod
+    def embed_weight(self) -> Tensor:
+        """The input embedding as one plain tensor."""
+
+    @abstractmethod
+    def lm_head(self) -> tuple[Tensor, Tensor | None]:
+        """The output head's weight and bias as plain tensors."""
+
+
 @dataclass
-class Target:
+class Target(TargetParts):
     """A frozen target model with its tokenizer and aux-layer choice."""
 
     model: nn.Module
@@ -307,16 +355,16 @@ class Target:
     _head: tuple[Tensor, Tensor | None] | None = field(default=None, repr=False)
 
     @property
-    def config(self):  # noqa: ANN201 (a transformers PretrainedConfig)
-        return self.model.config.get_text_config()
+    def model_config(self):  # noqa: ANN201 (a transformers PretrainedConfig)
+        return self.model.config
 
     @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
+    def generation_config(self):  # noqa: ANN201 (a transformers GenerationConfig or None)
+        return getattr(self.model, "generation_config", None)
 
     @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
 
     @property
     def vocab_size(self) -> int:
@@ -342,10 +390,6 @@ class Target:
             bias = _full(head.bias) if head.bias is not None else None
             self._head = (_full(head.weight), bias)
         return self._head
-
-    @property
-    def logit_softcap(self) -> float | None:
-        return getattr(self.config, "final_logit_softcapping", None)
 
     @torch.no_grad()
     def features(
@@ -426,12 +470,17 @@ def load_target(
     if tp_mesh is None:
         model.to(device)
     model.eval().requires_grad_(False)
-    n = model.config.get_text_config().num_hidden_layers
-    aux = list(cfg.aux_layers) if cfg.aux_layers is not None else default_aux_layers(n)
-    problem = aux_problem(aux, n, "target.aux_layers")
+    aux = checked_aux_layers(cfg, model.config.get_text_config().num_hidden_layers)
+    return Target(model=model, tokenizer=tokenizer, aux_layers=aux, path=path)
+
+
+def checked_aux_layers(cfg: TargetConfig, num_layers: int) -> list[int]:
+    """``target.aux_layers``, or the default for this depth; a TargetError if they do not fit."""
+    aux = list(cfg.aux_layers) if cfg.aux_layers is not None else default_aux_layers(num_layers)
+    problem = aux_problem(aux, num_layers, "target.aux_layers")
     if problem:
         raise TargetError(problem)
-    return Target(model=model, tokenizer=tokenizer, aux_layers=aux, path=path)
+    return aux
 
 
 def chunk_tokens(vocab_size: int, budget_mb: int) -> int:

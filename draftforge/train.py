@@ -56,7 +56,8 @@ from draftforge.models.eagle3 import TTTOutput
 from draftforge.parallel import Layout
 from draftforge.progress import Progress, progress_bar
 from draftforge.schedule import Clock, lr_factor
-from draftforge.target import Target, decoder_layers, decoder_module, load_target
+from draftforge.target import Target, TargetParts, decoder_layers, decoder_module, load_target
+from draftforge.target_head import load_target_head
 
 if TYPE_CHECKING:
     from draftforge.data import PrepareResult
@@ -348,7 +349,7 @@ def _train(
     log = print if layout.is_main else _quiet
     target = _setup_target(cfg, target, layout)
     bf16 = _use_bf16(cfg.training.precision, layout.device)
-    log(parallel.describe_device(layout.device, target.model.dtype, bf16), flush=True)
+    log(parallel.describe_device(layout.device, target.dtype, bf16), flush=True)
     # Rank 0 builds the tokenised cache; the others then find it there.
     if layout.is_main:
         prepared = preflight(
@@ -420,9 +421,11 @@ def _train(
     return TrainResult(run.step, first_step, run_dir, metrics, run.skipped, layout.is_main)
 
 
-def _setup_target(cfg: Config, target: Target | None, layout: Layout) -> Target:
-    """The target, loaded unless given, sharded when ``parallel.fsdp`` says so, with its
-    head gathered on every rank at once."""
+def _setup_target(cfg: Config, target: Target | None, layout: Layout) -> TargetParts:
+    """The target, loaded unless given (offline: its head and embedding only), sharded when
+    ``parallel.fsdp`` says so, with its head gathered on every rank at once."""
+    if target is None and cfg.data.mode == "offline":
+        return load_target_head(cfg.target, layout.device)
     target = target or load_target(cfg.target, layout.device, tp_mesh=layout.tp_mesh())
     if cfg.parallel.fsdp in ("target", "both"):
         parallel.shard_target(
@@ -433,7 +436,7 @@ def _setup_target(cfg: Config, target: Target | None, layout: Layout) -> Target:
 
 
 def _setup_draft(
-    cfg: Config, target: Target, draft_ids: Tensor, layout: Layout, log: Callable[..., None]
+    cfg: Config, target: TargetParts, draft_ids: Tensor, layout: Layout, log: Callable[..., None]
 ) -> nn.Module:
     """A new draft seeded by ``training.seed`` (or ``draft.init_from``'s weights), on the
     device and parallelised as ``parallel`` says."""

@@ -1,0 +1,193 @@
+"""The target without its decoder layers, for training from captured features.
+
+Training from a capture needs of the target only its output head (+ final logit softcap) for
+the teacher, and what the draft is built from: config, tokenizer, input embedding. This reads
+just those tensors from the checkpoint's safetensors files, so the memory of offline training
+does not grow with the target's depth.
+
+The tensors' names come from the model class itself: the model is built on the meta device,
+its output and input embeddings' parameter names are taken (a tied head shares the
+embedding's), and each checkpoint key is mapped to a parameter name by the checkpoint's own
+key conversion, as ``from_pretrained`` maps it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from draftforge.config import TargetConfig
+from draftforge.target import (
+    TargetError,
+    TargetParts,
+    checked_aux_layers,
+    load_target,
+    load_tokenizer,
+    pick_dtype,
+    resolve_target_path,
+)
+
+INDEX = "model.safetensors.index.json"
+Rename = Callable[[str], "str | None"]
+
+
+@dataclass
+class HeadTarget(TargetParts):
+    """The target's config, tokenizer, output head and input embedding; no decoder layers."""
+
+    tokenizer: object
+    aux_layers: list[int]
+    path: str
+    model_config: Any
+    generation_config: Any
+    dtype: torch.dtype
+    device: torch.device
+    head: tuple[Tensor, Tensor | None]
+    embedding: Tensor
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head[0].shape[0]
+
+    def embed_weight(self) -> Tensor:
+        return self.embedding
+
+    def lm_head(self) -> tuple[Tensor, Tensor | None]:
+        return self.head
+
+
+def load_target_head(cfg: TargetConfig, device: torch.device | str = "cpu") -> TargetParts:
+    """The target's head and embedding read from its safetensors (in ``pick_dtype``'s dtype,
+    on ``device``), with its config and tokenizer; a checkpoint without safetensors files is
+    loaded whole (:func:`~draftforge.target.load_target`)."""
+    from transformers import AutoConfig, GenerationConfig
+
+    device = torch.device(device)
+    path = resolve_target_path(cfg.path, cfg.cache_dir)
+    directory = _local_directory(path)
+    files = _weight_files(directory)
+    if not files:
+        return load_target(cfg, device)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0]
+        raise TargetError(f"cannot read the target config at {path}: {first}") from None
+    try:
+        generation = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: the model config's ids apply
+        generation = None
+    keys = _checkpoint_keys(directory, files, *_parameter_names(config, cfg.trust_remote_code))
+    dtype = pick_dtype(cfg.dtype, device)
+    read: dict[str, Tensor] = {}
+
+    def tensor(part: str) -> Tensor:
+        if keys[part] not in read:
+            read[keys[part]] = _read(files[keys[part]], keys[part]).to(device=device, dtype=dtype)
+        return read[keys[part]]
+
+    bias = tensor("head.bias") if "head.bias" in keys else None
+    return HeadTarget(
+        tokenizer=load_tokenizer(path, cfg.trust_remote_code),
+        aux_layers=checked_aux_layers(cfg, config.get_text_config().num_hidden_layers),
+        path=path,
+        model_config=config,
+        generation_config=generation,
+        dtype=dtype,
+        device=device,
+        head=(tensor("head.weight"), bias),
+        embedding=tensor("embedding"),
+    )
+
+
+def _read(file: Path, key: str) -> Tensor:
+    """One tensor of a safetensors file; a one-line TargetError naming the file if it fails."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return f.get_tensor(key)
+    except (OSError, SafetensorError) as err:
+        raise TargetError(f"{file}: cannot read {key} ({str(err).splitlines()[0]})") from None
+
+
+def _local_directory(path: str) -> Path:
+    """The folder holding the target's files (a hub id's are fetched, weights as safetensors)."""
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
+
+
+def _weight_files(directory: Path) -> dict[str, Path]:
+    """Each tensor name of the checkpoint and the safetensors file holding it (headers only)."""
+    index = directory / INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: directory / file for key, file in weight_map.items()}
+    found = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            found.update(dict.fromkeys(f.keys(), file))
+    return found
+
+
+def _parameter_names(config: Any, trust_remote_code: bool) -> tuple[dict[str, set[str]], Rename]:
+    """Every name of the output head's weight (and bias) and of the input embedding in the
+    model class, built on the meta device (``head.weight``, ``head.bias`` when the head has
+    one, ``embedding``; a tied head shares the embedding's names), and the checkpoint's key
+    conversion: a checkpoint key to the parameter name ``from_pretrained`` loads it into, or
+    None when a converter merges it with others."""
+    from transformers import AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    head = model.get_output_embeddings()
+    parts: dict[str, nn.Parameter] = {
+        "head.weight": head.weight,
+        "embedding": model.get_input_embeddings().weight,
+    }
+    if getattr(head, "bias", None) is not None:
+        parts["head.bias"] = head.bias
+    named = list(model.named_parameters(remove_duplicate=False))
+    names = {part: {n for n, p in named if p is param} for part, param in parts.items()}
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    prefix, meta = model.base_model_prefix, model.state_dict()
+
+    def rename(key: str) -> str | None:
+        name, merged = rename_source_key(key, renamings, converters, prefix, meta)
+        return None if merged is not None else name
+
+    return names, rename
+
+
+def _checkpoint_keys(
+    directory: Path, files: dict[str, Path], names: dict[str, set[str]], rename: Rename
+) -> dict[str, str]:
+    """The checkpoint key of each part; a one-line TargetError naming the checkpoint when the
+    head or the embedding is not in it."""
+    keys: dict[str, str] = {}
+    for key in files:
+        name = rename(key)
+        for part, part_names in names.items():
+            if name in part_names and part not in keys:
+                keys[part] = key
+    for part, part_names in names.items():
+        if part not in keys:
+            where = directory / INDEX if (directory / INDEX).is_file() else directory
+            what = "output head" if part.startswith("head") else "input embedding"
+            raise TargetError(
+                f"{where}: the target's {what} ({' or '.join(sorted(part_names))}) is not in "
+                "the checkpoint; is it complete?"
+            )
+    return keys
