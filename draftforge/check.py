@@ -46,12 +46,13 @@ from draftforge.parallel import default_device
 from draftforge.plan import GIB, Plan, count_target_params, layout_plan, target_forward_bytes
 from draftforge.shards import MANIFEST, STORAGE_DTYPES, bytes_per_token, size_text
 from draftforge.target import (
-    TargetError,
     TargetParts,
     aux_problem,
     default_aux_layers,
     load_tokenizer,
     pick_dtype,
+    read_config,
+    read_generation_config,
     resolve_target_path,
 )
 
@@ -105,19 +106,10 @@ class TargetFacts:
     @classmethod
     def read(cls, cfg: TargetConfig, device: torch.device) -> TargetFacts:
         """From the target's files, without its weights (``draftforge check``)."""
-        from transformers import AutoConfig, GenerationConfig
-
         path = resolve_target_path(cfg.path, cfg.cache_dir)
         tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-        try:
-            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as err:
-            first = str(err).splitlines()[0]
-            raise TargetError(f"cannot read the target config at {path}: {first}") from None
-        try:
-            generation = GenerationConfig.from_pretrained(path)
-        except OSError:  # no generation_config.json: the model config's ids apply
-            generation = None
+        config = read_config(path, cfg.trust_remote_code)
+        generation = read_generation_config(path)
         vocab = config.get_text_config().vocab_size
         stops = _stop_ids(tokenizer, config, generation)
         return cls(path, config, tokenizer, vocab, stops, pick_dtype(cfg.dtype, device))

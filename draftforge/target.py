@@ -186,19 +186,34 @@ class TargetInfo:
     trust_remote_code: bool = False
 
 
+def read_config(path: str, trust_remote_code: bool = False) -> Any:
+    """The model config of a resolved target path (a transformers PretrainedConfig)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).splitlines()[0]
+        raise TargetError(f"cannot read the target config at {path}: {first}") from None
+
+
+def read_generation_config(path: str) -> Any:
+    """The target's GenerationConfig, or None without a generation_config.json (the model
+    config's token ids then apply)."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
+
+
 def read_target_info(
     path: str, cache_dir: str = "", *, trust_remote_code: bool = False
 ) -> TargetInfo:
     """The target's depth, sizes and architecture, without loading its weights."""
-    from transformers import AutoConfig
-
     resolved = resolve_target_path(path, cache_dir)
-    try:
-        config = AutoConfig.from_pretrained(resolved, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        raise TargetError(
-            f"cannot read the target config at {resolved}: {str(err).splitlines()[0]}"
-        ) from None
+    config = read_config(resolved, trust_remote_code)
     text = config.get_text_config()
     return TargetInfo(
         name_or_path=resolved,

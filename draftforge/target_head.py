@@ -31,6 +31,8 @@ from draftforge.target import (
     load_target,
     load_tokenizer,
     pick_dtype,
+    read_config,
+    read_generation_config,
     resolve_target_path,
 )
 
@@ -67,23 +69,14 @@ def load_target_head(cfg: TargetConfig, device: torch.device | str = "cpu") -> T
     """The target's head and embedding read from its safetensors (in ``pick_dtype``'s dtype,
     on ``device``), with its config and tokenizer; a checkpoint without safetensors files is
     loaded whole (:func:`~draftforge.target.load_target`)."""
-    from transformers import AutoConfig, GenerationConfig
-
     device = torch.device(device)
     path = resolve_target_path(cfg.path, cfg.cache_dir)
     directory = _local_directory(path)
     files = _weight_files(directory)
     if not files:
         return load_target(cfg, device)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        first = str(err).splitlines()[0]
-        raise TargetError(f"cannot read the target config at {path}: {first}") from None
-    try:
-        generation = GenerationConfig.from_pretrained(path)
-    except OSError:  # no generation_config.json: the model config's ids apply
-        generation = None
+    config = read_config(path, cfg.trust_remote_code)
+    generation = read_generation_config(path)
     keys = _checkpoint_keys(directory, files, *_parameter_names(config, cfg.trust_remote_code))
     dtype = pick_dtype(cfg.dtype, device)
     read: dict[str, Tensor] = {}
