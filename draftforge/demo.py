@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from draftforge import checkpoint, require_extra
 from draftforge.config import Config, load_config
@@ -60,6 +59,7 @@ from draftforge.demo_prompts import build_heldout
 from draftforge.drafts import load_draft_for
 from draftforge.export import DEFAULT_SPECULATIVE_TOKENS, export_checkpoint
 from draftforge.metrics import read_records
+from draftforge.progress import progress_bar
 from draftforge.target import DEMO_TARGET, Target, load_target
 
 DEMO_DATA = Path(__file__).resolve().parent / "assets" / "demo_smollm2.jsonl.gz"
@@ -255,7 +255,7 @@ def _evaluate(
 ) -> tuple[float, list[SweepRow]]:
     draft = load_draft_for(run_dir, target)
     runs = len(shapes) + 1
-    with tqdm(total=runs * len(prompts), desc="eval", unit="prompt", dynamic_ncols=True) as bar:
+    with progress_bar(runs * len(prompts), desc="eval", unit="prompt") as bar:
 
         def log(line: str) -> None:
             bar.write(_indent(line))

@@ -104,6 +104,12 @@ class LineProgress:
     def write(self, s: str) -> None:
         print(s, flush=True)
 
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if not (self.disable or self.closed) and self.n != self.shown:
             self._show()

@@ -42,13 +42,13 @@ from types import TracebackType
 from typing import Any, Protocol
 
 import torch
-from tqdm import tqdm
 
 from draftforge.config import ConfigError
 from draftforge.data.conversation import Conversation
 from draftforge.data.readers import Source, read_conversations
 from draftforge.data.report import DataError, DataReport
 from draftforge.data.template import template_kwargs
+from draftforge.progress import progress_bar
 
 # Reasons a conversation failed this time rather than for good (like `prompt_too_long`):
 # it is not written, so a rerun retries it.
@@ -584,7 +584,7 @@ def regenerate(
                 result.answering.skip("no_user_turn", where, "nothing to answer")
             else:
                 todo.append(Dialogue(conversation))
-        with tqdm(total=len(todo), desc="regenerate", unit="conv", disable=not progress) as bar:
+        with progress_bar(len(todo), desc="regenerate", unit="conv", disable=not progress) as bar:
             for dialogue, failure in backend.run(todo):
                 bar.update()
                 if failure is not None:
