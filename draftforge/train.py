@@ -325,7 +325,9 @@ def train(
     lock = locks.hold(run_dir, "draftforge train", TrainingError, "use another output.dir")
     try:
         with lock if layout.is_main else nullcontext():
-            return _train(_for_layout(cfg, layout), target, prepared, layout)
+            result = _train(_for_layout(cfg, layout), target, prepared, layout)
+        parallel.barrier(layout)  # no rank tears its process group down while another still talks
+        return result
     finally:
         parallel.teardown(layout)
 
