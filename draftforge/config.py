@@ -118,6 +118,12 @@ class DraftConfig:
     )
     intermediate_size: int | None = opt(None, "draft MLP width; default: the target's")
     init_from: str | None = opt(None, "start from this draft checkpoint or export directory")
+    head_init: Literal["target", "random"] = opt(
+        "target",
+        "the draft's output head at the start: target = the target's head rows of the draft "
+        "vocabulary (the draft then first learns to imitate the target's last hidden state), "
+        "random = seeded random init",
+    )
 
 
 @dataclass

@@ -452,6 +452,8 @@ def _setup_draft(
     )
     draft.load_target_embedding(target.embed_weight())
     draft.set_vocab(draft_ids)
+    if cfg.draft.head_init == "target":
+        draft.load_target_head(target.lm_head()[0])
     if cfg.draft.init_from:
         start = load_draft(cfg.draft.init_from, target)
         if not torch.equal(start.draft_ids(), draft.draft_ids()):

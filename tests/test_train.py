@@ -267,3 +267,22 @@ def test_init_from_an_export_starts_from_its_weights(workdir, tmp_path):
     )
     with pytest.raises(ConfigError, match="does not fit this draft"):
         train(load_config(None, mismatched))
+
+
+@pytest.mark.parametrize("head_init", ["target", "random"])
+def test_head_init_target_starts_from_the_targets_head_rows(workdir, tmp_path, head_init):
+    # One SGD step at a rate far below the weights' last bit leaves the start as it was.
+    start = {
+        "training.max_steps": 1,
+        "training.optimizer": "sgd",
+        "training.lr": 1e-30,
+        "draft.head_init": head_init,
+        "draft.draft_vocab_size": 100,
+    }
+    cfg = load_config(None, _overrides(workdir, tmp_path / "run", **start))
+    train(cfg)
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_00000001" / checkpoint.WEIGHTS)
+    draft_ids = torch.arange(saved["d2t"].numel()) + saved["d2t"]
+    assert draft_ids[-1] > 99  # not the first rows: the draft vocab is a subset with gaps
+    target_rows = load_target(cfg.target).lm_head()[0][draft_ids]
+    assert torch.equal(saved["lm_head.weight"], target_rows) == (head_init == "target")

@@ -199,6 +199,10 @@ class Eagle3Draft(nn.Module):
     def load_target_embedding(self, weight: Tensor) -> None:
         self.embed_tokens.weight.data.copy_(weight)
 
+    def load_target_head(self, weight: Tensor) -> None:
+        """Start the output head from the target's head [V, H]: its rows of the draft vocab."""
+        self.lm_head.weight.data.copy_(weight[self.draft_ids().to(weight.device)])
+
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(self.norm(hidden))
 
