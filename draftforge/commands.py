@@ -322,6 +322,14 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_SPECULATIVE_TOKENS,
         help="draft tokens per step in the written config and printed commands",
     )
+    p.add_argument(
+        "--tree",
+        type=int,
+        nargs=2,
+        metavar=("TOPK", "DRAFT_TOKENS"),
+        help="sglang: a draft tree of --speculative-tokens levels, TOPK children per node, "
+        "DRAFT_TOKENS verified (root included) in the printed command; default: a chain",
+    )
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -333,6 +341,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         target=args.target,
         include_embedding=not args.no_embedding,
         speculative_tokens=args.speculative_tokens,
+        tree=tuple(args.tree) if args.tree else None,
     )
     print(f"exported {result.source} as {result.fmt} to {result.out}")
     print(f"aux layers (output of layer i): {result.aux_layers}")

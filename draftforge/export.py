@@ -370,19 +370,27 @@ def write_dir(
 
 
 def serving_commands(
-    fmt: str, out: Path, target: str, aux_layers: list[int], speculative_tokens: int
+    fmt: str,
+    out: Path,
+    target: str,
+    aux_layers: list[int],
+    speculative_tokens: int,
+    tree: tuple[int, int] | None = None,
 ) -> list[tuple[str, str]]:
-    """(what, command) pairs that serve this export as it is."""
+    """(what, command) pairs that serve this export as it is. ``tree`` = (topk, draft tokens)
+    drafts a tree of ``speculative_tokens`` levels in SGLang; vLLM's commands keep a chain of
+    that many steps."""
     q_out, q_target = shlex.quote(str(out)), shlex.quote(target)
     if fmt == "sglang":
         kwargs = json.dumps({"eagle_aux_hidden_state_layer_ids": [i + 1 for i in aux_layers]})
+        topk, draft_tokens = tree or (1, speculative_tokens + 1)
         return [
             (
                 "SGLang",
                 f"python -m sglang.launch_server --model-path {q_target} "
                 f"--speculative-algorithm EAGLE3 --speculative-draft-model-path {q_out} "
-                f"--speculative-num-steps {speculative_tokens} --speculative-eagle-topk 1 "
-                f"--speculative-num-draft-tokens {speculative_tokens + 1}",
+                f"--speculative-num-steps {speculative_tokens} --speculative-eagle-topk {topk} "
+                f"--speculative-num-draft-tokens {draft_tokens}",
             ),
             (
                 "vLLM (convert with speculators; the aux ids must be passed, shifted by one)",
@@ -430,12 +438,14 @@ def export_checkpoint(
     target: str | None = None,
     include_embedding: bool = True,
     speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
+    tree: tuple[int, int] | None = None,
 ) -> ExportResult:
     """Export a checkpoint (or a run's newest valid one) to ``out`` in ``fmt``.
 
     ``target`` overrides the run config's ``target.path`` (e.g. the hub id the serving machine
-    knows it by); ``include_embedding=False`` leaves the embedding out of a vllm export.
-    Everything is checked before anything is written.
+    knows it by); ``include_embedding=False`` leaves the embedding out of a vllm export;
+    ``speculative_tokens`` and ``tree`` go into the config and the commands printed
+    (:func:`serving_commands`). Everything is checked before anything is written.
     """
     if fmt not in FORMATS:
         raise DraftError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -443,6 +453,11 @@ def export_checkpoint(
         raise DraftError(f"leaving the embedding out applies to the vllm format only, not {fmt}")
     if speculative_tokens < 1:
         raise DraftError(f"speculative tokens must be at least 1, got {speculative_tokens}")
+    if tree is not None and not (tree[0] >= 1 and 2 <= tree[1] <= tree[0] * speculative_tokens + 1):
+        raise DraftError(
+            f"a tree of topk {tree[0]} and {speculative_tokens} steps verifies 2 to "
+            f"{tree[0] * speculative_tokens + 1} draft tokens (the root included), not {tree[1]}"
+        )
     out = Path(out)
     _refuse_overlap(out, Path(path))
     where = out.resolve()  # the lock file lies beside ``out``, which write_dir replaces whole
@@ -483,5 +498,5 @@ def export_checkpoint(
         fmt=fmt,
         source=step_dir,
         aux_layers=aux,
-        commands=serving_commands(fmt, out, info.name_or_path, aux, speculative_tokens),
+        commands=serving_commands(fmt, out, info.name_or_path, aux, speculative_tokens, tree),
     )

@@ -403,6 +403,21 @@ def test_cli_prints_serving_commands(env, tmp_path, capsys):
     assert f'"method": "eagle3", "model": "{out}", "num_speculative_tokens": 3' in text
 
 
+def test_cli_prints_a_tree_setting_for_sglang(env, tmp_path, capsys):
+    out = tmp_path / "tree"
+    args = ["export", str(env["run"]), "--format", "sglang", "--out", str(out)]
+    assert main([*args, "--tree", "4", "8"]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "--speculative-num-steps 3 --speculative-eagle-topk 4 --speculative-num-draft-tokens 8"
+        in text
+    )
+    # 3 levels of topk 2 hold at most 2 * 3 draft nodes under the root.
+    bad = ["export", str(env["run"]), "--format", "sglang", "--out", str(tmp_path / "bad")]
+    _fails_in_one_line(capsys, [*bad, "--tree", "2", "8"], "verifies 2 to 7 draft tokens")
+    assert not (tmp_path / "bad").exists()
+
+
 def _fails_in_one_line(capsys, args: list[str], needle: str) -> None:
     capsys.readouterr()  # drop what the setup printed (progress bars)
     assert main(args) == 2
