@@ -1,14 +1,17 @@
-"""The speculative engine on tiny float64 targets: greedy output identical to the target's own,
-draft KV path identical to the training unroll, losslessness end to end, bad inputs."""
+"""The speculative engine on tiny targets, on both target paths (lean and transformers'):
+greedy output identical to the target's own, draft KV path identical to the training unroll,
+losslessness end to end, bad inputs. float64 targets keep greedy comparisons free of rounding;
+float32 ones (with large logit margins) exercise the prepacked oneDNN matmuls."""
 
 import pytest
 import torch
 
 from draftforge import checkpoint, ttt
 from draftforge.config import Config, dump_config
-from draftforge.decode import engine as engine_module
-from draftforge.decode.engine import DraftCache, SpecEngine
+from draftforge.decode.drafter import Drafter
+from draftforge.decode.engine import SpecEngine
 from draftforge.decode.errors import DecodeError
+from draftforge.decode.fastlinear import onednn_usable
 from draftforge.decode.sampling import SamplingParams, warp
 from draftforge.decode.tree import TreeShape
 from draftforge.drafts import load_draft_for
@@ -65,7 +68,7 @@ def greedy_reference(target, ids: torch.Tensor, new_tokens: int) -> list[list[in
 
 
 # name -> (target builder, draft builder, shapes cycled over the prompts, prompt count):
-# 20 distinct prompts in all, each decoded for 200 tokens.
+# 24 distinct prompts in all, each decoded for 200 tokens.
 CASES = {
     "llama-oracle": (
         lambda: as_target(bigram_like_target("llama", seed=1)),
@@ -79,6 +82,12 @@ CASES = {
         [TreeShape(3, 1), TreeShape(3, 2, 4), TreeShape(4, 3, 8), TreeShape(2, 3, 7)],
         8,
     ),
+    "qwen3-oracle-fp32": (
+        lambda: as_target(bigram_like_target("qwen3", seed=8, dtype=torch.float32)),
+        lambda t: oracle_draft(t),
+        [TreeShape(3, 1), TreeShape(4, 3, 10)],
+        4,
+    ),
     "llama-random": (
         lambda: as_target(bigram_like_target("llama", seed=3, embed_scale=1, head_scale=1)),
         lambda t: random_draft(t, seed=3),
@@ -88,25 +97,39 @@ CASES = {
 }
 
 
+def spy_compactions(engine: SpecEngine) -> list[list[int]]:
+    """Record the ``keep`` index of every cache compaction of ``engine``'s target path."""
+    compactions: list[list[int]] = []
+    real = engine.path.compact
+
+    def spy(start, keep):
+        compactions.append(keep.tolist())
+        real(start, keep)
+
+    engine.path.compact = spy
+    return compactions
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "hf"])
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_greedy_output_is_the_targets_own(case, monkeypatch):
+def test_greedy_output_is_the_targets_own(case, lean):
     make_target, make_draft, shapes, count = CASES[case]
     target = make_target()
     draft = make_draft(target)
     ids = prompts(count, seed=sorted(CASES).index(case), vocab=target.vocab_size)
     expected = greedy_reference(target, ids, NEW_TOKENS)
     compactions: list[list[int]] = []
-    real_compact = engine_module.compact_cache
-
-    def spy(cache, start, keep):
-        compactions.append(keep.tolist())
-        real_compact(cache, start, keep)
-
-    monkeypatch.setattr(engine_module, "compact_cache", spy)
     lengths = []
     for i in range(count):
         shape = shapes[i % len(shapes)]
-        gen = SpecEngine(target, draft, shape).generate(ids[i], NEW_TOKENS, stop_ids=())
+        engine = SpecEngine(target, draft, shape, lean=lean)
+        assert engine.path.name == ("lean" if lean else "hf")
+        if lean and target.dtype == torch.float32:
+            assert engine.path.packed == onednn_usable(torch.float32, torch.device("cpu"))
+        seen = spy_compactions(engine)
+        gen = engine.generate(ids[i], NEW_TOKENS, stop_ids=())
+        assert seen, "the spy saw no compaction"
+        compactions += seen
         assert gen.tokens == expected[i], f"{case} prompt {i} {shape}"
         assert gen.stop == "length" and len(gen.tokens) == NEW_TOKENS
         lengths.append(gen.acceptance_length)
@@ -120,12 +143,14 @@ def test_greedy_output_is_the_targets_own(case, monkeypatch):
         assert any(k != list(range(len(k))) for k in compactions)
 
 
-def test_draft_cache_path_equals_the_training_unroll():
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "hf"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_draft_cache_path_equals_the_training_unroll(lean, dtype):
     """Extend + tree steps with a KV cache give the hidden states TTT trains (alignment,
-    RoPE positions t + k, the diagonal)."""
-    target = as_target(bigram_like_target("llama", seed=4, embed_scale=1, head_scale=1))
+    RoPE positions t + k, the diagonal), starting from a cache small enough to grow."""
+    model = bigram_like_target("llama", seed=4, embed_scale=1, head_scale=1, dtype=dtype)
+    target = as_target(model)
     draft = random_draft(target, seed=4)
-    engine = SpecEngine(target, draft, TreeShape(3, 1))
     steps, committed = 3, 10
     gen = torch.Generator().manual_seed(4)
     ids = torch.randint(0, target.vocab_size, (1, committed + steps + 1), generator=gen)
@@ -139,36 +164,40 @@ def test_draft_cache_path_equals_the_training_unroll():
         values.append(v)
         return ttt_attention(q, keys[0], values[0], keys[1:], values[1:])
 
-    hidden = draft.fc(aux)
-    expected = []
-    for k in range(steps):
-        hidden = draft.step(hidden, ttt.shift_left(ids, 1 + k), positions + k, ttt_attend)
-        expected.append(hidden[0, committed - 1])
+    with torch.no_grad():
+        hidden = draft.fc(aux)
+        expected = []
+        for k in range(steps):
+            hidden = draft.step(hidden, ttt.shift_left(ids, 1 + k), positions + k, ttt_attend)
+            expected.append(hidden[0, committed - 1])
 
-    cache = DraftCache()
-    got = [engine._extend_draft(cache, aux[0, :committed], ids[0, 1 : committed + 1].tolist(), 0)]
-    speculative = ([], [])
+    drafter = Drafter(draft, lean=lean, capacity=4)
+    got = [drafter.extend(aux[0, :committed], ids[0, 1 : committed + 1], 0)]
     for k in range(1, steps):
         seen = torch.ones(1, k - 1, dtype=torch.bool)
-        out = engine._tree_step(
-            cache, speculative, got[-1][None], ids[0, committed + k][None], committed - 1 + k, seen
-        )
+        out = drafter.tree_step(got[-1][None], ids[0, committed + k][None], committed - 1 + k, seen)
         got.append(out[0])
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-4}
     for k in range(steps):
-        torch.testing.assert_close(got[k], expected[k])
+        torch.testing.assert_close(got[k], expected[k], **tol)
+    torch.testing.assert_close(drafter.logits(got[-1][None]), draft.logits(got[-1][None]), **tol)
 
 
 @pytest.mark.parametrize(
-    ("shape", "sampling"),
+    ("shape", "sampling", "lean", "dtype"),
     [
-        (TreeShape(2, 1), SamplingParams(temperature=1.0)),
-        (TreeShape(2, 2, 4), SamplingParams(temperature=0.8, top_p=0.9)),
+        (TreeShape(2, 1), SamplingParams(temperature=1.0), True, torch.float64),
+        (TreeShape(2, 1), SamplingParams(temperature=1.0), False, torch.float64),
+        (TreeShape(2, 2, 4), SamplingParams(0.8, top_p=0.9), True, torch.float64),
+        (TreeShape(2, 2, 4), SamplingParams(0.8, top_p=0.9), False, torch.float64),
+        (TreeShape(2, 1), SamplingParams(temperature=1.0), True, torch.float32),
+        (TreeShape(2, 2, 4), SamplingParams(0.8, top_p=0.9), True, torch.float32),
     ],
 )
-def test_sampling_end_to_end_matches_target_distribution(shape, sampling):
+def test_sampling_end_to_end_matches_target_distribution(shape, sampling, lean, dtype):
     """The second token (the first one verification emits) over many runs, against the exact
     distribution sum_a p(a | prompt) p(b | prompt, a) computed from the target."""
-    model = tiny_target("llama", seed=5, vocab_size=8).double()
+    model = tiny_target("llama", seed=5, vocab_size=8).to(dtype)
     with torch.no_grad():
         model.lm_head.weight.mul_(5)  # a few likely tokens: drafts get accepted and rejected
     target = as_target(model)
@@ -179,7 +208,7 @@ def test_sampling_end_to_end_matches_target_distribution(shape, sampling):
         both = torch.cat([prompt.expand(8, -1), torch.arange(8)[:, None]], 1)
         second = warp(model(both).logits[:, -1], sampling)
     exact = (first[:, None] * second).sum(0)
-    engine = SpecEngine(target, draft, shape, sampling, seed=0)
+    engine = SpecEngine(target, draft, shape, sampling, seed=0, lean=lean)
     runs = 300
     counts = torch.zeros(8)
     accepted = 0

@@ -18,27 +18,33 @@ One round, with N tokens committed (the last one, the root, not yet in the targe
 4. Compact. The target cache keeps its prefix plus the root and the accepted path, moved into
    place; the draft cache is extended with the real aux features of those same positions, so
    both caches again describe exactly the committed sequence.
+
+The target runs on one of two paths (:mod:`draftforge.decode.paths`): the lean static-cache
+forward of :mod:`draftforge.decode.lean` when the model is a standard dense decoder, else
+transformers' own forward; the draft runs through :class:`~draftforge.decode.drafter.Drafter`.
+``lean=None`` picks the lean path when it can serve the model, ``True`` insists, ``False``
+keeps transformers' forward and the draft module's own step (the reference the lean path is
+tested against).
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
+from draftforge.decode.drafter import Drafter
 from draftforge.decode.errors import DecodeError
+from draftforge.decode.paths import choose_target_path
 from draftforge.decode.sampling import SamplingParams, sample, verify_tree, warp
 from draftforge.decode.tree import TreeShape, ancestor_mask, is_chain, select_nodes
 from draftforge.drafts import check_compatible, draft_aux_layers
 from draftforge.models.eagle3 import Eagle3Draft
-from draftforge.target import Target, capture_layers
+from draftforge.target import Target
 
 
 @dataclass
@@ -80,45 +86,6 @@ class DraftTree:
     proposal: Tensor | None = None
 
 
-class DraftCache:
-    """The draft's keys and values [1, Hkv, L, D], one entry per committed index."""
-
-    def __init__(self) -> None:
-        self.keys: Tensor | None = None
-        self.values: Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
-
-    def with_new(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """The cached keys and values followed by ``k`` / ``v``; the cache is unchanged."""
-        if self.keys is None or self.values is None:
-            return k, v
-        return torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
-
-
-def _attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
-    """q [1,Hq,T,D], k/v [1,Hkv,S,D], visible [T,S] bool -> [1,Hq,T,D]."""
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=visible, enable_gqa=q.shape[1] != k.shape[1]
-    )
-
-
-def compact_cache(cache: DynamicCache, start: int, keep: Tensor) -> None:
-    """Keep the first ``start`` entries and then entries ``start + keep``, in that order.
-
-    The kept rows are gathered (a copy) before being written over the region they come from,
-    and the layer then holds a view of the shortened tensor: no reallocation of the prefix.
-    """
-    end = start + keep.numel()
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            states = getattr(layer, name)
-            states[..., start:end, :] = states[..., start + keep, :]
-            setattr(layer, name, states[..., :end, :])
-
-
 def default_stop_ids(target: Target) -> frozenset[int]:
     """End-of-sequence ids of the target's generation config and tokenizer."""
     ids: set[int] = set()
@@ -146,6 +113,8 @@ class SpecEngine:
 
     ``draft=None`` or ``shape.num_steps == 0`` decodes without drafting (one token per target
     forward through the same code path): the baseline speculation is measured against.
+    ``lean``: the target path (see the module docstring); ``path_note`` says why the lean
+    forward is not used when it was wanted and the model did not allow it.
     """
 
     def __init__(
@@ -155,13 +124,14 @@ class SpecEngine:
         shape: TreeShape | None = None,
         sampling: SamplingParams | None = None,
         seed: int = 0,
+        lean: bool | None = None,
     ) -> None:
         self.target = target
-        self.model = target.model
         self.shape = shape or TreeShape()
         self.sampling = sampling or SamplingParams()
         self.draft = draft if draft is not None and self.shape.drafting else None
         self.aux_layers = target.aux_layers
+        self.drafter: Drafter | None = None
         if self.draft is not None:
             check_compatible(self.draft.config, target)
             self.aux_layers = draft_aux_layers(self.draft.config) or target.aux_layers
@@ -171,13 +141,8 @@ class SpecEngine:
                     f"topk {self.shape.topk} exceeds the draft vocabulary "
                     f"({self.draft_ids.numel()} tokens)"
                 )
-        layers = DynamicCache(config=self.model.config).layers
-        if any(type(layer) is not DynamicLayer for layer in layers):
-            raise DecodeError(
-                f"{type(self.model).__name__} has sliding-window or linear-attention layers; "
-                "the speculative engine supports full-attention targets (Llama, Qwen, Mistral "
-                "without sliding window, ...)"
-            )
+            self.drafter = Drafter(self.draft, lean=lean is not False)
+        self.path, self.path_note = choose_target_path(target.model, self.aux_layers, lean)
         self.max_positions: int = target.config.max_position_embeddings
         self.stop_ids = default_stop_ids(target)
         self.generator = torch.Generator(device=target.device).manual_seed(seed)
@@ -211,17 +176,16 @@ class SpecEngine:
         )
         start = time.perf_counter()
         device = self.target.device
+        self._reset(min(len(prompt) + max_new_tokens, self.max_positions))
 
-        cache = DynamicCache(config=self.model.config)
         ids = torch.tensor(prompt, device=device)
         positions = torch.arange(len(prompt), device=device)
-        logits, aux = self._target_forward(cache, ids, positions, last_only=True)
+        logits, aux = self.path.forward(ids, positions, None, True, self.drafter is not None)
         token = int(sample(warp(logits, self.sampling), self.sampling.greedy, self.generator))
         result.tokens.append(token)
-        draft_cache = DraftCache()
         hidden = None
-        if self.draft is not None:
-            hidden = self._extend_draft(draft_cache, aux, [*prompt[1:], token], 0)
+        if self.drafter is not None:
+            hidden = self.drafter.extend(aux, torch.tensor([*prompt[1:], token], device=device), 0)
 
         result.stop = stop_reason(result.tokens, stops, max_new_tokens)
         while not result.stop:
@@ -231,12 +195,12 @@ class SpecEngine:
                 break
             # Nodes at depth d sit at position committed - 1 + d, which must stay in range.
             depth = min(steps, self.max_positions - 1 - committed)
-            tree = self._draft_tree(draft_cache, hidden, token, committed - 2, depth)
-            path, token, aux = self._verify(cache, tree, committed - 1)
+            tree = self._draft_tree(hidden, token, committed - 2, depth)
+            path, token, aux = self._verify(tree, committed - 1)
             self._count(result, tree, path)
             new = [tree.tokens[i] for i in path] + [token]
-            if self.draft is not None:
-                hidden = self._extend_draft(draft_cache, aux, new, committed - 1)
+            if self.drafter is not None:
+                hidden = self.drafter.extend(aux, torch.tensor(new, device=device), committed - 1)
             for t in new:
                 result.tokens.append(t)
                 result.stop = stop_reason(result.tokens, stops, max_new_tokens)
@@ -245,61 +209,25 @@ class SpecEngine:
         result.seconds = time.perf_counter() - start
         return result
 
+    def _reset(self, committed: int) -> None:
+        """Empty caches with room for ``committed`` entries and one round's tree."""
+        self.path.reset()
+        self.path.reserve(committed + self.shape.draft_tokens)
+        if self.drafter is not None:
+            self.drafter.reset()
+            self.drafter.reserve(committed + self.shape.candidates)
+
     # ------------------------------------------------------------------------- target
 
-    def _target_forward(
-        self,
-        cache: DynamicCache,
-        ids: Tensor,
-        positions: Tensor,
-        mask: Tensor | None = None,
-        last_only: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
-        """logits [T, V] ([1, V] when ``last_only``: a prefill needs no more) and, when
-        drafting, the concatenated aux states [T, 3H]."""
-        kwargs = {
-            "input_ids": ids[None],
-            "position_ids": positions[None],
-            "attention_mask": mask,
-            "past_key_values": cache,
-            "use_cache": True,
-            "logits_to_keep": 1 if last_only else 0,
-        }
-        if self.draft is None:
-            return self._call_model(kwargs), None
-        with capture_layers(self.model, self.aux_layers) as captured:
-            logits = self._call_model(kwargs)
-        return logits, torch.cat(captured, dim=-1)[0]
-
-    def _call_model(self, kwargs: dict) -> Tensor:
-        """The target's logits for the one sequence of ``kwargs``."""
-        # transformers 5.2x warns on every forward that passes `past_key_values`, naming `cache`
-        # as its successor, yet a cache passed as `cache` is not used by that version's models:
-        # keep the working argument without a warning per decoded token.
-        with warnings.catch_warnings():
-            warnings.filterwarnings(
-                "ignore", message="`past_key_values` is deprecated", category=FutureWarning
-            )
-            return self.model(**kwargs).logits[0]
-
-    def _verify(
-        self, cache: DynamicCache, tree: DraftTree, root_position: int
-    ) -> tuple[list[int], int, Tensor | None]:
+    def _verify(self, tree: DraftTree, root_position: int) -> tuple[list[int], int, Tensor | None]:
         """One target forward over the tree; returns the accepted path (node indices), the
         token after it, and the aux states of the root and the path (the new draft inputs)."""
         device = self.target.device
-        prefix = cache.get_seq_length()
+        prefix = self.path.length
         ids = torch.tensor(tree.tokens, device=device)
         positions = root_position + torch.tensor(tree.depths, device=device)
-        mask = None
-        if not is_chain(tree.parents):
-            visible = torch.cat(
-                [torch.ones(len(ids), prefix, dtype=torch.bool), ancestor_mask(tree.parents)], 1
-            ).to(device)
-            dtype = self.model.dtype
-            mask = torch.zeros(visible.shape, dtype=dtype, device=device)
-            mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
-        logits, aux = self._target_forward(cache, ids, positions, mask)
+        mask = None if is_chain(tree.parents) else ancestor_mask(tree.parents).to(device)
+        logits, aux = self.path.forward(ids, positions, mask, False, self.drafter is not None)
         proposal = None if tree.proposal is None else tree.proposal[None]
         verdict = verify_tree(
             warp(logits, self.sampling)[None],
@@ -312,40 +240,16 @@ class SpecEngine:
         accepted = int(verdict.accepted[0])
         path = verdict.path[0, :accepted].tolist()
         keep = torch.tensor([0, *path], device=device)
-        compact_cache(cache, prefix, keep)
+        self.path.compact(prefix, keep)
         return path, int(verdict.token[0]), None if aux is None else aux[keep]
 
     # ------------------------------------------------------------------------- draft
 
-    def _extend_draft(
-        self, cache: DraftCache, aux: Tensor, next_ids: list[int], start: int
-    ) -> Tensor:
-        """Append indices start.. to the draft cache from real target features (aux [T, 3H]
-        of positions start.., next_ids the tokens one position later); return the last
-        index's output hidden [H], which proposes the next tokens."""
-        draft = self.draft
-        device = aux.device
-        hidden = draft.fc(aux.to(draft.fc.weight.dtype))[None]
-        n = len(next_ids)
-        positions = torch.arange(start, start + n, device=device)[None]
-        prefix = cache.length
-
-        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            keys, values = cache.with_new(k, v)
-            cache.keys, cache.values = keys, values
-            visible = torch.ones(n, prefix + n, dtype=torch.bool, device=device).tril(prefix)
-            return _attention(q, keys, values, visible)
-
-        ids = torch.tensor(next_ids, device=device)[None]
-        return draft.step(hidden, ids, positions, attend)[0, -1]
-
-    def _draft_tree(
-        self, cache: DraftCache, hidden: Tensor | None, root: int, base: int, depth: int
-    ) -> DraftTree:
+    def _draft_tree(self, hidden: Tensor | None, root: int, base: int, depth: int) -> DraftTree:
         """Draft up to ``depth`` levels below ``root``; ``base`` is the last committed index."""
-        if hidden is None or depth == 0:
+        drafter = self.drafter
+        if drafter is None or hidden is None or depth == 0:
             return DraftTree(tokens=[root], parents=[-1], depths=[0])
-        draft = self.draft
         topk = self.shape.topk
         device = hidden.device
         # Candidates, level by level: token (target id), cumulative score, parent (-1: root).
@@ -354,7 +258,9 @@ class SpecEngine:
         parents: list[Tensor] = []
         depths: list[Tensor] = []
         proposals: list[Tensor] = []  # sampled chains only
-        children, child_scores, q = self._children(draft.logits(hidden[None]), hidden.new_zeros(1))
+        children, child_scores, q = self._children(
+            drafter.logits(hidden[None]), hidden.new_zeros(1)
+        )
         tokens.append(children[0])
         scores.append(child_scores[0])
         parents.append(torch.full((topk,), -1, device=device))
@@ -364,22 +270,15 @@ class SpecEngine:
         frontier = torch.arange(topk, device=device)  # candidate ids
         frontier_hidden = hidden.expand(topk, -1)
         visible = torch.zeros(topk, 0, dtype=torch.bool, device=device)  # speculative keys seen
-        spec_keys: list[Tensor] = []
-        spec_values: list[Tensor] = []
         count = topk
         all_tokens = tokens[0]
         all_scores = scores[0]
         for level in range(2, depth + 1):
             width = frontier.numel()
-            out = self._tree_step(
-                cache,
-                (spec_keys, spec_values),
-                frontier_hidden,
-                all_tokens[frontier],
-                base + level - 1,
-                visible,
+            out = drafter.tree_step(
+                frontier_hidden, all_tokens[frontier], base + level - 1, visible
             )
-            children, child_scores, q = self._children(draft.logits(out), all_scores[frontier])
+            children, child_scores, q = self._children(drafter.logits(out), all_scores[frontier])
             tokens.append(children.flatten())
             scores.append(child_scores.flatten())
             parents.append(frontier.repeat_interleave(topk))
@@ -395,41 +294,6 @@ class SpecEngine:
             all_tokens = torch.cat(tokens)
             all_scores = torch.cat(scores)
         return self._assemble(root, all_tokens, all_scores, parents, depths, proposals)
-
-    def _tree_step(
-        self,
-        cache: DraftCache,
-        speculative: tuple[list[Tensor], list[Tensor]],
-        hidden: Tensor,
-        ids: Tensor,
-        position: int,
-        seen: Tensor,
-    ) -> Tensor:
-        """One draft step for the F frontier nodes (hidden [F, H], ids [F], all at RoPE
-        ``position``); each sees the committed cache, the speculative keys ``seen`` [F, S]
-        marks (its ancestors) and itself. Appends their keys to ``speculative``."""
-        spec_keys, spec_values = speculative
-        width = ids.numel()
-        device = ids.device
-
-        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            keys, values = cache.with_new(
-                torch.cat([*spec_keys, k], dim=2), torch.cat([*spec_values, v], dim=2)
-            )
-            spec_keys.append(k)
-            spec_values.append(v)
-            visible = torch.cat(
-                [
-                    torch.ones(width, cache.length, dtype=torch.bool, device=device),
-                    seen,
-                    torch.eye(width, dtype=torch.bool, device=device),
-                ],
-                dim=1,
-            )
-            return _attention(q, keys, values, visible)
-
-        positions = torch.full((1, width), position, device=device)
-        return self.draft.step(hidden[None], ids[None], positions, attend)[0]
 
     def _children(
         self, logits: Tensor, base_scores: Tensor

@@ -1,0 +1,196 @@
+"""The draft's side of decoding: its KV cache and its steps (docs/architecture.md alignment).
+
+The cache is one preallocated tensor ``[2, Hkv, capacity, D]`` written in place (it grows by
+doubling). Entries ``[0, length)`` are the committed indices; during a round each tree level
+writes its speculative keys right after them, level by level, so a level attends over one
+slice of the cache with a mask (the committed part, its ancestors' speculative keys, itself).
+The next extension simply overwrites the speculative region.
+
+``lean=True`` computes the draft's decoder layer here from its weights, matrices prepacked as
+the lean target's are (:mod:`draftforge.decode.fastlinear`); ``lean=False`` runs the draft
+module's own ``step`` (the code training runs) with this cache as its attention.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from draftforge.decode.fastlinear import Projection, onednn_usable
+from draftforge.decode.lean import rms_norm, rotate
+from draftforge.models.eagle3 import Eagle3Draft
+
+# attend(q [Hq,T,D], k [Hkv,T,D], v [Hkv,T,D]) -> [Hq,T,D]
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class _Weights:
+    """The draft's weights as the lean step reads them."""
+
+    fc: Projection
+    qkv: Projection
+    o: Projection
+    gate_up: Projection
+    down: Projection
+    head: Projection
+    input_norm: Tensor
+    hidden_norm: Tensor
+    post_norm: Tensor
+    norm: Tensor
+    eps: float
+
+    @classmethod
+    def of(cls, draft: Eagle3Draft, packed: bool) -> _Weights:
+        layer = draft.midlayer
+        attn, mlp = layer.self_attn, layer.mlp
+        return cls(
+            fc=Projection([draft.fc], packed),
+            qkv=Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed),
+            o=Projection([attn.o_proj], packed),
+            gate_up=Projection([mlp.gate_proj, mlp.up_proj], packed),
+            down=Projection([mlp.down_proj], packed),
+            head=Projection([draft.lm_head], packed),
+            input_norm=layer.input_layernorm.weight.detach(),
+            hidden_norm=layer.hidden_norm.weight.detach(),
+            post_norm=layer.post_attention_layernorm.weight.detach(),
+            norm=draft.norm.weight.detach(),
+            eps=draft.config.rms_norm_eps,
+        )
+
+
+class Drafter:
+    """An EAGLE-3 draft with a preallocated KV cache, one sequence at a time."""
+
+    def __init__(self, draft: Eagle3Draft, lean: bool, capacity: int = 256) -> None:
+        self.draft = draft
+        config = draft.config
+        weight = draft.fc.weight
+        self.weights = (
+            _Weights.of(draft, onednn_usable(weight.dtype, weight.device)) if lean else None
+        )
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.kv = weight.new_empty(2, self.kv_heads, 0, self.head_dim)
+        self.length = 0
+        self.speculative = 0
+        self.reserve(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self.kv.shape[2]
+
+    def reserve(self, entries: int) -> None:
+        """Room for ``entries`` entries (doubling), keeping those written this round."""
+        if entries <= self.capacity:
+            return
+        kv = self.kv.new_empty(2, self.kv_heads, max(entries, 2 * self.capacity), self.head_dim)
+        used = self.length + self.speculative
+        kv[:, :, :used] = self.kv[:, :, :used]
+        self.kv = kv
+
+    def reset(self) -> None:
+        self.length = 0
+        self.speculative = 0
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[F, H] -> draft-vocab logits [F, Vd]."""
+        w = self.weights
+        if w is None:
+            return self.draft.logits(hidden)
+        return w.head(rms_norm(hidden, w.norm, w.eps))
+
+    @torch.no_grad()
+    def extend(self, aux: Tensor, next_ids: Tensor, start: int) -> Tensor:
+        """Commit indices start.. from real target features (aux [T, 3H] of positions start..,
+        ``next_ids`` [T] the tokens one position later); return the last index's output
+        hidden [H], which proposes the next tokens."""
+        aux = aux.to(self.kv.dtype)
+        hidden = self.draft.fc(aux) if self.weights is None else self.weights.fc(aux)
+        n = next_ids.numel()
+        self.speculative = 0
+        prefix = self.length
+        mask = None
+        if n > 1:
+            mask = torch.ones(n, prefix + n, dtype=torch.bool, device=aux.device).tril(prefix)
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return self._attend(q, k, v, prefix, mask)
+
+        positions = torch.arange(start, start + n, device=aux.device)
+        out = self._step(hidden, next_ids, positions, attend)
+        self.length = prefix + n
+        return out[-1]
+
+    @torch.no_grad()
+    def tree_step(self, hidden: Tensor, ids: Tensor, position: int, seen: Tensor) -> Tensor:
+        """One draft step for F frontier nodes (hidden [F, H], ids [F], all at RoPE
+        ``position``); each sees the committed cache, the speculative keys ``seen`` [F, S]
+        marks (its ancestors, in the order levels wrote them) and itself."""
+        width = ids.numel()
+        device = ids.device
+        mask = torch.cat(
+            [
+                torch.ones(width, self.length, dtype=torch.bool, device=device),
+                seen,
+                torch.eye(width, dtype=torch.bool, device=device),
+            ],
+            dim=1,
+        )
+        slot = self.length + self.speculative
+
+        def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            return self._attend(q, k, v, slot, mask)
+
+        positions = torch.full((width,), position, device=device)
+        out = self._step(hidden, ids, positions, attend)
+        self.speculative += width
+        return out
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, slot: int, mask: Tensor | None) -> Tensor:
+        """Write k/v at ``slot`` and attend over the cache up to them (4-D operands: torch's
+        CPU flash kernel)."""
+        end = slot + k.shape[1]
+        self.reserve(end)
+        self.kv[0, :, slot:end] = k
+        self.kv[1, :, slot:end] = v
+        return F.scaled_dot_product_attention(
+            q[None],
+            self.kv[None, 0, :, :end],
+            self.kv[None, 1, :, :end],
+            attn_mask=mask,
+            enable_gqa=self.heads != self.kv_heads,
+        )[0]
+
+    def _step(self, hidden: Tensor, ids: Tensor, positions: Tensor, attend: Attend) -> Tensor:
+        """The draft layer on T rows: hidden [T, H], ids [T], positions [T] -> [T, H]."""
+        w = self.weights
+        if w is None:
+            return self.draft.step(
+                hidden[None],
+                ids[None],
+                positions[None],
+                lambda q, k, v: attend(q[0], k[0], v[0])[None],
+            )[0]
+        draft = self.draft
+        t = ids.numel()
+        embeds = F.embedding(ids, draft.embed_tokens.weight).to(hidden.dtype)
+        cos, sin = draft.rotary_emb(hidden, positions[None])
+        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]: broadcast over heads
+        x = torch.cat(
+            [rms_norm(embeds, w.input_norm, w.eps), rms_norm(hidden, w.hidden_norm, w.eps)], -1
+        )
+        q, k, v = w.qkv.split(x)
+        out = attend(
+            rotate(q.view(t, self.heads, self.head_dim), cos, sin).transpose(0, 1),
+            rotate(k.view(t, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1),
+            v.view(t, self.kv_heads, self.head_dim).transpose(0, 1),
+        )
+        h = hidden + w.o(out.transpose(0, 1).reshape(t, -1))
+        gate, up = w.gate_up.split(rms_norm(h, w.post_norm, w.eps))
+        return h + w.down(draft.midlayer.mlp.act_fn(gate) * up)

@@ -1,0 +1,176 @@
+"""The lean target forward against a naive reference (a whole-sequence transformers forward,
+no cache) on Llama, Qwen2 and Qwen3 layouts: prefill, a tree verify with its ancestor mask,
+compaction of the accepted path and a continuation; the transformers path runs the same
+scenario. Which models fall back, and the prepacked matmuls against F.linear."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from draftforge.decode import fastlinear
+from draftforge.decode.errors import DecodeError
+from draftforge.decode.fastlinear import Projection, onednn_usable
+from draftforge.decode.lean import LeanTarget
+from draftforge.decode.paths import HFTargetPath, choose_target_path
+from draftforge.decode.tree import ancestor_mask
+from draftforge.target import capture_layers
+from draftforge.testing import _COMMON, tiny_target
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+AUX = [0, 2, 3]
+PARENTS = [-1, 0, 0, 1, 2, 1]  # the root, two children, grandchildren under both
+KEEP = [0, 2, 4]  # the accepted path root -> node 2 -> node 4 (a second sibling: rows move)
+ONEDNN = onednn_usable(torch.float32, torch.device("cpu"))
+
+
+def perturbed(family: str, dtype: torch.dtype) -> nn.Module:
+    """A tiny target whose norm weights and biases are random too (they start as ones and
+    zeros), so a forward that skipped one would differ."""
+    model = tiny_target(family, seed=3, attention_bias=True).to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                param.copy_(1 + 0.5 * torch.randn(param.shape, generator=gen, dtype=dtype))
+    return model
+
+
+@torch.no_grad()
+def naive(model: nn.Module, ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and aux states of the last token of ``ids``, from one forward without cache."""
+    with capture_layers(model, AUX) as captured:
+        logits = model(torch.tensor([ids]), use_cache=False).logits[0, -1]
+    return logits, torch.cat(captured, dim=-1)[0, -1]
+
+
+def tree_ancestry(node: int) -> list[int]:
+    """The nodes from the root down to ``node``."""
+    chain = [node]
+    while PARENTS[chain[0]] >= 0:
+        chain.insert(0, PARENTS[chain[0]])
+    return chain
+
+
+@pytest.mark.parametrize("path", ["lean", "hf"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("family", ["llama", "llama_tied", "qwen2", "qwen3"])
+def test_forward_tree_and_compaction_match_a_whole_sequence_forward(family, dtype, path):
+    model = perturbed(family, dtype)
+    target = LeanTarget(model, AUX, capacity=4) if path == "lean" else HFTargetPath(model, AUX)
+    tol = {"rtol": 1e-9, "atol": 1e-9} if dtype == torch.float64 else {"rtol": 2e-4, "atol": 2e-4}
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 320, (7,), generator=gen).tolist()
+
+    def check(logits, aux, sequences):
+        for row, ids in enumerate(sequences):
+            want_logits, want_aux = naive(model, ids)
+            torch.testing.assert_close(logits[row], want_logits, **tol)
+            torch.testing.assert_close(aux[row], want_aux, **tol)
+
+    # Prefill: the last row's logits only, every row's aux states.
+    logits, aux = target.forward(torch.tensor(prompt), torch.arange(7), None, True, True)
+    assert logits.shape[0] == 1 and aux.shape == (7, 3 * model.config.hidden_size)
+    check(logits, aux[-1:], [prompt])
+    for i in range(7):
+        torch.testing.assert_close(aux[i], naive(model, prompt[: i + 1])[1], **tol)
+
+    # A tree after it: the root at position 7, node i at 7 + depth(i), seeing its ancestors.
+    tree = torch.randint(0, 320, (len(PARENTS),), generator=gen).tolist()
+    depths = [len(tree_ancestry(i)) - 1 for i in range(len(PARENTS))]
+    logits, aux = target.forward(
+        torch.tensor(tree), 7 + torch.tensor(depths), ancestor_mask(PARENTS), False, True
+    )
+    check(logits, aux, [prompt + [tree[j] for j in tree_ancestry(i)] for i in range(len(tree))])
+
+    # Keep the root and the accepted path, then continue the committed sequence.
+    target.compact(7, torch.tensor(KEEP))
+    assert target.length == 7 + len(KEEP)
+    committed = prompt + [tree[i] for i in KEEP]
+    more = torch.randint(0, 320, (3,), generator=gen).tolist()
+    logits, aux = target.forward(torch.tensor(more), torch.arange(10, 13), None, False, True)
+    check(logits, aux, [committed + more[: i + 1] for i in range(3)])
+    if path == "lean":
+        assert target.capacity >= 16  # grown from 4 by doubling, cache intact
+        assert target.packed == (dtype == torch.float32 and ONEDNN)
+
+
+def test_logit_softcap_is_applied():
+    model = perturbed("llama", torch.float64)
+    model.config.final_logit_softcapping = 2.0
+    lean = LeanTarget(model, AUX)
+    logits, _ = lean.forward(torch.tensor([5, 9, 11]), torch.arange(3), None, True, False)
+    plain = model(torch.tensor([[5, 9, 11]])).logits[0, -1]
+    torch.testing.assert_close(logits[0], torch.tanh(plain / 2.0) * 2.0)
+
+
+def other_family(config_class: str, model_class: str, **overrides: object) -> nn.Module:
+    config = getattr(transformers, config_class)(**{**_COMMON, **overrides})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return getattr(transformers, model_class)(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (lambda: tiny_target("qwen3_moe"), "MLP is not a gated MLP"),
+        (
+            lambda: other_family("GemmaConfig", "GemmaForCausalLM", pad_token_id=0),
+            "scales or wraps its input embedding",
+        ),
+        # Llama's module names, other arithmetic: only the probe against the model tells.
+        (
+            lambda: other_family(
+                "GraniteConfig", "GraniteForCausalLM", residual_multiplier=0.5, pad_token_id=0
+            ),
+            "differ from GraniteForCausalLM's own on a probe",
+        ),
+    ],
+)
+def test_other_models_fall_back_to_transformers(make, reason):
+    model = make()
+    path, note = choose_target_path(model, AUX, lean=None)
+    assert path.name == "hf" and reason in note
+    with pytest.raises(DecodeError, match="lean target forward cannot run this model"):
+        choose_target_path(model, AUX, lean=True)
+
+
+def test_mistral_without_sliding_window_runs_lean_and_with_it_is_refused():
+    full = other_family("MistralConfig", "MistralForCausalLM", sliding_window=None)
+    path, note = choose_target_path(full, AUX, lean=None)
+    assert path.name == "lean" and note is None
+    windowed = other_family("MistralConfig", "MistralForCausalLM", sliding_window=64)
+    with pytest.raises(DecodeError, match="sliding-window"):
+        choose_target_path(windowed, AUX, lean=None)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN prepacking is not usable here")
+@pytest.mark.parametrize("rows", [1, 5])
+def test_prepacked_projection_matches_f_linear(rows):
+    gen = torch.Generator().manual_seed(rows)
+    linears = [nn.Linear(40, 24), nn.Linear(40, 8, bias=False), nn.Linear(40, 16)]
+    for lin in linears:
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
+            if lin.bias is not None:
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen))
+    x = torch.randn(rows, 40, generator=gen)
+    want = torch.cat([lin(x) for lin in linears], dim=-1).detach()
+    packed = Projection(linears, packed=True)
+    torch.testing.assert_close(packed(x), want, rtol=1e-5, atol=1e-5)
+    parts = packed.split(x)
+    assert [p.shape[-1] for p in parts] == [24, 8, 16]
+    torch.testing.assert_close(Projection(linears, packed=False)(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN prepacking is not usable here")
+def test_onednn_guard_falls_back_when_the_probe_disagrees(monkeypatch):
+    assert not onednn_usable(torch.float64, torch.device("cpu"))
+    monkeypatch.setattr(fastlinear, "_VERDICT", [])
+    monkeypatch.setattr(fastlinear, "_packed_linear", lambda x, w, b: F.linear(x, w.to_dense()) + 1)
+    with pytest.warns(RuntimeWarning, match="differs from F.linear"):
+        assert not onednn_usable(torch.float32, torch.device("cpu"))
+    assert not onednn_usable(torch.float32, torch.device("cpu"))  # judged once
