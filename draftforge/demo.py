@@ -52,14 +52,17 @@ import torch
 from draftforge import checkpoint, require_extra
 from draftforge.config import Config, load_config
 from draftforge.curves import plot_acc, plot_loss, split_records
+from draftforge.decode.engine import SpecEngine
 from draftforge.decode.evaluate import Prompt, SweepRow, format_rows, sweep
 from draftforge.decode.sampling import SamplingParams
 from draftforge.decode.tree import TreeShape
 from draftforge.demo_prompts import build_heldout
 from draftforge.drafts import load_draft_for
 from draftforge.export import DEFAULT_SPECULATIVE_TOKENS, export_checkpoint
+from draftforge.machine import matmul_gflops
 from draftforge.metrics import read_records
 from draftforge.progress import progress_bar
+from draftforge.shards import MANIFEST, capture_settings, features_dir
 from draftforge.target import DEMO_TARGET, Target, load_target
 
 DEMO_DATA = Path(__file__).resolve().parent / "assets" / "demo_smollm2.jsonl.gz"
@@ -164,6 +167,53 @@ def _prepare_output(settings: DemoSettings) -> str:
     return "first run"
 
 
+@dataclass
+class Estimate:
+    """Predicted seconds of the stages still to run, from rates measured on this machine."""
+
+    seconds: dict[str, float]
+
+    def line(self) -> str:
+        parts = ", ".join(f"{name} {secs / 60:.1f}" for name, secs in self.seconds.items())
+        total = sum(self.seconds.values()) / 60
+        return f"estimated time from here: {total:.0f} min ({parts} min)"
+
+
+def estimate_rest(
+    settings: DemoSettings, target: Target, capture_tokens: int, train_s: float
+) -> Estimate:
+    """Capture from the target's forward rate on one 256-token sample; evaluation from the
+    engine's decoding rate without a draft (its runs decode about as fast or faster); the
+    exports and report take seconds."""
+    ids = torch.randint(0, target.vocab_size, (1, 256))
+    with torch.no_grad():
+        target.model(input_ids=ids[:, :16])  # warm-up
+        start = time.perf_counter()
+        target.model(input_ids=ids)
+        forward_tps = 256 / (time.perf_counter() - start)
+    engine = SpecEngine(target)
+    engine.generate(ids[0, :16].tolist(), 4)  # warm-up
+    gen = engine.generate(ids[0, :16].tolist(), 16, stop_ids=())
+    step_s = gen.seconds / len(gen.tokens)
+    # No draft, each chain, the tree, and transformers' generate for comparison.
+    runs = len(settings.chain_steps) + 3
+    return Estimate(
+        {
+            "capture": capture_tokens / forward_tps,
+            "train": train_s,
+            "eval": runs * settings.eval_prompts * settings.max_new_tokens * step_s,
+            "export": 15.0,
+        }
+    )
+
+
+def tokens_to_capture(cfg: Config, target: Target, prepared: Any) -> int:
+    """The dataset's tokens, or 0 when their capture is already complete."""
+    settings = capture_settings(cfg, target, prepared.dataset)
+    done = (features_dir(cfg, settings) / MANIFEST).is_file()
+    return 0 if done else int(prepared.dataset.stats["tokens"])
+
+
 def run_demo(settings: DemoSettings) -> int:
     """Run every stage; 130 after Ctrl-C (a rerun resumes), 0 when done."""
     from draftforge.data import DataError
@@ -175,6 +225,10 @@ def run_demo(settings: DemoSettings) -> int:
         raise FileNotFoundError(f"the demo data {settings.data} is missing: reinstall draftforge")
     start = time.perf_counter()
     print(f"draftforge demo: {_prepare_output(settings)}; output in {settings.out}")
+    print(
+        f"machine: fp32 matmul {matmul_gflops():.0f} GFLOP/s on {torch.get_num_threads()} "
+        "threads (machines differ 2-5x; the estimate below is measured on this one)"
+    )
     stages = Stages()
     data_path = settings.out / "data" / f"train-{settings.conversations}.jsonl"
     cfg = training_config(settings, data_path)
@@ -189,6 +243,11 @@ def run_demo(settings: DemoSettings) -> int:
             except DataError as err:
                 raise DataError(f"the built-in demo data is unreadable: {err}") from None
             print(_indent(prepared.summary()))
+        resuming = checkpoint.latest_valid(settings.out / "run" / "checkpoints") is not None
+        estimate = estimate_rest(
+            settings, target, tokens_to_capture(cfg, target, prepared), settings.minutes * 60
+        )
+        print(f"\n{estimate.line()}{'; the resumed training needs less' * resuming}", flush=True)
         with stages.run("capture", f"target features of {rows} conversations (cached)"):
             captured = capture(cfg, target, prepared=prepared)
             print(_indent(captured.summary()))
@@ -203,16 +262,20 @@ def run_demo(settings: DemoSettings) -> int:
             f"no draft, chains of {', '.join(map(str, settings.chain_steps))} steps, one tree",
         ):
             baseline, rows_ = _evaluate(target, cfg.output.dir, prompts, shapes, settings)
-        best = best_chain(rows_)
+        best = best_setting(rows_)
         with stages.run("export", "SGLang and vLLM folders"):
-            # The serving commands (and vLLM's config) use the best chain's number of steps.
+            # The serving commands (and vLLM's config) use the fastest setting measured; vLLM
+            # drafts chains, so a tree's number of steps.
+            shape = best.shape if best else TreeShape(DEFAULT_SPECULATIVE_TOKENS)
+            tree = (shape.topk, shape.draft_tokens) if shape.topk > 1 else None
             exports = {
                 fmt: export_checkpoint(
                     cfg.output.dir,
                     fmt,
                     settings.out / "export" / fmt,
                     force=True,
-                    speculative_tokens=best.shape.num_steps if best else DEFAULT_SPECULATIVE_TOKENS,
+                    speculative_tokens=shape.num_steps,
+                    tree=tree,
                 )
                 for fmt in ("sglang", "vllm")
             }
@@ -226,7 +289,7 @@ def run_demo(settings: DemoSettings) -> int:
         )
         return 130
     with stages.run("report", "text, JSON and plot"):
-        report = _report(settings, cfg, stages, baseline, rows_, exports, len(prompts))
+        report = _report(settings, cfg, stages, estimate, baseline, rows_, exports, len(prompts))
         report["capture_dir"] = str(captured.directory)
     report["stage_seconds"] = stages.seconds
     report["total_seconds"] = time.perf_counter() - start
@@ -236,10 +299,10 @@ def run_demo(settings: DemoSettings) -> int:
     return 0
 
 
-def best_chain(rows: list[SweepRow]) -> SweepRow | None:
-    """The chain (topk 1) with the highest acceptance length; None when none was measured."""
-    chains = [r for r in rows if r.shape.topk == 1 and r.acceptance_length is not None]
-    return max(chains, key=lambda r: r.acceptance_length or 0.0) if chains else None
+def best_setting(rows: list[SweepRow], chains_only: bool = False) -> SweepRow | None:
+    """The draft shape (or only the chains) with the most tokens/s; None when none ran."""
+    candidates = [r for r in rows if r.shape.topk == 1 or not chains_only]
+    return max(candidates, key=lambda r: r.tokens_per_s) if candidates else None
 
 
 def _indent(text: str) -> str:
@@ -282,6 +345,7 @@ def _report(
     settings: DemoSettings,
     cfg: Config,
     stages: Stages,
+    estimate: Estimate,
     baseline: float,
     rows: list[SweepRow],
     exports: dict[str, Any],
@@ -289,14 +353,17 @@ def _report(
 ) -> dict[str, Any]:
     run_dir = Path(cfg.output.dir)
     train_rows, eval_rows = split_records(read_records(run_dir / "metrics.jsonl"))
-    best = best_chain(rows)
+    best, chain = best_setting(rows), best_setting(rows, chains_only=True)
     plot = plot_report(train_rows, eval_rows, rows, baseline, settings.out / "report.png")
     last = train_rows[-1] if train_rows else {}
     lines = [
         "draftforge demo: EAGLE-3 draft for SmolLM2-135M-Instruct",
         "",
-        f"{'stage':<10} {'seconds':>8}",
-        *(f"{name:<10} {secs:>8.1f}" for name, secs in stages.seconds.items()),
+        f"{'stage':<10} {'seconds':>8} {'estimated':>10}",
+        *(
+            f"{name:<10} {secs:>8.1f} {estimate.seconds.get(name, float('nan')):>10.1f}"
+            for name, secs in stages.seconds.items()
+        ),
         "",
         f"training: {last.get('step', 0)} steps, last window loss {last.get('loss', float('nan')):.3f}, "
         + ", ".join(
@@ -310,11 +377,13 @@ def _report(
         format_rows(rows),
         "",
     ]
-    if best is not None:
-        lines.append(
-            f"best chain: num_steps {best.shape.num_steps}, acceptance length "
-            f"{best.acceptance_length:.2f}, {best.speedup or 0:.2f}x"
-        )
+    for what, row in (("fastest setting (exported)", best), ("fastest chain", chain)):
+        if row is not None:
+            lines.append(
+                f"{what}: {_label(row.shape)}, acceptance length "
+                f"{row.acceptance_length or 1:.2f}, {row.tokens_per_s:.2f} tok/s, "
+                f"{row.speedup or 0:.2f}x the engine without a draft"
+            )
     lines += [
         "",
         f"plot: {plot}",
@@ -327,11 +396,13 @@ def _report(
     (settings.out / "report.txt").write_text("\n".join(lines) + "\n")
     return {
         "stage_seconds": stages.seconds,
+        "estimated_seconds": estimate.seconds,
         "train_steps": last.get("step", 0),
         "train_last": last,
         "baseline_tokens_per_s": baseline,
         "rows": [{**r.as_dict(), "label": _label(r.shape)} for r in rows],
-        "best_chain": None if best is None else best.as_dict(),
+        "best_setting": None if best is None else best.as_dict(),
+        "best_chain": None if chain is None else chain.as_dict(),
         "exports": {fmt: str(r.out) for fmt, r in exports.items()},
         "settings": {
             "minutes": settings.minutes,

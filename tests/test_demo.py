@@ -67,14 +67,22 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_the_caches(tiny, tmp_path
     assert shapes == [(1, 1), (2, 1), (2, 2)]
     assert all(r["acceptance_length"] >= 1 for r in report["rows"])
     assert report["best_chain"]["topk"] == 1
+    fastest = max(report["rows"], key=lambda r: r["tokens_per_s"])
+    assert report["best_setting"] == {k: v for k, v in fastest.items() if k != "label"}
+    assert set(report["estimated_seconds"]) == {"capture", "train", "eval", "export"}
     for fmt in ("sglang", "vllm"):
         assert (out / "export" / fmt / "config.json").is_file()
     assert (out / "report.png").stat().st_size > 10_000
     text = (out / "report.txt").read_text()
-    assert "best chain" in text and "sglang.launch_server" in text and "vllm serve" in text
-    # The exports are set up for the best chain measured.
-    steps = report["best_chain"]["num_steps"]
-    assert f"--speculative-num-steps {steps} " in text
+    assert "fastest setting (exported)" in text and "fastest chain" in text
+    assert "sglang.launch_server" in text and "vllm serve" in text
+    # The exports are set up for the fastest setting measured.
+    steps, topk = fastest["num_steps"], fastest["topk"]
+    draft_tokens = fastest["num_draft_tokens"] if topk > 1 else steps + 1
+    assert (
+        f"--speculative-num-steps {steps} --speculative-eagle-topk {topk} "
+        f"--speculative-num-draft-tokens {draft_tokens}"
+    ) in text
     vllm = json.loads((out / "export" / "vllm" / "config.json").read_text())
     assert vllm["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == steps
     first_capture = _manifest_mtime(report)
@@ -83,6 +91,8 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_the_caches(tiny, tmp_path
     assert run_demo(_settings(tiny, out)) == 0
     printed = capsys.readouterr().out
     assert "training a new draft (the last run finished); caches are reused" in printed
+    assert "fp32 matmul" in printed and "estimated time from here" in printed
+    assert "capture 0.0" in printed  # the capture is complete: nothing left to estimate
     assert "nothing left to capture" in printed
     # The data is prepared once and handed to the capture and the training.
     assert printed.count("dataset cache:") == 1
