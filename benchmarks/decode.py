@@ -1,20 +1,33 @@
-"""Speculative decoding: acceptance length, tokens/s and speedup for several draft shapes.
+"""Decoding speed: transformers' generate, the engine without drafting on each target path, and
+speculative shapes (acceptance length, tokens/s, speedup, measured round cost).
 
 python benchmarks/decode.py [--target tiny|smollm2|PATH] [--draft DIR] [--prompts N]
-                            [--max-new-tokens N] [--threads N]
+                            [--max-new-tokens N] [--threads N] [--paths lean,hf] [--compile]
 
 tiny (default, no download, seconds): a bigram-like tiny target with the hand-built oracle
 draft of draftforge.testing, so paths are long and the engine's bookkeeping shows.
 smollm2 or a model directory: an untrained draft unless --draft is given; with AL ~ 1 the
 speedup column then measures what drafting and verification cost per round.
+--compile adds the lean path with torch.compile'd layers (its compile time is printed).
+The first line gives this run's fp32 matmul rate, so runs on different machines compare.
 """
 
 import argparse
+import time
 
 import torch
 
 from draftforge.config import TargetConfig
-from draftforge.decode.evaluate import load_prompts, sweep
+from draftforge.decode.costs import measure_costs
+from draftforge.decode.engine import SpecEngine
+from draftforge.decode.evaluate import (
+    WARMUP_TOKENS,
+    Totals,
+    encode,
+    load_prompts,
+    sweep,
+    time_generate,
+)
 from draftforge.decode.sampling import SamplingParams
 from draftforge.decode.tree import TreeShape
 from draftforge.drafts import load_draft_for
@@ -30,6 +43,45 @@ SHAPES = [
     TreeShape(5, 4, 16),
     TreeShape(6, 8, 32),
 ]
+PATHS = {"lean": True, "hf": False}
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
+    """fp32 GFLOP/s of a square matmul at the current thread count (best of ``repeats``)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def plain_speed(target, encoded, max_new_tokens, lean, compile=False):
+    """Tokens/s of the engine without drafting, its target step (ms) and its set-up seconds
+    (building the path; compiling happens in the warm-up generation)."""
+    start = time.perf_counter()
+    engine = SpecEngine(target, None, TreeShape(0), lean=lean, compile=compile)
+    engine.generate(encoded[0], WARMUP_TOKENS, stop_ids=())
+    setup = time.perf_counter() - start
+    totals = Totals()
+    for ids in encoded:
+        totals.add(engine.generate(ids, max_new_tokens, stop_ids=()))
+    step = measure_costs(engine, context=len(encoded[0]) + max_new_tokens // 2).target_step_ms
+    return totals.tokens_per_s, step, setup, engine
+
+
+def load(args):
+    if args.target == "tiny":
+        target = as_target(bigram_like_target("llama", seed=1, dtype=torch.float32))
+        return target, oracle_draft(target)
+    target = load_target(TargetConfig(path=args.target))
+    if args.draft:
+        return target, load_draft_for(args.draft, target)
+    draft = build_draft("eagle3", target.config, target.aux_layers, 32000)
+    draft.load_target_embedding(target.embed_weight())
+    return target, draft.to(target.model.dtype).eval().requires_grad_(False)
 
 
 def main():
@@ -40,29 +92,40 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, help="torch intra-op threads")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--paths", default="lean,hf", help="target paths for the shape sweeps")
+    parser.add_argument("--compile", action="store_true", help="also time compiled layers")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    if args.target == "tiny":
-        target = as_target(bigram_like_target("llama", seed=1, dtype=torch.float32))
-        draft = oracle_draft(target)
-    else:
-        target = load_target(TargetConfig(path=args.target))
-        if args.draft:
-            draft = load_draft_for(args.draft, target)
-        else:
-            draft = build_draft("eagle3", target.config, target.aux_layers, 32000)
-            draft.load_target_embedding(target.embed_weight())
-            draft = draft.to(target.model.dtype).eval().requires_grad_(False)
+    target, draft = load(args)
     prompts = load_prompts()[: args.prompts]
+    encoded = [encode(target, p) for p in prompts]
     sampling = SamplingParams(temperature=args.temperature)
     print(
         f"target {target.path}, {len(prompts)} prompts x {args.max_new_tokens} tokens, "
-        f"temperature {args.temperature}, {torch.get_num_threads()} threads"
+        f"temperature {args.temperature}, {torch.get_num_threads()} threads, "
+        f"fp32 matmul {matmul_gflops():.0f} GFLOP/s"
     )
-    # sweep prints the baseline, then the table one row at a time as each shape finishes.
-    sweep(target, draft, prompts, SHAPES, sampling, args.max_new_tokens, log=print)
+    hf = time_generate(target, encoded, args.max_new_tokens, stop_ids=frozenset())
+    print(f"{'HF generate (greedy)':<34} {hf.tokens_per_s:8.2f} tok/s")
+    runs = [(name, lean, False) for name, lean in PATHS.items()]
+    if args.compile:
+        runs.append(("lean, compiled layers", True, True))
+    engines = {}
+    for name, lean, compile in runs:
+        tps, step, setup, engines[name] = plain_speed(
+            target, encoded, args.max_new_tokens, lean, compile
+        )
+        label = f"engine, no draft, {name} path"
+        print(
+            f"{label:<34} {tps:8.2f} tok/s  target step {step:.1f} ms  "
+            f"({tps / hf.tokens_per_s:.2f}x generate; set-up {setup:.1f} s)"
+        )
+    sizes = [shape.draft_tokens for shape in SHAPES]
+    print("\n".join(measure_costs(engines["lean"], tree_sizes=sizes).lines()))
+    for name in args.paths.split(","):
+        print(f"\nspeculative shapes, {name} path (speedup against the same path without draft)")
+        sweep(target, draft, prompts, SHAPES, sampling, args.max_new_tokens, lean=PATHS[name])
 
 
 if __name__ == "__main__":

@@ -405,6 +405,19 @@ def _decoding_arguments(p: argparse.ArgumentParser) -> None:
         help="torch CPU threads (default: torch's choice; 1 is often fastest for batch-1 "
         "decoding on a busy machine)",
     )
+    p.add_argument(
+        "--engine",
+        choices=["auto", "lean", "hf"],
+        default="auto",
+        help="target path: the lean static-cache forward (auto: when the target allows it) "
+        "or transformers' own forward",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the lean forward's layers (minutes to compile; off by default "
+        "because on small CPUs it does not pay: benchmarks/decode.py)",
+    )
 
 
 def eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -456,6 +469,11 @@ def _sampling(args: argparse.Namespace) -> SamplingParams:
     return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
 
 
+def _lean(args: argparse.Namespace) -> bool | None:
+    """--engine as SpecEngine's ``lean``."""
+    return {"auto": None, "lean": True, "hf": False}[args.engine]
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     shape = TreeShape(args.num_steps, args.topk, args.num_draft_tokens)
     prompts = _prompts(args)
@@ -470,6 +488,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         baseline=not args.no_baseline,
         generate=not args.no_generate,
+        lean=_lean(args),
+        compile=args.compile,
     )
     report["draft"] = str(args.draft)
     speculative = report["speculative"]
@@ -499,7 +519,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     prompts = _prompts(args)
     target, draft = _load(args)
     base, rows = sweep(
-        target, draft, prompts, shapes, _sampling(args), args.max_new_tokens, seed=args.seed
+        target,
+        draft,
+        prompts,
+        shapes,
+        _sampling(args),
+        args.max_new_tokens,
+        seed=args.seed,
+        lean=_lean(args),
+        compile=args.compile,
     )
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -174,3 +174,25 @@ def test_onednn_guard_falls_back_when_the_probe_disagrees(monkeypatch):
     with pytest.warns(RuntimeWarning, match="differs from F.linear"):
         assert not onednn_usable(torch.float32, torch.device("cpu"))
     assert not onednn_usable(torch.float32, torch.device("cpu"))  # judged once
+
+
+@pytest.mark.slow  # compiling takes minutes on two cores
+def test_compiled_layers_match_eager_ones():
+    model = perturbed("qwen3", torch.float32)
+    eager, compiled = LeanTarget(model, AUX), LeanTarget(model, AUX, compile=True)
+    assert compiled.compiled and not compiled.packed
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 320, (9,), generator=gen)
+    mask = ancestor_mask(PARENTS)
+    depths = torch.tensor([0, 1, 1, 2, 2, 2])
+    for lean in (eager, compiled):
+        steps = [
+            lean.forward(ids, torch.arange(9), None, True, True),
+            lean.forward(ids[:6], 9 + depths, mask, False, True),
+        ]
+        lean.compact(9, torch.tensor(KEEP))
+        steps.append(lean.forward(ids[:1], torch.tensor([12]), None, False, True))
+        if lean is eager:
+            expected = steps
+    for got, want in zip(steps, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

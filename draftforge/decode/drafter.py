@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from draftforge.decode.fastlinear import Projection, onednn_usable
-from draftforge.decode.lean import rms_norm, rotate
+from draftforge.decode.lean import rms_norm, rope_tables, rotate
 from draftforge.models.eagle3 import Eagle3Draft
 
 # attend(q [Hq,T,D], k [Hkv,T,D], v [Hkv,T,D]) -> [Hq,T,D]
@@ -78,7 +78,6 @@ class Drafter:
         self.head_dim = config.head_dim
         self.kv = weight.new_empty(2, self.kv_heads, 0, self.head_dim)
         self.length = 0
-        self.speculative = 0
         self.reserve(capacity)
 
     @property
@@ -86,17 +85,15 @@ class Drafter:
         return self.kv.shape[2]
 
     def reserve(self, entries: int) -> None:
-        """Room for ``entries`` entries (doubling), keeping those written this round."""
+        """Room for ``entries`` entries (doubling), keeping everything written so far."""
         if entries <= self.capacity:
             return
         kv = self.kv.new_empty(2, self.kv_heads, max(entries, 2 * self.capacity), self.head_dim)
-        used = self.length + self.speculative
-        kv[:, :, :used] = self.kv[:, :, :used]
+        kv[:, :, : self.capacity] = self.kv
         self.kv = kv
 
     def reset(self) -> None:
         self.length = 0
-        self.speculative = 0
 
     def logits(self, hidden: Tensor) -> Tensor:
         """[F, H] -> draft-vocab logits [F, Vd]."""
@@ -113,7 +110,6 @@ class Drafter:
         aux = aux.to(self.kv.dtype)
         hidden = self.draft.fc(aux) if self.weights is None else self.weights.fc(aux)
         n = next_ids.numel()
-        self.speculative = 0
         prefix = self.length
         mask = None
         if n > 1:
@@ -131,7 +127,8 @@ class Drafter:
     def tree_step(self, hidden: Tensor, ids: Tensor, position: int, seen: Tensor) -> Tensor:
         """One draft step for F frontier nodes (hidden [F, H], ids [F], all at RoPE
         ``position``); each sees the committed cache, the speculative keys ``seen`` [F, S]
-        marks (its ancestors, in the order levels wrote them) and itself."""
+        marks (its ancestors) and itself. S counts the speculative keys of this round so far:
+        earlier levels wrote them at [length, length + S), in order; this one writes after."""
         width = ids.numel()
         device = ids.device
         mask = torch.cat(
@@ -142,15 +139,13 @@ class Drafter:
             ],
             dim=1,
         )
-        slot = self.length + self.speculative
+        slot = self.length + seen.shape[1]
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return self._attend(q, k, v, slot, mask)
 
         positions = torch.full((width,), position, device=device)
-        out = self._step(hidden, ids, positions, attend)
-        self.speculative += width
-        return out
+        return self._step(hidden, ids, positions, attend)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, slot: int, mask: Tensor | None) -> Tensor:
         """Write k/v at ``slot`` and attend over the cache up to them (4-D operands: torch's
@@ -180,17 +175,14 @@ class Drafter:
         draft = self.draft
         t = ids.numel()
         embeds = F.embedding(ids, draft.embed_tokens.weight).to(hidden.dtype)
-        cos, sin = draft.rotary_emb(hidden, positions[None])
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]: broadcast over heads
+        cos, sin = rope_tables(draft.rotary_emb, hidden, positions)
         x = torch.cat(
             [rms_norm(embeds, w.input_norm, w.eps), rms_norm(hidden, w.hidden_norm, w.eps)], -1
         )
-        q, k, v = w.qkv.split(x)
-        out = attend(
-            rotate(q.view(t, self.heads, self.head_dim), cos, sin).transpose(0, 1),
-            rotate(k.view(t, self.kv_heads, self.head_dim), cos, sin).transpose(0, 1),
-            v.view(t, self.kv_heads, self.head_dim).transpose(0, 1),
-        )
+        qkv = w.qkv(x).view(t, -1, self.head_dim)
+        heads = self.heads + self.kv_heads  # queries and keys rotated together
+        q, k = rotate(qkv[:, :heads], cos, sin).split([self.heads, self.kv_heads], dim=1)
+        out = attend(q.transpose(0, 1), k.transpose(0, 1), qkv[:, heads:].transpose(0, 1))
         h = hidden + w.o(out.transpose(0, 1).reshape(t, -1))
         gate, up = w.gate_up.split(rms_norm(h, w.post_norm, w.eps))
         return h + w.down(draft.midlayer.mlp.act_fn(gate) * up)

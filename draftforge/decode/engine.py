@@ -114,7 +114,9 @@ class SpecEngine:
     ``draft=None`` or ``shape.num_steps == 0`` decodes without drafting (one token per target
     forward through the same code path): the baseline speculation is measured against.
     ``lean``: the target path (see the module docstring); ``path_note`` says why the lean
-    forward is not used when it was wanted and the model did not allow it.
+    forward is not used when it was wanted and the model did not allow it. ``compile``: run
+    the lean forward's layers through ``torch.compile`` (minutes of compiling on a small CPU;
+    see benchmarks/decode.py for whether it pays).
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class SpecEngine:
         sampling: SamplingParams | None = None,
         seed: int = 0,
         lean: bool | None = None,
+        compile: bool = False,
     ) -> None:
         self.target = target
         self.shape = shape or TreeShape()
@@ -142,7 +145,7 @@ class SpecEngine:
                     f"({self.draft_ids.numel()} tokens)"
                 )
             self.drafter = Drafter(self.draft, lean=lean is not False)
-        self.path, self.path_note = choose_target_path(target.model, self.aux_layers, lean)
+        self.path, self.path_note = choose_target_path(target.model, self.aux_layers, lean, compile)
         self.max_positions: int = target.config.max_position_embeddings
         self.stop_ids = default_stop_ids(target)
         self.generator = torch.Generator(device=target.device).manual_seed(seed)

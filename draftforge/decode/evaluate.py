@@ -6,7 +6,10 @@ correction token included (docs/architecture.md); the prefill's first token is n
 depth d that has drafted children, the share that accepted one of them (so AL is about
 1 + sum_d prod_{j<=d} rate_j, the training-time estimate, when every node has children).
 Speed is compared with the same engine with drafting off (one token per target forward through
-the same code) and with transformers' ``generate``.
+the same code) and with transformers' ``generate``. The engine's target path (lean or
+transformers', :mod:`draftforge.decode.paths`) is logged once, with why when the lean forward
+could not serve the target, and its cost model (:mod:`draftforge.decode.costs`) is measured
+and logged before the prompts run.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from draftforge.decode.costs import measure_costs
 from draftforge.decode.engine import Generation, SpecEngine
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.sampling import SamplingParams
@@ -179,6 +183,36 @@ def hf_generate(
     return out[0, len(ids) :].tolist(), time.perf_counter() - start
 
 
+def time_generate(
+    target: Target,
+    encoded: Sequence[list[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams | None = None,
+    stop_ids: frozenset[int] = frozenset(),
+) -> Totals:
+    """transformers' ``generate`` (greedy by default) over the given prompt ids, after a short
+    warm-up generation: the reference the engine's speed is reported against."""
+    sampling = sampling or SamplingParams()
+    hf_generate(target, encoded[0], WARMUP_TOKENS, sampling, stop_ids)
+    totals = Totals()
+    for ids in encoded:
+        tokens, seconds = hf_generate(target, ids, max_new_tokens, sampling, stop_ids)
+        totals.tokens += len(tokens)
+        totals.seconds += seconds
+    return totals
+
+
+def path_line(engine: SpecEngine) -> str:
+    """Which target path the engine runs, and why not the lean one when it could not."""
+    if engine.path.name == "lean":
+        matmuls = "oneDNN-prepacked" if engine.path.packed else "F.linear"
+        compiled = ", compiled layers" if engine.path.compiled else ""
+        return f"target path: lean static-cache forward ({matmuls} matmuls{compiled})"
+    if engine.path_note:
+        return f"target path: transformers' forward (the lean forward cannot run it: {engine.path_note})"
+    return "target path: transformers' forward"
+
+
 def _encode_all(
     target: Target, prompts: Sequence[Prompt], max_positions: int, max_new_tokens: int, log: Log
 ) -> tuple[list[list[int]], list[str]]:
@@ -219,16 +253,30 @@ def evaluate(
     seed: int = 0,
     baseline: bool = True,
     generate: bool = True,
+    lean: bool | None = None,
+    compile: bool = False,
+    costs: bool = True,
     log: Log = print,
     on_prompt: Callable[[], object] = lambda: None,
 ) -> dict[str, Any]:
     """Run every prompt through the speculative engine (and the baselines) and report.
 
-    ``on_prompt`` is called after each prompt (e.g. to move a progress bar)."""
-    engine = SpecEngine(target, draft, shape, sampling, seed=seed)
-    plain = SpecEngine(target, None, TreeShape(num_steps=0), sampling, seed=seed)
+    ``lean``/``compile``: the engines' target path (:class:`SpecEngine`); ``costs``: measure
+    and log the cost model first. ``on_prompt`` is called after each prompt (e.g. to move a
+    progress bar)."""
+    engine = SpecEngine(target, draft, shape, sampling, seed=seed, lean=lean, compile=compile)
+    plain = SpecEngine(
+        target, None, TreeShape(num_steps=0), sampling, seed=seed, lean=lean, compile=compile
+    )
+    log(path_line(engine))
     encoded, truncated = _encode_all(target, prompts, engine.max_positions, max_new_tokens, log)
     engine.generate(encoded[0], WARMUP_TOKENS)
+    measured = None
+    if costs:
+        context = sorted(len(ids) for ids in encoded)[len(encoded) // 2] + max_new_tokens // 2
+        measured = measure_costs(engine, context=context)
+        for line in measured.lines():
+            log(line)
     if baseline:
         plain.generate(encoded[0], WARMUP_TOKENS)
 
@@ -271,7 +319,11 @@ def evaluate(
         "accept_rate_per_position": speculative.summary().get("accept_rate_per_position", []),
         "speculative": speculative.summary(),
         "truncated_prompts": truncated,
+        "target_path": engine.path.name,
+        "target_path_note": engine.path_note,
     }
+    if measured is not None:
+        report["costs"] = asdict(measured)
     if baseline:
         report["baseline"] = base.summary()
         report["speedup_vs_baseline"] = _ratio(speculative.tokens_per_s, base.tokens_per_s)
@@ -296,12 +348,14 @@ def _ratio(a: float, b: float) -> float | None:
 
 @dataclass(frozen=True)
 class SweepRow:
-    """One draft shape's result in a sweep."""
+    """One draft shape's result in a sweep; ``round_ms``: its measured round cost (drafting
+    plus the verify, :mod:`draftforge.decode.costs`) when costs were measured."""
 
     shape: TreeShape
     acceptance_length: float | None
     tokens_per_s: float
     speedup: float | None
+    round_ms: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -311,6 +365,7 @@ class SweepRow:
             "acceptance_length": self.acceptance_length,
             "tokens_per_s": self.tokens_per_s,
             "speedup": self.speedup,
+            "round_ms": self.round_ms,
         }
 
 
@@ -342,13 +397,15 @@ def sweep(
     max_new_tokens: int,
     *,
     seed: int = 0,
+    lean: bool | None = None,
+    compile: bool = False,
     log: Log = print,
     on_prompt: Callable[[], object] = lambda: None,
 ) -> tuple[float, list[SweepRow]]:
-    """Baseline tokens/s (drafting off) and one row per draft shape.
+    """Baseline tokens/s (drafting off) and one row per draft shape, with its round cost.
 
-    ``on_prompt`` is called after each prompt of each run: ``len(prompts) * (len(shapes) + 1)``
-    times in all."""
+    ``lean``/``compile``: the target path (:class:`SpecEngine`). ``on_prompt`` is called after
+    each prompt of each run: ``len(prompts) * (len(shapes) + 1)`` times in all."""
 
     def run(drafter: Eagle3Draft | None, shape: TreeShape) -> dict[str, Any]:
         return evaluate(
@@ -361,22 +418,30 @@ def sweep(
             seed=seed,
             baseline=False,
             generate=False,
+            lean=lean,
+            compile=compile,
             log=lambda _: None,
             on_prompt=on_prompt,
         )
 
-    base = run(None, TreeShape(num_steps=0))["speculative"]["tokens_per_s"]
-    log(f"baseline (no drafting): {base:.2f} tok/s")
+    report = run(None, TreeShape(num_steps=0))
+    base = report["speculative"]["tokens_per_s"]
+    step_ms = report["costs"]["target_step_ms"]
+    note = report["target_path_note"]
+    log(f"target path: {report['target_path']}" + (f" ({note})" if note else ""))
+    log(f"baseline (no drafting): {base:.2f} tok/s, target step {step_ms:.1f} ms")
     log(format_rows([]))
     rows = []
     for shape in shapes:
         report = run(draft, shape)
         tps = report["speculative"]["tokens_per_s"]
+        costs = report["costs"]
         row = SweepRow(
             shape=shape,
             acceptance_length=report["acceptance_length"],
             tokens_per_s=tps,
             speedup=_ratio(tps, base),
+            round_ms=costs["draft_round_ms"] + costs["verify_ms"][shape.draft_tokens],
         )
         rows.append(row)
         log(format_rows([row], header=False))
@@ -385,13 +450,17 @@ def sweep(
 
 def format_rows(rows: Sequence[SweepRow], header: bool = True) -> str:
     """A fixed-width table of sweep rows (the header alone for no rows)."""
-    lines = [f"{'steps':>5} {'topk':>4} {'tokens':>6} {'AL':>6} {'tok/s':>8} {'speedup':>7}"]
+    lines = [
+        f"{'steps':>5} {'topk':>4} {'tokens':>6} {'AL':>6} {'tok/s':>8} {'speedup':>7} "
+        f"{'round ms':>8}"
+    ]
     for r in rows:
         al = "-" if r.acceptance_length is None else f"{r.acceptance_length:.3f}"
         speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+        round_ms = "-" if r.round_ms is None else f"{r.round_ms:.1f}"
         lines.append(
             f"{r.shape.num_steps:>5} {r.shape.topk:>4} {r.shape.draft_tokens:>6} {al:>6} "
-            f"{r.tokens_per_s:>8.2f} {speedup:>7}"
+            f"{r.tokens_per_s:>8.2f} {speedup:>7} {round_ms:>8}"
         )
     return "\n".join(lines if header else lines[1:])
 

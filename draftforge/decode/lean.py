@@ -20,6 +20,7 @@ continuation) and returns why not when they differ: the engine falls back to tra
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,11 +46,19 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * F.rms_norm(x.float(), weight.shape, eps=eps).to(x.dtype)
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """RoPE as the Llama family applies it (halves rotated), cos/sin broadcast over heads."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+def rope_tables(rotary: nn.Module, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and signed sin [T, 1, D] for :func:`rotate` from a model's own rotary embedding
+    (whatever its scaling type) at ``positions`` [T]; ``x`` gives the dtype."""
+    cos, sin = rotary(x, positions[None])
+    half = sin.shape[-1] // 2
+    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return cos[0, :, None], signed[0, :, None]
+
+
+def rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
+    """RoPE as the Llama family applies it, ``x * cos + cat(-x2, x1) * sin``, bit for bit:
+    cat(-x2, x1) * sin is cat(x2, x1) * cat(-sin1, sin2), and cat(x2, x1) is one roll."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
 def _norm_eps(norm: nn.Module) -> float | None:
@@ -136,34 +145,55 @@ def _layer(layer: nn.Module, packed: bool) -> _Layer:
     )
 
 
+# model -> packed? -> its layers and head as the lean forward reads them: every engine on one
+# model shares one prepacked copy of its matrices (a frozen target's weights do not change).
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[list[_Layer], Projection]]]
+_PREPARED = weakref.WeakKeyDictionary()
+
+
+def _prepared(model: nn.Module, packed: bool) -> tuple[list[_Layer], Projection]:
+    per_model = _PREPARED.setdefault(model, {})
+    if packed not in per_model:
+        layers = [_layer(layer, packed) for layer in decoder_layers(model)]
+        per_model[packed] = (layers, Projection([model.get_output_embeddings()], packed))
+    return per_model[packed]
+
+
 class LeanTarget:
     """The target's forward over a static KV cache (see the module docstring).
 
     ``forward`` appends T tokens (at any RoPE positions, seeing the whole cache plus the
     ``tree`` mask among themselves) and returns logits and the aux layers' outputs;
     ``compact`` keeps a prefix and chosen entries after it, moved into place.
+
+    ``compile``: run each layer's projections and MLP through ``torch.compile`` (one graph
+    serves every layer; the cache writes and attention stay eager). Inductor cannot take
+    oneDNN-packed weights, so compiled layers use the model's weights with ``F.linear``.
     """
 
     name = "lean"
 
-    def __init__(self, model: nn.Module, aux_layers: list[int], capacity: int = 256) -> None:
+    def __init__(
+        self, model: nn.Module, aux_layers: list[int], capacity: int = 256, compile: bool = False
+    ) -> None:
         config = model.config.get_text_config()
         decoder = decoder_module(model)
         weight = model.get_input_embeddings().weight
-        self.packed = onednn_usable(weight.dtype, weight.device)
-        self.layers = [_layer(layer, self.packed) for layer in decoder_layers(model)]
+        self.packed = not compile and onednn_usable(weight.dtype, weight.device)
+        self.compiled = compile
+        if compile:
+            self._project = torch.compile(self._project, dynamic=True)
+            self._feed = torch.compile(self._feed, dynamic=True)
+        self.layers, self.head = _prepared(model, self.packed)
         self.embed = weight.detach()
         self.rotary = decoder.rotary_emb
         self.norm = decoder.norm.weight.detach()
         self.norm_eps = _norm_eps(decoder.norm) or 0.0
-        head = model.get_output_embeddings()
-        self.head = Projection([head], self.packed)
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.aux_layers = list(aux_layers)
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].qkv.sizes[0] // self.heads
-        self.max_positions: int = config.max_position_embeddings
         self.kv = weight.new_empty(len(self.layers), 2, self.kv_heads, 0, self.head_dim)
         self.length = 0
         self.reserve(capacity)
@@ -204,15 +234,14 @@ class LeanTarget:
         start = self.length
         self.reserve(start + t)
         x = F.embedding(ids, self.embed)
-        cos, sin = self.rotary(x, positions[None])
-        cos, sin = cos[0, :, None], sin[0, :, None]  # [T, 1, D]: broadcast over heads
+        cos, sin = rope_tables(self.rotary, x, positions)
         mask = None
         if t > 1:
             own = tree if tree is not None else torch.ones(t, t, dtype=torch.bool).tril()
             mask = torch.cat([own.new_ones(t, start), own], dim=1).to(x.device)
         captured: dict[int, Tensor] = {}
         for index, layer in enumerate(self.layers):
-            x = self._layer(index, layer, x, cos, sin, mask, start)
+            x = self._layer(layer, self.kv[index], x, cos, sin, mask, start)
             if aux and index in self.aux_layers:
                 captured[index] = x
         self.length = start + t
@@ -227,36 +256,47 @@ class LeanTarget:
 
     def _layer(
         self,
-        index: int,
         layer: _Layer,
+        cache: Tensor,
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
         mask: Tensor | None,
         start: int,
     ) -> Tensor:
-        t = x.shape[0]
-        h = rms_norm(x, layer.input_norm, layer.input_eps)
-        q, k, v = layer.qkv.split(h)
-        q = q.view(t, self.heads, self.head_dim)
-        k = k.view(t, self.kv_heads, self.head_dim)
-        if layer.q_norm is not None and layer.k_norm is not None:
-            q = rms_norm(q, layer.q_norm, layer.qk_eps)
-            k = rms_norm(k, layer.k_norm, layer.qk_eps)
-        end = start + t
-        cache = self.kv[index]
-        cache[0, :, start:end] = rotate(k, cos, sin).transpose(0, 1)
-        cache[1, :, start:end] = v.view(t, self.kv_heads, self.head_dim).transpose(0, 1)
+        q, k, v = self._project(layer, x, cos, sin)
+        end = start + x.shape[0]
+        cache[0, :, start:end] = k
+        cache[1, :, start:end] = v
         # 4-D operands: torch's CPU flash kernel serves them (3-D ones go to the math path).
         out = F.scaled_dot_product_attention(
-            rotate(q, cos, sin).transpose(0, 1)[None],
+            q[None],
             cache[None, 0, :, :end],
             cache[None, 1, :, :end],
             attn_mask=mask,
             scale=layer.scaling,
             enable_gqa=self.heads != self.kv_heads,
         )[0]
-        x = x + layer.o(out.transpose(0, 1).reshape(t, -1))
+        return self._feed(layer, x, out)
+
+    def _project(
+        self, layer: _Layer, x: Tensor, cos: Tensor, sin: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries [Hq, T, D], keys and values [Hkv, T, D] of one layer, RoPE applied."""
+        t, heads, kv_heads = x.shape[0], self.heads, self.kv_heads
+        qkv = layer.qkv(rms_norm(x, layer.input_norm, layer.input_eps)).view(t, -1, self.head_dim)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
+            q = rotate(rms_norm(q, layer.q_norm, layer.qk_eps), cos, sin)
+            k = rotate(rms_norm(k, layer.k_norm, layer.qk_eps), cos, sin)
+        else:  # queries and keys rotated together
+            q, k = rotate(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], dim=1)
+            v = qkv[:, heads + kv_heads :]
+        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+
+    def _feed(self, layer: _Layer, x: Tensor, attended: Tensor) -> Tensor:
+        """The rest of the layer after attention ([Hq, T, D]): output projection, MLP."""
+        x = x + layer.o(attended.transpose(0, 1).reshape(x.shape[0], -1))
         gate, up = layer.gate_up.split(rms_norm(x, layer.post_norm, layer.post_eps))
         return x + layer.down(layer.act(gate) * up)
 
@@ -266,12 +306,14 @@ class LeanTarget:
 _PROBE_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-3}
 
 
-def build_lean_target(model: nn.Module, aux_layers: list[int]) -> LeanTarget | str:
+def build_lean_target(
+    model: nn.Module, aux_layers: list[int], compile: bool = False
+) -> LeanTarget | str:
     """The lean forward of ``model``, or why it cannot stand in for the model's own."""
     problem = lean_problem(model)
     if problem is not None:
         return problem
-    lean = LeanTarget(model, aux_layers, capacity=8)
+    lean = LeanTarget(model, aux_layers, capacity=8, compile=compile)
     problem = _disagreement(lean, model)
     lean.reset()
     return lean if problem is None else problem

@@ -125,13 +125,16 @@ class HFTargetPath:
 
 
 def choose_target_path(
-    model: nn.Module, aux_layers: list[int], lean: bool | None
+    model: nn.Module, aux_layers: list[int], lean: bool | None, compile: bool = False
 ) -> tuple[TargetPath, str | None]:
     """The path ``lean`` asks for (None: lean when the model allows it) and, when the lean
-    forward was wanted but cannot serve the model, why not."""
+    forward was wanted but cannot serve the model, why not. ``compile`` compiles the lean
+    forward's layers (:class:`~draftforge.decode.lean.LeanTarget`)."""
     if lean is False:
+        if compile:
+            raise DecodeError("compile applies to the lean target path: drop lean=False")
         return HFTargetPath(model, aux_layers), None
-    built = build_lean_target(model, aux_layers)
+    built = build_lean_target(model, aux_layers, compile)
     if isinstance(built, str):
         if lean:
             raise DecodeError(f"the lean target forward cannot run this model: {built}")
