@@ -43,7 +43,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +52,16 @@ import torch
 from draftforge import checkpoint, require_extra
 from draftforge.config import Config, load_config
 from draftforge.curves import plot_acc, plot_loss, split_records
-from draftforge.decode.engine import SpecEngine
-from draftforge.decode.evaluate import Prompt, SweepRow, format_rows, sweep
+from draftforge.decode.costs import DecodeCosts, measure_costs
+from draftforge.decode.engine import SpecEngine, default_stop_ids
+from draftforge.decode.evaluate import (
+    Prompt,
+    SweepRow,
+    encode,
+    format_rows,
+    sweep,
+    time_generate,
+)
 from draftforge.decode.sampling import SamplingParams
 from draftforge.decode.tree import TreeShape
 from draftforge.demo_prompts import build_heldout
@@ -263,8 +271,8 @@ def run_demo(settings: DemoSettings) -> int:
             f"{len(prompts)} held-out prompts x {settings.max_new_tokens} tokens, temperature 0: "
             f"no draft, chains of {', '.join(map(str, settings.chain_steps))} steps, one tree",
         ):
-            baseline, rows_ = _evaluate(target, cfg.output.dir, prompts, shapes, settings)
-        best = best_setting(rows_)
+            evaluation = _evaluate(target, cfg.output.dir, prompts, shapes, settings)
+        best = best_setting(evaluation.rows)
         with stages.run("export", "SGLang and vLLM folders"):
             # The serving commands (and vLLM's config) use the fastest setting measured; vLLM
             # drafts chains, so a tree's number of steps.
@@ -291,7 +299,7 @@ def run_demo(settings: DemoSettings) -> int:
         )
         return 130
     with stages.run("report", "text, JSON and plot"):
-        report = _report(settings, cfg, stages, estimate, baseline, rows_, exports, len(prompts))
+        report = _report(settings, cfg, stages, estimate, evaluation, exports, len(prompts))
         report["capture_dir"] = str(captured.directory)
     report["stage_seconds"] = stages.seconds
     report["total_seconds"] = time.perf_counter() - start
@@ -311,30 +319,53 @@ def _indent(text: str) -> str:
     return "    " + text.replace("\n", "\n    ")
 
 
+@dataclass
+class Evaluation:
+    """The eval stage's measurements: tokens/s without a draft (the engine) and with
+    transformers' ``generate``, one row per draft shape, and the engine's cost model."""
+
+    baseline: float
+    generate: float
+    rows: list[SweepRow]
+    costs: DecodeCosts
+
+
 def _evaluate(
     target: Target,
     run_dir: Path,
     prompts: list[Prompt],
     shapes: list[TreeShape],
     settings: DemoSettings,
-) -> tuple[float, list[SweepRow]]:
+) -> Evaluation:
     draft = load_draft_for(run_dir, target)
-    runs = len(shapes) + 1
-    with progress_bar(runs * len(prompts), desc="eval", unit="prompt") as bar:
+    greedy = SamplingParams(temperature=0.0)
+    encoded = [encode(target, p) for p in prompts]
+    with progress_bar((len(shapes) + 2) * len(prompts), desc="eval", unit="prompt") as bar:
 
         def log(line: str) -> None:
             bar.write(_indent(line))
 
-        return sweep(
+        engine = SpecEngine(target, draft, max(shapes, key=lambda s: s.draft_tokens), greedy)
+        context = sorted(map(len, encoded))[len(encoded) // 2] + settings.max_new_tokens // 2
+        costs = measure_costs(engine, {s.draft_tokens for s in shapes}, context=context)
+        for line in costs.lines():
+            log(line)
+        generate = time_generate(
+            target, encoded, settings.max_new_tokens, greedy, default_stop_ids(target)
+        )
+        log(f"transformers' generate (no draft): {generate.tokens_per_s:.2f} tok/s")
+        bar.update(len(prompts))
+        baseline, rows = sweep(
             target,
             draft,
             prompts,
             shapes,
-            SamplingParams(temperature=0.0),
+            greedy,
             settings.max_new_tokens,
             log=log,
             on_prompt=lambda: bar.update(1),
         )
+    return Evaluation(baseline, generate.tokens_per_s, rows, costs)
 
 
 def _label(shape: TreeShape) -> str:
@@ -348,11 +379,11 @@ def _report(
     cfg: Config,
     stages: Stages,
     estimate: Estimate,
-    baseline: float,
-    rows: list[SweepRow],
+    evaluation: Evaluation,
     exports: dict[str, Any],
     num_prompts: int,
 ) -> dict[str, Any]:
+    baseline, rows = evaluation.baseline, evaluation.rows
     run_dir = Path(cfg.output.dir)
     train_rows, eval_rows = split_records(read_records(run_dir / "metrics.jsonl"))
     best, chain = best_setting(rows), best_setting(rows, chains_only=True)
@@ -375,7 +406,9 @@ def _report(
         ),
         "",
         f"held-out speculative decoding ({num_prompts} prompts x {settings.max_new_tokens} "
-        f"tokens, temperature 0); no drafting: {baseline:.2f} tok/s",
+        f"tokens, temperature 0); no drafting: {baseline:.2f} tok/s (transformers' generate: "
+        f"{evaluation.generate:.2f} tok/s)",
+        *evaluation.costs.lines(),
         format_rows(rows),
         "",
     ]
@@ -402,6 +435,8 @@ def _report(
         "train_steps": last.get("step", 0),
         "train_last": last,
         "baseline_tokens_per_s": baseline,
+        "generate_tokens_per_s": evaluation.generate,
+        "costs": asdict(evaluation.costs),
         "rows": [{**r.as_dict(), "label": _label(r.shape)} for r in rows],
         "best_setting": None if best is None else best.as_dict(),
         "best_chain": None if chain is None else chain.as_dict(),

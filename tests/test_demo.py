@@ -70,11 +70,15 @@ def test_demo_runs_every_stage_and_a_second_run_reuses_the_caches(tiny, tmp_path
     fastest = max(report["rows"], key=lambda r: r["tokens_per_s"])
     assert report["best_setting"] == {k: v for k, v in fastest.items() if k != "label"}
     assert set(report["estimated_seconds"]) == {"capture", "train", "eval", "export"}
+    assert report["generate_tokens_per_s"] > 0 and report["baseline_tokens_per_s"] > 0
+    assert report["costs"]["target_step_ms"] > 0 and report["costs"]["draft_step_ms"] > 0
+    assert set(report["costs"]["verify_ms"]) >= {str(r["num_draft_tokens"]) for r in report["rows"]}
     for fmt in ("sglang", "vllm"):
         assert (out / "export" / fmt / "config.json").is_file()
     assert (out / "report.png").stat().st_size > 10_000
     text = (out / "report.txt").read_text()
     assert "fastest setting (exported)" in text and "fastest chain" in text
+    assert "transformers' generate" in text and "cost model" in text
     assert "sglang.launch_server" in text and "vllm serve" in text
     # The exports are set up for the fastest setting measured.
     steps, topk = fastest["num_steps"], fastest["topk"]
