@@ -2,9 +2,11 @@
 
 ``SpecEngine(target, draft, TreeShape(num_steps, topk, num_draft_tokens), SamplingParams(...))
 .generate(prompt_ids, max_new_tokens)`` decodes one sequence; ``evaluate`` runs a prompt set
-and reports acceptance length and speed (``draftforge eval`` / ``draftforge bench``).
+and reports acceptance length and speed (``draftforge eval`` / ``draftforge bench``);
+``measure_costs(engine)`` times the engine's forwards on this machine (``DecodeCosts``).
 """
 
+from draftforge.decode.costs import DecodeCosts, measure_costs
 from draftforge.decode.engine import Generation, SpecEngine
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.evaluate import evaluate, load_prompts
@@ -12,6 +14,7 @@ from draftforge.decode.sampling import SamplingParams, verify_tree, warp
 from draftforge.decode.tree import TreeShape
 
 __all__ = [
+    "DecodeCosts",
     "DecodeError",
     "Generation",
     "SamplingParams",
@@ -19,6 +22,7 @@ __all__ = [
     "TreeShape",
     "evaluate",
     "load_prompts",
+    "measure_costs",
     "verify_tree",
     "warp",
 ]
