@@ -242,20 +242,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def plan_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("configs", nargs="+", help="target config.json files (no weights needed)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="GPUs per layout")
-    p.add_argument("--tokens", type=int, default=4096, help="tokens per packed micro-batch")
-    p.add_argument("--steps", type=int, default=7, help="TTT steps")
-    p.add_argument("--draft-vocab", type=int, default=32000)
+    from draftforge.plan_table import add_arguments
+
+    add_arguments(p)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from draftforge.plan import format_plan, load_text_config, plan_layouts
+    from draftforge.plan_table import print_tables
 
-    for path in args.configs:
-        config = load_text_config(path)
-        plans = plan_layouts(config, args.sizes, args.tokens, args.steps, args.draft_vocab)
-        print(format_plan(path, config, plans, args.tokens) + "\n")
+    print_tables(args)
     return 0
 
 
