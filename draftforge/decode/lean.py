@@ -1,12 +1,14 @@
 """A lean forward of the standard dense decoder (Llama, Qwen2, Qwen3, Mistral without sliding
 window) over a static KV cache: the decoding engine's target when the model fits.
 
-Why: at batch 1 on a CPU a transformers forward spends as long in its own bookkeeping (cache
-objects, mask building, module calls) as in the matmuls. This forward reads the HF model's own
-weights (matrices prepacked once by :mod:`draftforge.decode.fastlinear`, norms and embedding
-as they are), calls the model's own rotary-embedding module (so every RoPE scaling type stays
-right), and keeps K/V of all layers in one preallocated tensor ``[layers, 2, Hkv, capacity,
-D]`` written in place; it grows by doubling when a sequence outruns it.
+Why: at batch 1 on a CPU a transformers forward spends much of its time outside the
+arithmetic (cache objects, mask building, module calls), and its matmuls repack every weight
+on every call (``benchmarks/decode.py`` prints both paths' step times). This forward reads the
+HF model's own weights (matrices prepacked once by :mod:`draftforge.decode.fastlinear`, norms
+and embedding as they are), calls the model's own rotary-embedding module (so every RoPE
+scaling type stays right), and keeps K/V of all layers in one preallocated tensor
+``[layers, 2, Hkv, capacity, D]`` written in place; it grows by doubling when a sequence
+outruns it.
 
 Which models: found by structure, not by name. The decoder layers must hold exactly the
 attention (q/k/v/o linears, optionally per-head q/k RMS norms as Qwen3 has), a gated MLP and
