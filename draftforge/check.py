@@ -17,6 +17,9 @@ What is checked:
   and one that generation stops on;
 - the draft vocabulary: ``d2t`` and ``t2d`` agree, and it covers at least 90% of the
   supervised tokens;
+- the layout: ``parallel.tp`` divides the processes and the target's heads and widths, and
+  transformers has a tensor-parallel plan for it (:func:`draftforge.parallel.tp_problem`;
+  sharded loading checks the same before it reads a weight);
 - memory per rank, by :mod:`draftforge.plan`, against the GPU (or, on CPU, the host RAM);
 - disk for an offline capture (:func:`draftforge.shards.bytes_per_token`) against free space,
   in ``draftforge check`` (``capture`` checks what is left to capture when it starts).
@@ -42,7 +45,7 @@ from draftforge.data.template import ChatTemplate, load_template
 from draftforge.data.vocab import count_supervised
 from draftforge.drafts import DraftError, check_vocab_map
 from draftforge.features import prepare_data
-from draftforge.parallel import default_device
+from draftforge.parallel import default_device, tp_problem
 from draftforge.plan import GIB, Plan, count_target_params, layout_plan, target_forward_bytes
 from draftforge.shards import MANIFEST, STORAGE_DTYPES, bytes_per_token, size_text
 from draftforge.target import (
@@ -313,7 +316,7 @@ def memory_findings(
     CPU, the host RAM that all of this host's ranks share."""
     tp, par = cfg.parallel.tp, cfg.parallel
     if world % tp:
-        return [Finding(True, f"parallel.tp={tp} does not divide the {world} processes")]
+        return []  # layout_findings says why
     try:
         params = count_target_params(facts.config)
     except (ValueError, KeyError) as err:
@@ -356,6 +359,13 @@ def memory_findings(
             "training.tokens_per_batch",
         )
     ]
+
+
+def layout_findings(cfg: Config, facts: TargetFacts, world: int) -> list[Finding]:
+    """Whether ``parallel.tp`` can split this target over ``world`` processes (heads and
+    widths divisible, a tensor-parallel plan for its architecture); from config.json only."""
+    problem = tp_problem(facts.text, cfg.parallel.tp, world)
+    return [Finding(True, problem)] if problem else []
 
 
 def _captured(folders: list[Path], dataset_key: str) -> bool:
@@ -428,6 +438,7 @@ def run_checks(
         *aux_findings(cfg.target.aux_layers, facts.text.num_hidden_layers),
         *template_findings(cfg, facts.tokenizer),
         *eot_findings(cfg, facts),
+        *layout_findings(cfg, facts, world),
         *memory_findings(cfg, facts, world=world, device=device, stage=stage),
     ]
     if any(f.error for f in found):

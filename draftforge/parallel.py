@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,48 @@ class Layout:
 
     def tp_mesh(self) -> DeviceMesh | None:
         return self.mesh["tp"] if self.mesh is not None and self.tp > 1 else None
+
+
+# What tensor parallelism splits over the tp ranks: attention heads, and the MLP and expert
+# widths (the models' plans shard these dims; transformers does not pad them).
+TP_SPLIT = (
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "intermediate_size_mlp",
+    "moe_intermediate_size",
+)
+
+
+def tp_problem(text_config: Any, tp: int, world: int) -> str | None:
+    """Why ``parallel.tp=tp`` cannot split a target of this (text) config over ``world``
+    processes, naming the valid values; None when it can. Reads the config only."""
+    if tp == 1:
+        return None
+    if not getattr(text_config, "base_model_tp_plan", None):
+        return (
+            f"parallel.tp={tp}: transformers has no tensor-parallel plan for "
+            f"{type(text_config).__name__}: use parallel.tp=1 (parallel.fsdp=target shards it)"
+        )
+    sizes = {
+        name: value
+        for name in TP_SPLIT
+        if isinstance(value := getattr(text_config, name, None), int)
+    }
+    uneven = [f"{name} ({value})" for name, value in sizes.items() if value % tp]
+    if world % tp == 0 and not uneven:
+        return None
+    valid = [
+        t for t in range(1, world + 1) if world % t == 0 and all(v % t == 0 for v in sizes.values())
+    ]
+    why = (
+        f"does not divide the {world} processes"
+        if world % tp
+        else (f"does not divide the target's {', '.join(uneven)}")
+    )
+    return (
+        f"parallel.tp={tp} {why}: valid values with {world} processes: {', '.join(map(str, valid))}"
+    )
 
 
 def default_device(local_rank: int = 0, requested: str = "auto") -> torch.device:

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from draftforge import require_extra
 from draftforge.config import TargetConfig, cache_root
@@ -455,36 +454,24 @@ def capture_layers(model: nn.Module, layer_ids: list[int]) -> Iterator[list[Tens
     result.extend(t for t in captured if t is not None)
 
 
-def load_target(
-    cfg: TargetConfig, device: torch.device | str = "cpu", tp_mesh: DeviceMesh | None = None
-) -> Target:
-    """Load the target frozen, in eval mode, with its tokenizer and checked aux layers.
+def load_target(cfg: TargetConfig, device: torch.device | str = "cpu") -> Target:
+    """Load the whole target frozen, in eval mode, with its tokenizer and checked aux layers.
 
-    With ``tp_mesh``, transformers shards the weights over it by the model's own tensor-
-    parallel plan (``tp_plan="auto"``, which covers dense and MoE blocks where it exists).
+    A rank that needs only its shard of the target reads it with
+    :func:`draftforge.target_load.load_sharded_target`.
     """
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     path = resolve_target_path(cfg.path, cfg.cache_dir)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
-    kwargs = {}
-    if tp_mesh is not None:
-        from transformers import DistributedConfig
-
-        kwargs["distributed_config"] = DistributedConfig(tp_plan="auto", tp_size=tp_mesh.size())
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=pick_dtype(cfg.dtype, device),
-            trust_remote_code=cfg.trust_remote_code,
-            **kwargs,
+            path, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise TargetError(f"cannot load the model at {path}: {str(err).splitlines()[0]}") from None
-    if tp_mesh is None:
-        model.to(device)
-    model.eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     aux = checked_aux_layers(cfg, model.config.get_text_config().num_hidden_layers)
     return Target(model=model, tokenizer=tokenizer, aux_layers=aux, path=path)
 

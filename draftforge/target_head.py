@@ -13,14 +13,12 @@ key conversion, as ``from_pretrained`` maps it.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from draftforge.config import TargetConfig
@@ -35,8 +33,15 @@ from draftforge.target import (
     read_generation_config,
     resolve_target_path,
 )
+from draftforge.target_load import (
+    INDEX,
+    KeyMap,
+    local_directory,
+    meta_model,
+    read_tensor,
+    weight_files,
+)
 
-INDEX = "model.safetensors.index.json"
 Rename = Callable[[str], "str | None"]
 
 
@@ -71,8 +76,8 @@ def load_target_head(cfg: TargetConfig, device: torch.device | str = "cpu") -> T
     loaded whole (:func:`~draftforge.target.load_target`)."""
     device = torch.device(device)
     path = resolve_target_path(cfg.path, cfg.cache_dir)
-    directory = _local_directory(path)
-    files = _weight_files(directory)
+    directory = local_directory(path)
+    files = weight_files(directory)
     if not files:
         return load_target(cfg, device)
     config = read_config(path, cfg.trust_remote_code)
@@ -83,7 +88,9 @@ def load_target_head(cfg: TargetConfig, device: torch.device | str = "cpu") -> T
 
     def tensor(part: str) -> Tensor:
         if keys[part] not in read:
-            read[keys[part]] = _read(files[keys[part]], keys[part]).to(device=device, dtype=dtype)
+            read[keys[part]] = read_tensor(files[keys[part]], keys[part]).to(
+                device=device, dtype=dtype
+            )
         return read[keys[part]]
 
     bias = tensor("head.bias") if "head.bias" in keys else None
@@ -100,49 +107,13 @@ def load_target_head(cfg: TargetConfig, device: torch.device | str = "cpu") -> T
     )
 
 
-def _read(file: Path, key: str) -> Tensor:
-    """One tensor of a safetensors file; a one-line TargetError naming the file if it fails."""
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            return f.get_tensor(key)
-    except (OSError, SafetensorError) as err:
-        raise TargetError(f"{file}: cannot read {key} ({str(err).splitlines()[0]})") from None
-
-
-def _local_directory(path: str) -> Path:
-    """The folder holding the target's files (a hub id's are fetched, weights as safetensors)."""
-    if Path(path).is_dir():
-        return Path(path)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors"]))
-
-
-def _weight_files(directory: Path) -> dict[str, Path]:
-    """Each tensor name of the checkpoint and the safetensors file holding it (headers only)."""
-    index = directory / INDEX
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: directory / file for key, file in weight_map.items()}
-    found = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            found.update(dict.fromkeys(f.keys(), file))
-    return found
-
-
 def _parameter_names(config: Any, trust_remote_code: bool) -> tuple[dict[str, set[str]], Rename]:
     """Every name of the output head's weight (and bias) and of the input embedding in the
     model class, built on the meta device (``head.weight``, ``head.bias`` when the head has
     one, ``embedding``; a tied head shares the embedding's names), and the checkpoint's key
     conversion: a checkpoint key to the parameter name ``from_pretrained`` loads it into, or
     None when a converter merges it with others."""
-    from transformers import AutoModelForCausalLM
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, rename_source_key
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    model = meta_model(config, trust_remote_code=trust_remote_code)
     head = model.get_output_embeddings()
     parts: dict[str, nn.Parameter] = {
         "head.weight": head.weight,
@@ -152,13 +123,10 @@ def _parameter_names(config: Any, trust_remote_code: bool) -> tuple[dict[str, se
         parts["head.bias"] = head.bias
     named = list(model.named_parameters(remove_duplicate=False))
     names = {part: {n for n, p in named if p is param} for part, param in parts.items()}
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    prefix, meta = model.base_model_prefix, model.state_dict()
+    keys = KeyMap.of(model)
 
     def rename(key: str) -> str | None:
-        name, merged = rename_source_key(key, renamings, converters, prefix, meta)
+        name, merged = keys.rename(key)
         return None if merged is not None else name
 
     return names, rename

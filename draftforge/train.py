@@ -56,8 +56,9 @@ from draftforge.models.eagle3 import TTTOutput
 from draftforge.parallel import Layout
 from draftforge.progress import Progress, progress_bar
 from draftforge.schedule import Clock, lr_factor
-from draftforge.target import Target, TargetParts, decoder_layers, decoder_module, load_target
+from draftforge.target import Target, TargetParts, decoder_layers, decoder_module
 from draftforge.target_head import load_target_head
+from draftforge.target_load import load_sharded_target
 
 if TYPE_CHECKING:
     from draftforge.data import PrepareResult
@@ -424,12 +425,15 @@ def _train(
 
 
 def _setup_target(cfg: Config, target: Target | None, layout: Layout) -> TargetParts:
-    """The target, loaded unless given (offline: its head and embedding only), sharded when
-    ``parallel.fsdp`` says so, with its head gathered on every rank at once."""
+    """The target, loaded unless given (offline: its head and embedding only), each rank
+    reading only its shards under ``parallel.tp`` and ``parallel.fsdp`` (a given target is
+    sharded after the fact), with its head gathered on every rank at once."""
     if target is None and cfg.data.mode == "offline":
         return load_target_head(cfg.target, layout.device)
-    target = target or load_target(cfg.target, layout.device, tp_mesh=layout.tp_mesh())
-    if cfg.parallel.fsdp in ("target", "both"):
+    fsdp = cfg.parallel.fsdp in ("target", "both")
+    if target is None:
+        target = load_sharded_target(cfg.target, layout, fsdp=fsdp)
+    elif fsdp:
         parallel.shard_target(
             target.model, layout, decoder_module(target.model), decoder_layers(target.model)
         )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from draftforge import checkpoint, target_head
+from draftforge import checkpoint, target_head, target_load
 from draftforge.config import TargetConfig, load_config
 from draftforge.offline import capture
 from draftforge.target import TargetError, load_target
@@ -87,9 +87,9 @@ def _target_cfg(directory: Path, *extra: str) -> TargetConfig:
 
 
 def _recording_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every tensor name that target_head reads from a safetensors file."""
+    """Every tensor name read from a safetensors file (target_load reads for target_head)."""
     read: list[str] = []
-    real_open = target_head.safe_open
+    real_open = target_load.safe_open
 
     class Recording:
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -109,7 +109,7 @@ def _recording_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             read.append(name)
             return self.file.get_tensor(name)
 
-    monkeypatch.setattr(target_head, "safe_open", Recording)
+    monkeypatch.setattr(target_load, "safe_open", Recording)
     return read
 
 
