@@ -1,18 +1,31 @@
-"""Peak memory of offline training against the target's depth.
+"""Peak memory: of offline training against the target's depth (``--mode offline``), and of
+sharded loading and online training per rank against the world size (``--mode sharded``).
 
-Saves a random Llama target of ``--width`` at depths N and 2N (sharded bf16 safetensors),
-captures a small dataset from each (``draftforge capture``), then trains from the capture in a
-subprocess twice: as ``draftforge train`` does (the target's head and embedding only, read
-from its safetensors) and with the whole target loaded (``load_target``), sampling the
-process's resident memory (VmRSS and VmHWM of /proc/<pid>/status) every 50 ms. The budget is
-2 GB + lm_head + embedding + draft state (weights, gradients and two Adam moments in fp32).
+``--mode offline`` saves a random Llama target of ``--width`` at depths N and 2N (sharded bf16
+safetensors), captures a small dataset from each (``draftforge capture``), then trains from the
+capture in a subprocess twice: as ``draftforge train`` does (the target's head and embedding
+only, read from its safetensors) and with the whole target loaded (``load_target``), sampling
+the process's resident memory (VmRSS and VmHWM of /proc/<pid>/status) every 50 ms. The budget
+is 2 GB + lm_head + embedding + draft state (weights, gradients and two Adam moments in fp32).
+
+``--mode sharded`` saves a random Qwen3-MoE target (at least 3 GB in fp32 by default) as sharded
+fp32 safetensors, then runs ``draftforge train`` (online, ``--steps`` steps) at world 1, 2 and 4
+with ``parallel.fsdp=target`` and with ``parallel.tp`` = world, each rank reading its shards
+(:mod:`draftforge.target_load`). Each rank records its peak resident memory (VmHWM, the whole
+process) once the target is loaded, resets it (``/proc/self/clear_refs``), and records it again
+at the end: the peak of loading and the peak of training. The goal per rank is 1.25 x target
+bytes / world + 2 GB. ``--old-worlds`` also runs the old way (every rank loads the whole
+target, then FSDP shards it) for contrast.
 
     python benchmarks/memory.py [--depth 12] [--width 1024] [--vocab 32000] [--steps 3]
+    nice python benchmarks/memory.py --mode sharded [--layers 10] [--experts 32] [--old-worlds 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from draftforge import checkpoint
 from draftforge.testing import tiny_run_overrides, tiny_target, tiny_tokenizer, write_tiny_run
@@ -33,7 +47,40 @@ WHOLE = (
     "cfg = load_config(None, sys.argv[1:])\n"
     "train(cfg, target=load_target(cfg.target))\n"
 )
+# Per rank, under torchrun or alone: train with the target loaded as given (sharded, or "old":
+# whole, then FSDP-sharded), recording VmHWM after loading and, reset, at the end.
+PEAKS = (
+    "import json, os, sys\n"
+    "import draftforge.train as train\n"
+    "from draftforge.cli import main\n"
+    "from draftforge.parallel import shard_target\n"
+    "from draftforge.target import decoder_layers, decoder_module, load_target\n"
+    "def hwm():\n"
+    "    with open('/proc/self/status') as f:\n"
+    "        return next(int(l.split()[1]) * 1024 for l in f if l.startswith('VmHWM:'))\n"
+    "def old(cfg, layout, *, fsdp):\n"
+    "    target = load_target(cfg, layout.device)\n"
+    "    if fsdp:\n"
+    "        m = target.model\n"
+    "        shard_target(m, layout, decoder_module(m), decoder_layers(m))\n"
+    "    return target\n"
+    "load = old if sys.argv[2] == 'old' else train.load_sharded_target\n"
+    "peaks = {}\n"
+    "def measured(*args, **kwargs):\n"
+    "    target = load(*args, **kwargs)\n"
+    "    peaks['load'] = hwm()\n"
+    "    with open('/proc/self/clear_refs', 'w') as f:\n"
+    "        f.write('5')\n"
+    "    return target\n"
+    "train.load_sharded_target = measured\n"
+    "code = main(sys.argv[3:])\n"
+    "peaks['train'] = hwm()\n"
+    "with open(f\"{sys.argv[1]}/rank{os.environ.get('RANK', '0')}.json\", 'w') as f:\n"
+    "    json.dump(peaks, f)\n"
+    "sys.exit(code)\n"
+)
 GB = 1e9
+GOAL_FACTOR, GOAL_SLACK = 1.25, 2 * GB  # per-rank goal: 1.25 x target bytes / world + 2 GB
 
 
 def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
@@ -120,18 +167,97 @@ def measure(root: Path, depth: int, args: argparse.Namespace) -> tuple[float, fl
     return size, runs["head"], runs["whole"], budget
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--depth", type=int, default=12, help="N: targets of N and 2N layers")
-    parser.add_argument("--width", type=int, default=1024, help="hidden size (a multiple of 128)")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    print(f"fp32 2048x2048 matmul: {matmul_gflops():.1f} GFLOP/s on {args.threads} threads")
+def save_moe_target(directory: Path, args: argparse.Namespace) -> float:
+    """A random Qwen3-MoE target in sharded fp32 safetensors (kept when ``directory`` holds
+    one already); its size in bytes."""
+    if not (directory / "config.json").is_file():
+        model = tiny_target(
+            "qwen3_moe",
+            num_hidden_layers=args.layers,
+            hidden_size=args.width,
+            num_attention_heads=args.width // 64,
+            num_key_value_heads=4,
+            head_dim=64,
+            intermediate_size=args.moe_width,
+            moe_intermediate_size=args.moe_width,
+            num_experts=args.experts,
+            vocab_size=args.vocab,
+        )
+        model.save_pretrained(directory, max_shard_size="500MB")
+        tiny_tokenizer().save_pretrained(directory)
+        del model
+    from draftforge.target_load import weight_files
+
+    elements = 0
+    for key, file in weight_files(directory).items():
+        with safe_open(str(file), framework="pt") as f:
+            elements += math.prod(f.get_slice(key).get_shape())
+    return 4.0 * elements
+
+
+def layout_peaks(
+    root: Path, target: Path, world: int, tp: int, how: str, args: argparse.Namespace
+) -> tuple[float, float, float]:
+    """(max over ranks of the loading peak, of the training peak, wall seconds) of
+    ``args.steps`` online steps at this layout (``how``: sharded or old)."""
+    out = root / f"peaks-{how}-{world}-{tp}"
+    out.mkdir()
+    settings = {
+        "target.path": target,
+        "target.aux_layers": f"[0,{args.layers // 2},{args.layers - 1}]",
+        "draft.draft_vocab_size": 256,
+        "training.max_steps": args.steps,
+        "training.tokens_per_batch": 256,
+        "data.max_length": 256,
+        "data.eval_fraction": 0,
+        "parallel.tp": tp,
+        "parallel.fsdp": "target" if tp == 1 else "none",
+    }
+    overrides = tiny_run_overrides(root, out / "run", **settings)
+    launch = [sys.executable]
+    if world > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)]
+    start = time.perf_counter()
+    script = root / "peaks.py"
+    script.write_text(PEAKS)
+    cmd = [*launch, str(script), str(out), how, "train", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"world {world}, tp {tp}, {how} failed:\n{proc.stderr[-3000:]}")
+    peaks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return max(p["load"] for p in peaks), max(p["train"] for p in peaks), seconds
+
+
+def sharded(args: argparse.Namespace) -> None:
+    """The per-rank peaks of sharded loading and online training, as a table."""
+    with tempfile.TemporaryDirectory(prefix="draftforge-memory-") as tmp:
+        root = write_tiny_run(tmp, conversations=16)
+        target = Path(args.target_dir) if args.target_dir else root / "moe-target"
+        size = save_moe_target(target, args)
+        print(
+            f"target: Qwen3-MoE, {args.layers} layers, {args.experts} experts, {size / GB:.2f} GB fp32"
+        )
+        layouts = [(w, 1, "sharded") for w in args.worlds]
+        layouts += [(w, w, "sharded") for w in args.worlds if w > 1]
+        layouts += [(w, 1, "old") for w in args.old_worlds]
+        print(
+            f"{'world':>5} {'tp':>3} {'fsdp':>6} {'loading':>8} {'load GB':>8} {'train GB':>8} "
+            f"{'goal GB':>8} {'ok':>3} {'s':>5}"
+        )
+        for world, tp, how in layouts:
+            load, run, seconds = layout_peaks(root, target, world, tp, how, args)
+            goal = GOAL_FACTOR * size / world + GOAL_SLACK
+            ok = "yes" if max(load, run) <= goal else "no"
+            print(
+                f"{world:>5} {tp:>3} {'target' if tp == 1 else 'none':>6} {how:>8} "
+                f"{load / GB:>8.2f} {run / GB:>8.2f} {goal / GB:>8.2f} {ok:>3} {seconds:>5.0f}",
+                flush=True,
+            )
+
+
+def offline(args: argparse.Namespace) -> None:
+    """Offline training's peak at depth N and 2N, head-only against the whole target."""
     with tempfile.TemporaryDirectory(prefix="draftforge-memory-") as tmp:
         root = write_tiny_run(tmp, conversations=16)
         rows = [(d, *measure(root, d, args)) for d in (args.depth, 2 * args.depth)]
@@ -146,6 +272,37 @@ def main() -> None:
         )
     (_, _, head_n, whole_n, _), (_, _, head_2n, whole_2n, _) = rows
     print(f"2N/N peak: head-only {head_2n / head_n:.3f}, whole target {whole_2n / whole_n:.3f}")
+
+
+def _worlds(text: str) -> list[int]:
+    return [int(w) for w in text.split(",") if w]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mode", choices=["offline", "sharded"], default="offline")
+    parser.add_argument("--depth", type=int, default=12, help="offline: N, targets of N and 2N")
+    parser.add_argument("--width", type=int, default=1024, help="hidden size (a multiple of 128)")
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--layers", type=int, default=10, help="sharded: the MoE target's depth")
+    parser.add_argument("--experts", type=int, default=32, help="sharded: experts per layer")
+    parser.add_argument("--moe-width", type=int, default=768, help="sharded: expert width")
+    parser.add_argument("--worlds", type=_worlds, default=[1, 2, 4], help="sharded: e.g. 1,2,4")
+    parser.add_argument(
+        "--old-worlds", type=_worlds, default=[2], help="sharded: worlds to run the old way too"
+    )
+    parser.add_argument("--target-dir", help="sharded: keep the saved target here (reused)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"fp32 2048x2048 matmul: {matmul_gflops():.1f} GFLOP/s on {args.threads} threads")
+    if args.mode == "offline":
+        offline(args)
+    else:
+        sharded(args)
 
 
 if __name__ == "__main__":
