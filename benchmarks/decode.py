@@ -31,6 +31,7 @@ from draftforge.decode.evaluate import (
 from draftforge.decode.sampling import SamplingParams
 from draftforge.decode.tree import TreeShape
 from draftforge.drafts import load_draft_for
+from draftforge.machine import matmul_gflops
 from draftforge.models import build_draft
 from draftforge.target import load_target
 from draftforge.testing import as_target, bigram_like_target, oracle_draft
@@ -44,18 +45,6 @@ SHAPES = [
     TreeShape(6, 8, 32),
 ]
 PATHS = {"lean": True, "hf": False}
-
-
-def matmul_gflops(size: int = 1024, repeats: int = 5) -> float:
-    """fp32 GFLOP/s of a square matmul at the current thread count (best of ``repeats``)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
 
 
 def plain_speed(target, encoded, max_new_tokens, lean, compile=False):
