@@ -15,6 +15,7 @@ from draftforge.check import (
     TargetFacts,
     aux_findings,
     disk_findings,
+    layout_findings,
     memory_findings,
     vocab_findings,
 )
@@ -150,13 +151,10 @@ def test_memory_beyond_the_host_is_a_warning_naming_the_layout() -> None:
     assert not finding.error
     assert finding.message.startswith("memory: about ")
     assert "parallel.tp=1, parallel.fsdp=none" in finding.message
-    (bad_tp,) = memory_findings(
-        load_config(None, ["target.path=x", "parallel.tp=4"]),
-        facts,
-        world=2,
-        device=cpu,
-        stage="train",
-    )
+    # A tp that does not divide the processes has no memory plan: the layout check says why.
+    bad = load_config(None, ["target.path=x", "parallel.tp=4"])
+    assert memory_findings(bad, facts, world=2, device=cpu, stage="train") == []
+    (bad_tp,) = layout_findings(bad, facts, world=2)
     assert bad_tp.error and "parallel.tp=4 does not divide the 2 processes" in bad_tp.message
 
 
