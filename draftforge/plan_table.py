@@ -2,8 +2,9 @@
 of a given GPU, as a table, with the assumptions stated once.
 
 The search tries 1, 2, 4, ... GPUs (several nodes once one is not enough); at each size every
-tensor-parallel degree inside a node that divides the target's heads and widths, and every
-``parallel.fsdp`` choice that matters for the stage; the first size where a layout's
+tensor-parallel degree inside a node that the sharded loader accepts for the target
+(:func:`draftforge.parallel.tp_problem`), and every ``parallel.fsdp`` choice that matters for
+the stage; the first size where a layout's
 :func:`draftforge.plan.predict` fits wins, and among its fitting layouts the one with the
 lowest peak.
 """
@@ -14,8 +15,8 @@ import argparse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from draftforge.parallel import tp_problem
 from draftforge.plan import GIB, STAGES, Estimate, Split, Stage, Workload, predict
 from draftforge.plan_shapes import TargetShape, load_text_config, quiet_transformers
 
@@ -45,18 +46,10 @@ def splits(shape: TargetShape, stage: Stage, world: int, node: Node) -> Iterator
     for tp in range(1, min(node.gpus, world) + 1):
         if world % tp or (tp > 1 and (stage == "offline" or not shape.tp_plan)):
             continue
-        if not _tp_divides(shape.text, tp):
+        if tp_problem(shape.text, tp, world):
             continue
         for fsdp in FSDP_CHOICES[stage] if world > tp else ("none",):
             yield Split(tp, world // tp, fsdp)
-
-
-def _tp_divides(text: Any, tp: int) -> bool:
-    """Whether ``tp`` divides the attention heads and the MLP and expert widths, which the
-    sharded loader requires (and checks before it reads a weight)."""
-    names = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-    names += ("intermediate_size_mlp", "moe_intermediate_size")
-    return all(getattr(text, n, None) is None or getattr(text, n) % tp == 0 for n in names)
 
 
 def smallest(
