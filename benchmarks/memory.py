@@ -17,6 +17,10 @@ at the end: the peak of loading and the peak of training. The goal per rank is 1
 bytes / world + 2 GB. ``--old-worlds`` also runs the old way (every rank loads the whole
 target, then FSDP shards it) for contrast.
 
+Beside each measured peak (head-only offline training; sharded loading and training) stands
+``draftforge plan``'s prediction for the same run, CPU and fp32 (:func:`planned`), with its
+ratio to the measurement.
+
     python benchmarks/memory.py [--depth 12] [--width 1024] [--vocab 32000] [--steps 3]
     nice python benchmarks/memory.py --mode sharded [--layers 10] [--experts 32] [--old-worlds 2]
 """
@@ -80,6 +84,7 @@ PEAKS = (
     "sys.exit(code)\n"
 )
 GB = 1e9
+TOKENS, DRAFT_VOCAB = 256, 256  # training.tokens_per_batch, draft.draft_vocab_size of the runs
 GOAL_FACTOR, GOAL_SLACK = 1.25, 2 * GB  # per-rank goal: 1.25 x target bytes / world + 2 GB
 
 
@@ -150,7 +155,8 @@ def measure(root: Path, depth: int, args: argparse.Namespace) -> tuple[float, fl
         "target.path": target,
         "target.aux_layers": f"[0,{depth // 2},{depth - 1}]",
         "data.features_dir": root / f"features-{depth}",
-        "draft.draft_vocab_size": 256,
+        "draft.draft_vocab_size": DRAFT_VOCAB,
+        "training.tokens_per_batch": TOKENS,
         "training.max_steps": args.steps,
         "data.eval_fraction": 0,
     }
@@ -205,9 +211,9 @@ def layout_peaks(
     settings = {
         "target.path": target,
         "target.aux_layers": f"[0,{args.layers // 2},{args.layers - 1}]",
-        "draft.draft_vocab_size": 256,
+        "draft.draft_vocab_size": DRAFT_VOCAB,
         "training.max_steps": args.steps,
-        "training.tokens_per_batch": 256,
+        "training.tokens_per_batch": TOKENS,
         "data.max_length": 256,
         "data.eval_fraction": 0,
         "parallel.tp": tp,
@@ -229,6 +235,19 @@ def layout_peaks(
     return max(p["load"] for p in peaks), max(p["train"] for p in peaks), seconds
 
 
+def planned(target: Path, stage: str, world: int = 1, tp: int = 1) -> float:
+    """What ``draftforge plan`` predicts per rank for this run on CPU in fp32: the loading
+    peak (``load``), or a stage's peak once loaded (as VmHWM shows it, reset after loading)."""
+    from draftforge.plan import Split, Workload, predict, steady_state
+    from draftforge.plan_shapes import TargetShape, load_text_config
+
+    shape = TargetShape.of(load_text_config(target / "config.json"))
+    split = Split(tp, world // tp, "target" if tp == 1 else "none")
+    w = Workload.cpu(tokens=TOKENS, draft_vocab=DRAFT_VOCAB)
+    estimate = predict if stage == "load" else steady_state
+    return estimate(shape, stage, split, w).total
+
+
 def sharded(args: argparse.Namespace) -> None:
     """The per-rank peaks of sharded loading and online training, as a table."""
     with tempfile.TemporaryDirectory(prefix="draftforge-memory-") as tmp:
@@ -243,17 +262,26 @@ def sharded(args: argparse.Namespace) -> None:
         layouts += [(w, 1, "old") for w in args.old_worlds]
         print(
             f"{'world':>5} {'tp':>3} {'fsdp':>6} {'loading':>8} {'load GB':>8} {'train GB':>8} "
-            f"{'goal GB':>8} {'ok':>3} {'s':>5}"
+            f"{'goal GB':>8} {'ok':>3} {'s':>5} {'plan load':>9} {'plan train':>10}"
         )
         for world, tp, how in layouts:
             load, run, seconds = layout_peaks(root, target, world, tp, how, args)
             goal = GOAL_FACTOR * size / world + GOAL_SLACK
             ok = "yes" if max(load, run) <= goal else "no"
+            plan = "" if how == "old" else _vs(load, planned(target, "load", world, tp))
+            if how != "old":
+                plan += " " + _vs(run, planned(target, "online", world, tp))
             print(
                 f"{world:>5} {tp:>3} {'target' if tp == 1 else 'none':>6} {how:>8} "
-                f"{load / GB:>8.2f} {run / GB:>8.2f} {goal / GB:>8.2f} {ok:>3} {seconds:>5.0f}",
+                f"{load / GB:>8.2f} {run / GB:>8.2f} {goal / GB:>8.2f} {ok:>3} {seconds:>5.0f} "
+                f"{plan}",
                 flush=True,
             )
+
+
+def _vs(measured: float, predicted: float) -> str:
+    """A prediction in GB and its ratio to the measurement, e.g. ``2.43 (1.07)``."""
+    return f"{predicted / GB:>5.2f} ({predicted / measured:.2f})"
 
 
 def offline(args: argparse.Namespace) -> None:
@@ -261,14 +289,15 @@ def offline(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="draftforge-memory-") as tmp:
         root = write_tiny_run(tmp, conversations=16)
         rows = [(d, *measure(root, d, args)) for d in (args.depth, 2 * args.depth)]
+        plans = [planned(root / f"target-{d}", "offline") for d, *_ in rows]
     print(
         f"{'depth':>5} {'target GB':>9} {'whole GB':>9} {'head GB':>8} {'head/whole':>10} "
-        f"{'budget GB':>9}"
+        f"{'budget GB':>9} {'plan head':>12}"
     )
-    for depth, size, head, whole, budget in rows:
+    for (depth, size, head, whole, budget), plan in zip(rows, plans, strict=True):
         print(
             f"{depth:>5} {size / GB:>9.2f} {whole / GB:>9.2f} {head / GB:>8.2f} "
-            f"{head / whole:>10.2f} {budget / GB:>9.2f}"
+            f"{head / whole:>10.2f} {budget / GB:>9.2f} {_vs(head, plan):>12}"
         )
     (_, _, head_n, whole_n, _), (_, _, head_2n, whole_2n, _) = rows
     print(f"2N/N peak: head-only {head_2n / head_n:.3f}, whole target {whole_2n / whole_n:.3f}")
