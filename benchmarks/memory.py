@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -235,15 +236,18 @@ def layout_peaks(
     return max(p["load"] for p in peaks), max(p["train"] for p in peaks), seconds
 
 
-def planned(target: Path, stage: str, world: int = 1, tp: int = 1) -> float:
+def planned(target: Path, stage: str, world: int = 1, tp: int = 1, **workload: Any) -> float:
     """What ``draftforge plan`` predicts per rank for this run on CPU in fp32: the loading
-    peak (``load``), or a stage's peak once loaded (as VmHWM shows it, reset after loading)."""
+    peak (``load``), or a stage's peak once loaded (as VmHWM shows it, reset after loading).
+    ``workload`` overrides :class:`draftforge.plan.Workload` fields; a capture of little data
+    passes the padded tokens of its largest forward (``batch_tokens``) and its largest shard
+    (``shard_mb``), which are less than the settings' limits."""
     from draftforge.plan import Split, Workload, predict, steady_state
     from draftforge.plan_shapes import TargetShape, load_text_config
 
     shape = TargetShape.of(load_text_config(target / "config.json"))
     split = Split(tp, world // tp, "target" if tp == 1 else "none")
-    w = Workload.cpu(tokens=TOKENS, draft_vocab=DRAFT_VOCAB)
+    w = Workload.cpu(**{"tokens": TOKENS, "draft_vocab": DRAFT_VOCAB, **workload})
     estimate = predict if stage == "load" else steady_state
     return estimate(shape, stage, split, w).total
 
