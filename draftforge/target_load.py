@@ -143,19 +143,21 @@ class KeyMap:
 
 def load_sharded_target(cfg: TargetConfig, layout: Layout, *, fsdp: bool) -> Target:
     """The target with this rank's shards only: tensor parallel over the tp ranks, and FSDP2
-    over the dp ranks when ``fsdp``; a layout that shards nothing loads the whole target
-    (:func:`~draftforge.target.load_target`). A layout that cannot split this target is a
-    :class:`ConfigError` before any weight is read."""
+    over the dp ranks when ``fsdp``; a layout that shards nothing reads it whole, the same way
+    (one tensor in flight, where ``from_pretrained`` holds about twice the target at its peak
+    on CPU), or with :func:`~draftforge.target.load_target` when the checkpoint has no
+    safetensors files. A layout that cannot split this target is a :class:`ConfigError`
+    before any weight is read."""
     path = resolve_target_path(cfg.path, cfg.cache_dir)
     config = read_config(path, cfg.trust_remote_code)
     problem = parallel.tp_problem(config.get_text_config(), layout.tp, layout.world)
     if problem:
         raise ConfigError(problem)
-    if layout.tp == 1 and not (fsdp and layout.dp > 1):
-        return load_target(cfg, layout.device)
     directory = local_directory(path)
     files = weight_files(directory)
     if not files:
+        if layout.tp == 1 and not (fsdp and layout.dp > 1):
+            return load_target(cfg, layout.device)  # nothing to shard: from_pretrained reads it
         raise TargetError(
             f"{directory} has no .safetensors files, which sharded loading reads: save the model "
             "with save_pretrained (safetensors), or use parallel.tp=1 and parallel.fsdp none or draft"

@@ -81,14 +81,14 @@ def targets(tmp_path_factory) -> Path:
 @pytest.mark.dist
 @pytest.mark.parametrize(
     ("world", "layouts"),
-    [(2, [(1, True), (2, False)]), (4, [(1, True), (2, False), (2, True)])],
+    [(2, [(1, False), (1, True), (2, False)]), (4, [(1, True), (2, False), (2, True)])],
     ids=["world2", "world4"],
 )
 def test_each_rank_reads_its_piece_of_the_weights(targets, tmp_path, world, layouts):
     """Gathered, every rank's pieces are the whole target's parameters and buffers bit for
-    bit (tied heads tied); each rank holds its share of the decoder's bytes: 1/world under
-    FSDP, 1/tp under tensor parallelism (by a plan that splits everything), 1/world under
-    both; and the features match the whole target's."""
+    bit (tied heads tied); each rank holds its share of the decoder's bytes: all of it
+    unsharded, 1/world under FSDP, 1/tp under tensor parallelism (by a plan that splits
+    everything), 1/world under both; and the features match the whole target's."""
     script = tmp_path / "load.py"
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
