@@ -224,6 +224,25 @@ def tokens_to_capture(cfg: Config, target: Target, prepared: Any) -> int:
     return 0 if done else int(prepared.dataset.stats["tokens"])
 
 
+def _machine_line() -> str:
+    return (
+        f"machine: fp32 matmul {matmul_gflops():.0f} GFLOP/s on {torch.get_num_threads()} "
+        "threads (machines differ 2-5x; the estimate below is measured on this one)"
+    )
+
+
+def _announce_estimate(
+    settings: DemoSettings, cfg: Config, target: Target, prepared: Any
+) -> Estimate:
+    """Print and return the estimate of the stages after the data."""
+    resuming = checkpoint.latest_valid(settings.out / "run" / "checkpoints") is not None
+    estimate = estimate_rest(
+        settings, target, tokens_to_capture(cfg, target, prepared), settings.minutes * 60
+    )
+    print(f"\n{estimate.line()}{'; the resumed training needs less' * resuming}", flush=True)
+    return estimate
+
+
 def run_demo(settings: DemoSettings) -> int:
     """Run every stage; 130 after Ctrl-C (a rerun resumes), 0 when done."""
     from draftforge.data import DataError
@@ -235,10 +254,7 @@ def run_demo(settings: DemoSettings) -> int:
         raise FileNotFoundError(f"the demo data {settings.data} is missing: reinstall draftforge")
     start = time.perf_counter()
     print(f"draftforge demo: {_prepare_output(settings)}; output in {settings.out}")
-    print(
-        f"machine: fp32 matmul {matmul_gflops():.0f} GFLOP/s on {torch.get_num_threads()} "
-        "threads (machines differ 2-5x; the estimate below is measured on this one)"
-    )
+    print(_machine_line())
     stages = Stages()
     data_path = settings.out / "data" / f"train-{settings.conversations}.jsonl"
     cfg = training_config(settings, data_path)
@@ -253,11 +269,7 @@ def run_demo(settings: DemoSettings) -> int:
             except DataError as err:
                 raise DataError(f"the built-in demo data is unreadable: {err}") from None
             print(_indent(prepared.summary()))
-        resuming = checkpoint.latest_valid(settings.out / "run" / "checkpoints") is not None
-        estimate = estimate_rest(
-            settings, target, tokens_to_capture(cfg, target, prepared), settings.minutes * 60
-        )
-        print(f"\n{estimate.line()}{'; the resumed training needs less' * resuming}", flush=True)
+        estimate = _announce_estimate(settings, cfg, target, prepared)
         with stages.run("capture", f"target features of {rows} conversations (cached)"):
             captured = capture(cfg, target, prepared=prepared)
             print(_indent(captured.summary()))

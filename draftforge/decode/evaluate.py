@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
-from draftforge.decode.costs import measure_costs
+from draftforge.decode.costs import DecodeCosts, measure_costs
 from draftforge.decode.engine import Generation, SpecEngine
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.sampling import SamplingParams
@@ -242,6 +242,30 @@ def _settings(
     }
 
 
+def _log_costs(
+    engine: SpecEngine, encoded: Sequence[list[int]], max_new_tokens: int, log: Log
+) -> DecodeCosts:
+    """The engine's cost model at a typical cache length of this run (median prompt plus half
+    the new tokens), logged line by line."""
+    context = sorted(len(ids) for ids in encoded)[len(encoded) // 2] + max_new_tokens // 2
+    measured = measure_costs(engine, context=context)
+    for line in measured.lines():
+        log(line)
+    return measured
+
+
+def _prompt_row(prompt: Prompt, ids: list[int], gen: Generation) -> dict[str, Any]:
+    return {
+        "id": prompt.id,
+        "prompt_tokens": len(ids),
+        "new_tokens": len(gen.tokens),
+        "verify_forwards": gen.rounds,
+        "acceptance_length": gen.acceptance_length,
+        "tokens_per_s": round(len(gen.tokens) / gen.seconds, 3),
+        "stop": gen.stop,
+    }
+
+
 def evaluate(
     target: Target,
     draft: Eagle3Draft | None,
@@ -265,18 +289,11 @@ def evaluate(
     and log the cost model first. ``on_prompt`` is called after each prompt (e.g. to move a
     progress bar)."""
     engine = SpecEngine(target, draft, shape, sampling, seed=seed, lean=lean, compile=compile)
-    plain = SpecEngine(
-        target, None, TreeShape(num_steps=0), sampling, seed=seed, lean=lean, compile=compile
-    )
+    plain = SpecEngine(target, None, TreeShape(0), sampling, seed=seed, lean=lean, compile=compile)
     log(path_line(engine))
     encoded, truncated = _encode_all(target, prompts, engine.max_positions, max_new_tokens, log)
     engine.generate(encoded[0], WARMUP_TOKENS)
-    measured = None
-    if costs:
-        context = sorted(len(ids) for ids in encoded)[len(encoded) // 2] + max_new_tokens // 2
-        measured = measure_costs(engine, context=context)
-        for line in measured.lines():
-            log(line)
+    measured = _log_costs(engine, encoded, max_new_tokens, log) if costs else None
     if baseline:
         plain.generate(encoded[0], WARMUP_TOKENS)
 
@@ -286,15 +303,7 @@ def evaluate(
     for prompt, ids in zip(prompts, encoded, strict=True):
         gen = engine.generate(ids, max_new_tokens)
         speculative.add(gen)
-        row: dict[str, Any] = {
-            "id": prompt.id,
-            "prompt_tokens": len(ids),
-            "new_tokens": len(gen.tokens),
-            "verify_forwards": gen.rounds,
-            "acceptance_length": gen.acceptance_length,
-            "tokens_per_s": round(len(gen.tokens) / gen.seconds, 3),
-            "stop": gen.stop,
-        }
+        row = _prompt_row(prompt, ids, gen)
         if baseline:
             ref = plain.generate(ids, max_new_tokens)
             base.add(ref)
@@ -331,8 +340,7 @@ def evaluate(
         report["generate"] = hf.summary()
         report["speedup_vs_generate"] = _ratio(speculative.tokens_per_s, hf.tokens_per_s)
     if sampling.greedy:
-        # Greedy speculation must reproduce the target's own greedy output token for token:
-        # how many prompts did, against each reference that ran.
+        # Greedy speculation must equal each reference that ran: how many prompts did.
         ran = {"baseline": baseline, "generate": generate}
         report["greedy_identical_prompts"] = {k: v for k, v in matches.items() if ran[k]}
     report["per_prompt"] = rows
