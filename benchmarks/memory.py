@@ -42,6 +42,7 @@ import torch
 from safetensors import safe_open
 
 from draftforge import checkpoint
+from draftforge.machine import matmul_gflops
 from draftforge.testing import tiny_run_overrides, tiny_target, tiny_tokenizer, write_tiny_run
 
 WHOLE = (
@@ -87,18 +88,6 @@ PEAKS = (
 GB = 1e9
 TOKENS, DRAFT_VOCAB = 256, 256  # training.tokens_per_batch, draft.draft_vocab_size of the runs
 GOAL_FACTOR, GOAL_SLACK = 1.25, 2 * GB  # per-rank goal: 1.25 x target bytes / world + 2 GB
-
-
-def matmul_gflops(n: int = 2048, runs: int = 5) -> float:
-    """The best fp32 rate of an n x n matmul on this machine."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b  # warm-up
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
 
 
 def peak_rss(cmd: list[str]) -> float:
@@ -331,7 +320,7 @@ def main() -> None:
     parser.add_argument("--target-dir", help="sharded: keep the saved target here (reused)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"fp32 2048x2048 matmul: {matmul_gflops():.1f} GFLOP/s on {args.threads} threads")
+    print(f"fp32 1024x1024 matmul: {matmul_gflops():.1f} GFLOP/s on {args.threads} threads")
     if args.mode == "offline":
         offline(args)
     else:

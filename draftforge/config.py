@@ -57,6 +57,12 @@ class TargetConfig:
     teacher_chunk_mb: int = opt(
         64, "memory budget of one chunk of full-vocabulary logits when computing the teacher"
     )
+    batch_tokens: int = opt(
+        8192,
+        "padded tokens per target forward (online training and capture): samples of similar "
+        "length share a forward, right-padded to the longest; a longer sample runs alone; "
+        "1 = one sample per forward",
+    )
 
 
 @dataclass
@@ -210,6 +216,7 @@ TRACKERS = ("tensorboard", "wandb")
 # Dotted key -> (whether a value is in range, what the range is); Config.validate checks them.
 _RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "target.teacher_chunk_mb": (lambda v: v >= 1, ">= 1"),
+    "target.batch_tokens": (lambda v: v >= 1, ">= 1 (1 = one sample per forward)"),
     "data.max_length": (lambda v: v >= 1, ">= 1"),
     "data.eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "data.shard_mb": (lambda v: v > 0, "positive"),

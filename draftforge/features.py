@@ -11,7 +11,9 @@ Features: for each micro-batch, the aux hidden states and the teacher distributi
 draft vocabulary (:class:`Features`), from one of two sources with the same interface
 (:class:`FeatureSource`): the target run in this process (:class:`OnlineFeatures`), or a
 capture read from disk (:class:`OfflineFeatures`, written by :mod:`draftforge.offline`, stored
-as :mod:`draftforge.shards` describes). Both give the same numbers for the same sample.
+as :mod:`draftforge.shards` describes). Both run the target several samples per forward, in
+length buckets of ``target.batch_tokens`` padded tokens (:func:`target_forwards`), and give
+the same numbers for the same sample up to float rounding.
 """
 
 from __future__ import annotations
@@ -232,21 +234,64 @@ class Features:
     teacher_argmax: Tensor  # [1, T] target argmax (target ids)
 
 
-def sample_features(target: Target, input_ids: Tensor) -> tuple[Tensor, Tensor]:
-    """Aux states [T, 3H] and final hidden [T, H] of one sample, run alone.
+def forward_groups(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Which samples share each target forward: length buckets of at most ``budget`` padded
+    tokens, as indices into ``lengths``.
 
-    One sample per forward (no padding, no packing) makes a sample's features independent of
-    what it is batched with, so online training and offline capture see identical numbers.
+    Longest first (ties in the given order); a forward takes the next samples while their
+    count times its first, longest, sample's length stays within ``budget``, so a sample
+    longer than ``budget`` runs alone and ``budget=1`` runs every sample alone.
     """
-    aux, last = target.features(input_ids[None].to(target.device))
-    return aux[0], last[0]
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def target_forwards(
+    target: Target, samples: Sequence[Tensor], budget: int
+) -> Iterator[tuple[list[int], Tensor, Tensor]]:
+    """Run the target over samples (1-D input ids) in the groups of :func:`forward_groups`:
+    each forward's sample indices, aux states ``[B, L, 3H]`` and final hidden ``[B, L, H]``
+    (row b is sample ``group[b]``, right-padded to the longest).
+
+    No attention mask: under the causal mask a token sees only earlier positions, so the
+    padding after a sample never reaches it, and it keeps positions 0..n-1 as if it ran alone.
+    Kernels of other shapes round differently, so its features equal its one-sample forward's
+    to within float rounding (tests/test_batching.py). Without a mask every HF family takes
+    its plain causal path (DeepSeek-V3's attention fails on a padding mask in transformers).
+    """
+    for group in forward_groups([len(s) for s in samples], budget):
+        ids = torch.zeros(len(group), len(samples[group[0]]), dtype=torch.long)
+        for row, i in enumerate(group):
+            ids[row, : len(samples[i])] = samples[i]
+        aux, last = target.features(ids.to(target.device))
+        yield group, aux, last
+
+
+def batched_features(
+    target: Target, samples: Sequence[Tensor], budget: int
+) -> list[tuple[Tensor, Tensor]]:
+    """Aux states ``[n, 3H]`` and final hidden ``[n, H]`` of each sample, in the given order,
+    from forwards of up to ``budget`` padded tokens (:func:`target_forwards`)."""
+    found: dict[int, tuple[Tensor, Tensor]] = {}
+    for group, aux, last in target_forwards(target, samples, budget):
+        for row, i in enumerate(group):
+            n = len(samples[i])
+            found[i] = (aux[row, :n], last[row, :n])
+    return [found[i] for i in range(len(samples))]
 
 
 def online_features(
-    target: Target, batch: MicroBatch, draft_ids: Tensor, chunk_mb: int
+    target: Target, batch: MicroBatch, draft_ids: Tensor, chunk_mb: int, batch_tokens: int
 ) -> Features:
-    """Run the target over the batch's samples and lay the results out along the packed row."""
-    pieces = [sample_features(target, ids) for ids in batch.input_ids[0].split(batch.lengths)]
+    """Run the target over the batch's samples, ``batch_tokens`` padded tokens per forward
+    (``target.batch_tokens``), and lay the results out along the packed row."""
+    samples = batch.input_ids[0].split(batch.lengths)
+    pieces = batched_features(target, samples, batch_tokens)
     aux = torch.cat([a for a, _ in pieces])
     last = torch.cat([h for _, h in pieces])
     return features_from_hidden(target, aux, last, draft_ids, chunk_mb)
@@ -302,15 +347,18 @@ def features_for(
 ) -> list[Features]:
     """Online features of this rank's micro-batches.
 
-    An FSDP-sharded target runs collectives in every forward, so every dp rank must run as
-    many forwards as the busiest one: the ranks agree on that count before any forward runs,
-    and the others then add one-token forwards to keep in step.
+    Each micro-batch's samples are grouped into forwards on their own, so the forwards (and
+    the features) of a micro-batch are the same whichever rank runs it. An FSDP-sharded
+    target runs collectives in every forward, so every dp rank must run as many forwards as
+    the busiest one: the ranks agree on that count before any forward runs, and the others
+    then add one-token forwards to keep in step.
     """
+    budget, chunk_mb = cfg.target.batch_tokens, cfg.target.teacher_chunk_mb
     padding = 0
     if cfg.parallel.fsdp in ("target", "both"):
-        mine = sum(len(b.lengths) for b in batches)
+        mine = sum(len(forward_groups(b.lengths, budget)) for b in batches)
         padding = int(parallel.all_reduce_max(mine, layout)) - mine
-    feats = [online_features(target, b, draft_ids, cfg.target.teacher_chunk_mb) for b in batches]
+    feats = [online_features(target, b, draft_ids, chunk_mb, budget) for b in batches]
     for _ in range(padding):
         target.features(torch.zeros(1, 1, dtype=torch.long, device=target.device))
     return feats

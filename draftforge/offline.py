@@ -3,6 +3,10 @@
 What is stored, where, and how it is checked before training: :mod:`draftforge.shards`.
 Training reads a capture through :class:`draftforge.features.OfflineFeatures`.
 
+The target runs several samples per forward (``target.batch_tokens``, as in online training:
+:func:`draftforge.features.target_forwards`), over the samples of one shard at a time; which
+samples go into a shard follows from their lengths alone (:func:`shard_rows`).
+
 Capture is resumable: every file is written under a temporary name, fsynced and renamed into
 place, and a rank's progress file is rewritten the same way after each shard, so a killed
 capture leaves whole shards and a record of them; a rerun drops files the record does not
@@ -42,7 +46,7 @@ from torch import Tensor
 from draftforge import __version__, locks, parallel
 from draftforge.check import preflight
 from draftforge.config import Config
-from draftforge.features import load_data, sample_features
+from draftforge.features import load_data, target_forwards
 from draftforge.progress import progress_bar
 from draftforge.shards import (
     ELSEWHERE,
@@ -189,7 +193,8 @@ def capture(
         damaged = damaged_shards(
             out, finished, settings, dataset, checksums=cfg.data.verify_checksums, hint=ELSEWHERE
         )
-        tokens = _repair(out, finished, damaged, target, dataset) if damaged else 0
+        budget = cfg.target.batch_tokens
+        tokens = _repair(out, finished, damaged, target, dataset, budget) if damaged else 0
         return CaptureResult(out, rank, finished, tokens, time.perf_counter() - start)
 
 
@@ -233,7 +238,9 @@ def _capture_slices(
     if not done:
         writer = _SliceWriter(out, settings, rank, world, shards, shard_bytes, dataset.ids)
         rows = rank_slice(lengths, rank, world)
-        tokens = writer.run(target, dataset, rows, progress, cfg.output.progress_interval_s)
+        tokens = writer.run(
+            target, dataset, rows, cfg.target.batch_tokens, progress, cfg.output.progress_interval_s
+        )
     manifest = None
     if rank == 0:
         _wait_for_ranks(out, world, log)
@@ -247,13 +254,14 @@ def _repair(
     damaged: list[tuple[dict[str, Any], str]],
     target: Target,
     dataset: Any,
+    budget: int,
 ) -> int:
     """Capture the samples of each damaged shard again into its file, then rewrite the
     manifest; return the tokens captured."""
     dtype = STORAGE_DTYPES[manifest["settings"]["storage_dtype"]]
     for entry, problem in damaged:
         print(f"{problem}; capturing it again", flush=True)
-        data, _, _ = _encode([_sample(target, dataset, row, dtype) for row in entry["rows"]])
+        data, _, _ = _encode(_samples(target, dataset, entry["rows"], dtype, budget))
         atomic_write(out / entry["file"], data)
         entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
     manifest["bytes"] = sum(entry["bytes"] for entry in manifest["shards"])
@@ -315,17 +323,51 @@ def _recorded_tokens(out: Path, world: int, rank: int, mine: list[dict[str, Any]
 Sample = tuple[int, Tensor, Tensor, Tensor, Tensor]
 
 
-def _sample(target: Target, dataset: Any, row: int, dtype: torch.dtype) -> Sample:
-    """The features of one dataset row, in the storage dtype, on the CPU."""
-    sample = dataset[row]
-    aux, last = sample_features(target, sample["input_ids"])
-    return (
-        row,
-        sample["input_ids"].int(),
-        sample["loss_mask"].to(torch.uint8),
-        aux.to(dtype).cpu(),
-        last.to(dtype).cpu(),
-    )
+def _samples(
+    target: Target,
+    dataset: Any,
+    rows: Sequence[int],
+    dtype: torch.dtype,
+    budget: int,
+    done: Callable[[int], object] = lambda _tokens: None,
+) -> list[Sample]:
+    """The features of dataset rows, in their order, in the storage dtype, on the CPU; the
+    target runs ``budget`` padded tokens per forward (``target.batch_tokens``), and ``done``
+    hears the tokens of each forward."""
+    items = [dataset[row] for row in rows]
+    features: dict[int, tuple[Tensor, Tensor]] = {}
+    for group, aux, last in target_forwards(target, [s["input_ids"] for s in items], budget):
+        for b, i in enumerate(group):
+            n = len(items[i]["input_ids"])
+            # Copies: a view would keep the whole padded batch alive until the shard is written.
+            features[i] = (
+                aux[b, :n].to("cpu", dtype, copy=True),
+                last[b, :n].to("cpu", dtype, copy=True),
+            )
+        done(sum(len(items[i]["input_ids"]) for i in group))
+    return [
+        (row, s["input_ids"].int(), s["loss_mask"].to(torch.uint8), *features[i])
+        for i, (row, s) in enumerate(zip(rows, items, strict=True))
+    ]
+
+
+def shard_rows(
+    rows: Sequence[int], lengths: Sequence[int], per_token: int, shard_bytes: int
+) -> list[list[int]]:
+    """The rows of each shard, in order: a shard closes once its tokens reach ``shard_bytes``.
+
+    The split follows from the lengths alone, so how the target batches a shard's samples
+    changes neither its rows nor its file name.
+    """
+    shards: list[list[int]] = []
+    tokens = 0
+    for row in rows:
+        if not shards or tokens * per_token >= shard_bytes:
+            shards.append([])
+            tokens = 0
+        shards[-1].append(row)
+        tokens += lengths[row]
+    return shards
 
 
 def _encode(samples: list[Sample]) -> tuple[bytes, list[int], list[int]]:
@@ -363,9 +405,16 @@ class _SliceWriter:
         self.per_token = bytes_per_token(settings["hidden_size"], settings["storage_dtype"])
 
     def run(
-        self, target: Target, dataset: Any, rows: range, progress: bool, interval_s: float
+        self,
+        target: Target,
+        dataset: Any,
+        rows: range,
+        budget: int,
+        progress: bool,
+        interval_s: float,
     ) -> int:
-        """Capture the samples after the recorded shards; return the tokens captured."""
+        """Capture the samples after the recorded shards, ``budget`` padded tokens per target
+        forward; return the tokens captured."""
         first = rows.start + sum(len(entry["rows"]) for entry in self.shards)
         todo = range(first, rows.stop)
         lengths = dataset.lengths()
@@ -378,22 +427,11 @@ class _SliceWriter:
             interval_s=interval_s,
             disable=not progress or self.rank != 0,
         )
-        pending: list[Sample] = []
-        tokens = pending_tokens = 0
-        for row in todo:
-            pending.append(_sample(target, dataset, row, self.dtype))
-            n = len(pending[-1][1])
-            tokens += n
-            pending_tokens += n
-            bar.update(n)
-            if pending_tokens * self.per_token >= self.shard_bytes:
-                self._flush(pending)
-                pending, pending_tokens = [], 0
-        if pending:
-            self._flush(pending)
+        for shard in shard_rows(todo, lengths, self.per_token, self.shard_bytes):
+            self._flush(_samples(target, dataset, shard, self.dtype, budget, bar.update))
         bar.close()
         self._save_progress(done=True)
-        return tokens
+        return sum(lengths[r] for r in todo)
 
     def _flush(self, samples: list[Sample]) -> None:
         data, rows, offsets = _encode(samples)

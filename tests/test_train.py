@@ -121,7 +121,7 @@ def test_a_step_without_supervised_tokens_is_skipped(workdir, tmp_path):
         "loss_mask": torch.zeros(30, dtype=torch.bool),
     }
     batch = collate([sample], [0], 256)
-    feats = online_features(target, batch, draft.draft_ids(), 64)
+    feats = online_features(target, batch, draft.draft_ids(), 64, 2048)
     optimizer = torch.optim.AdamW(draft.parameters(), lr=1.0)
     before = {k: v.clone() for k, v in draft.state_dict().items()}
     assert train_step(draft, [(batch, feats)], optimizer, cfg, setup(cfg.parallel)) is None
