@@ -322,23 +322,22 @@ def memory_findings(
     except (ValueError, KeyError) as err:
         return [Finding(False, f"memory not estimated: cannot build the target's shape ({err})")]
     tokens, weight_bytes = cfg.training.tokens_per_batch, facts.dtype.itemsize
-    if stage == "capture":  # each rank holds a whole target and runs its forward only
-        chunk = cfg.target.teacher_chunk_mb
-        plan = Plan(
-            "capture", 1, weight_bytes * params, 0, target_forward_bytes(facts.text, tokens, chunk)
+    plan = layout_plan(
+        facts.config,
+        params,
+        tp=tp,
+        dp=world // tp,
+        fsdp=par.fsdp,
+        tokens=tokens,
+        steps=cfg.training.ttt_steps,
+        draft_vocab=cfg.draft.draft_vocab_size,
+        weight_bytes=weight_bytes,
+    )
+    if stage == "capture":  # the rank's share of the target and one batched forward, no draft
+        forward = target_forward_bytes(
+            facts.text, cfg.target.batch_tokens, cfg.target.teacher_chunk_mb
         )
-    else:
-        plan = layout_plan(
-            facts.config,
-            params,
-            tp=tp,
-            dp=world // tp,
-            fsdp=par.fsdp,
-            tokens=tokens,
-            steps=cfg.training.ttt_steps,
-            draft_vocab=cfg.draft.draft_vocab_size,
-            weight_bytes=weight_bytes,
-        )
+        plan = Plan("capture", plan.size, plan.target, 0, forward)
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
         need, where = plan.total, f"the {torch.cuda.get_device_name(device)} has"

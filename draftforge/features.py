@@ -359,9 +359,16 @@ def features_for(
         mine = sum(len(forward_groups(b.lengths, budget)) for b in batches)
         padding = int(parallel.all_reduce_max(mine, layout)) - mine
     feats = [online_features(target, b, draft_ids, chunk_mb, budget) for b in batches]
-    for _ in range(padding):
-        target.features(torch.zeros(1, 1, dtype=torch.long, device=target.device))
+    idle_forwards(target, padding)
     return feats
+
+
+def idle_forwards(target: Target, count: int) -> None:
+    """``count`` one-token target forwards whose results nobody reads: a rank of an
+    FSDP-sharded target with fewer forwards than the others runs them to take part in the
+    others' collectives."""
+    for _ in range(count):
+        target.features(torch.zeros(1, 1, dtype=torch.long, device=target.device))
 
 
 class OfflineFeatures:

@@ -8,12 +8,18 @@ The target runs several samples per forward (``target.batch_tokens``, as in onli
 samples go into a shard follows from their lengths alone (:func:`shard_rows`).
 
 Capture is resumable: every file is written under a temporary name, fsynced and renamed into
-place, and a rank's progress file is rewritten the same way after each shard, so a killed
+place, and a slice's progress file is rewritten the same way after each shard, so a killed
 capture leaves whole shards and a record of them; a rerun drops files the record does not
-list and continues after its last shard. Under ``torchrun`` each rank captures a contiguous
-slice holding about 1/world of the tokens, with a whole target of its own (data parallel
-only); rank 0 waits for the others' progress files to say done, then writes the manifest.
-No process group is needed: torchrun ends every rank when one fails.
+list and continues after its last shard.
+
+Under ``torchrun`` capture takes training's layouts (:mod:`draftforge.parallel`). Each
+data-parallel group captures a contiguous slice holding about 1/groups of the tokens, and its
+first rank writes it (:mod:`draftforge.capture_writer`). ``parallel.tp`` splits the target
+over a group's ranks, ``parallel.fsdp=target|both`` shards it over the groups, and each rank
+reads only its pieces of the checkpoint. Ranks of a sharded target run as many forwards as the
+busiest. Rank 0 waits for every slice's progress file to say done, then writes the manifest.
+A rank that dies or stalls ends the capture after ``parallel.timeout_minutes``, with an error
+that names it: a collective times out, or its slice's progress file stops changing.
 
 One capture at a time in a folder: rank 0 holds its lock (:mod:`draftforge.locks`) and the
 other ranks touch nothing there before it does. A rerun over a finished capture checks it as
@@ -27,26 +33,33 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
-from safetensors.torch import save
-from torch import Tensor
 
 from draftforge import __version__, locks, parallel
+from draftforge.capture_writer import (
+    SliceWriter,
+    encode_shard,
+    forward_count,
+    progress_path,
+    shard_prefix,
+    shard_rows,
+    shard_samples,
+)
 from draftforge.check import preflight
 from draftforge.config import Config
-from draftforge.features import load_data, target_forwards
+from draftforge.features import load_data
+from draftforge.parallel import CollectiveError, Layout
 from draftforge.progress import progress_bar
 from draftforge.shards import (
     ELSEWHERE,
@@ -56,7 +69,6 @@ from draftforge.shards import (
     VERSION,
     ShardError,
     atomic_write,
-    bytes_per_token,
     capture_settings,
     check_settings,
     damaged_shards,
@@ -65,7 +77,8 @@ from draftforge.shards import (
     read_json,
     size_text,
 )
-from draftforge.target import Target, load_target
+from draftforge.target import Target
+from draftforge.target_load import target_for_layout
 
 if TYPE_CHECKING:
     from draftforge.data import PrepareResult
@@ -102,14 +115,6 @@ def check_disk(directory: Path, tokens: int, per_token: int) -> None:
         )
 
 
-def _shard_prefix(rank: int, world: int) -> str:
-    return f"shard-r{rank:03d}of{world:03d}-"
-
-
-def _progress_path(directory: Path, rank: int, world: int) -> Path:
-    return directory / f"progress-r{rank:03d}of{world:03d}.json"
-
-
 # ----------------------------------------------------------------------------- capture
 
 
@@ -139,14 +144,6 @@ class CaptureResult:
         return "\n".join(lines)
 
 
-def _rank_world() -> tuple[int, int, int]:
-    """(rank, world size, local rank): torch.distributed's if initialised, else torchrun's."""
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), local
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")), local
-
-
 def _quiet(*_args: object, **_kwargs: object) -> None:
     """``print`` for ranks other than 0."""
 
@@ -161,51 +158,53 @@ def capture(
     """Capture the features of every sample of the prepared dataset into shards (resumable).
 
     Uses the same ``prepare`` call and cache as ``train`` (or ``prepared``, see
-    :func:`~draftforge.features.load_data`). Runs as one process or under torchrun, each rank
-    capturing its own slice. Rank 0 holds the features folder's lock (:mod:`draftforge.locks`);
-    the other ranks touch nothing in it before it does. A finished capture is checked as
-    training checks it, and its missing or damaged shards are captured again.
+    :func:`~draftforge.features.load_data`). Runs as one process or under torchrun with the
+    layouts of training (:mod:`draftforge.parallel`): each data-parallel group captures its
+    own slice, with a target that ``parallel.tp`` splits over the group's ranks and
+    ``parallel.fsdp=target|both`` shards over the groups, each rank reading only its pieces.
+    Rank 0 holds the features folder's lock (:mod:`draftforge.locks`); the other ranks touch
+    nothing in it before it does. A finished capture is checked as training checks it, and
+    its missing or damaged shards are captured again. A rank that dies or stalls ends the
+    capture after ``parallel.timeout_minutes`` with an error naming it.
     """
     cfg.validate()
-    rank, world, local_rank = _rank_world()
-    log = print if rank == 0 else _quiet
-    target = target or load_target(
-        cfg.target, parallel.default_device(local_rank, cfg.parallel.device)
-    )
+    layout = parallel.setup(cfg.parallel)
+    try:
+        with parallel.collective_errors(layout, lambda: "capture", cfg.parallel.timeout_minutes):
+            return _capture(cfg, target, progress, prepared, layout)
+    finally:
+        parallel.teardown(layout)  # no collective follows the last target forward
+
+
+def _capture(
+    cfg: Config,
+    target: Target | None,
+    progress: bool,
+    prepared: PrepareResult | None,
+    layout: Layout,
+) -> CaptureResult:
+    log = print if layout.is_main else _quiet
+    target = target_for_layout(cfg.target, target, layout, fsdp=_fsdp(cfg))
     log(parallel.describe_device(target.device, target.model.dtype), flush=True)
     prepared = preflight(
-        cfg, target, prepared, world=world, device=target.device, stage="capture", log=log
+        cfg, target, prepared, world=layout.world, device=target.device, stage="capture", log=log
     )
     dataset, _ = load_data(cfg, target, log, prepared)
     settings = capture_settings(cfg, target, dataset)
     out = features_dir(cfg, settings)
-    if rank != 0:
-        if _wait_for_rank_0(out):
-            return CaptureResult(out, rank, None, 0, 0.0)  # finished: rank 0 checks it
-        return _capture_slices(cfg, out, settings, target, dataset, progress)
-    with locks.hold(
-        out, "draftforge capture", ShardError, "set data.features_dir to another folder"
+    hint = "set data.features_dir to another folder"
+    with (
+        locks.hold(out, "draftforge capture", ShardError, hint) if layout.is_main else nullcontext()
     ):
-        finished = read_json(out / MANIFEST)
-        if finished is None:
-            return _capture_slices(cfg, out, settings, target, dataset, progress)
-        start = time.perf_counter()
-        damaged = damaged_shards(
-            out, finished, settings, dataset, checksums=cfg.data.verify_checksums, hint=ELSEWHERE
-        )
-        budget = cfg.target.batch_tokens
-        tokens = _repair(out, finished, damaged, target, dataset, budget) if damaged else 0
-        return CaptureResult(out, rank, finished, tokens, time.perf_counter() - start)
+        # Rank 0 holds the lock once this returns, before any other rank reads the folder.
+        finished = parallel.broadcast_object((out / MANIFEST).is_file(), layout)
+        if finished:
+            return _check_and_repair(cfg, out, settings, target, dataset, layout)
+        return _capture_slices(cfg, out, settings, target, dataset, progress, layout)
 
 
-def _wait_for_rank_0(out: Path) -> bool:
-    """Wait until rank 0 of this job holds the lock on ``out`` (the other ranks' first step);
-    True when the capture there is finished, with nothing left for this rank to do."""
-    while not locks.held_by_this_job(out):
-        if (out / MANIFEST).is_file():
-            return True
-        time.sleep(0.2)
-    return (out / MANIFEST).is_file()
+def _fsdp(cfg: Config) -> bool:
+    return cfg.parallel.fsdp in ("target", "both")
 
 
 def _capture_slices(
@@ -215,74 +214,113 @@ def _capture_slices(
     target: Target,
     dataset: Any,
     progress: bool,
+    layout: Layout,
 ) -> CaptureResult:
-    """Capture this rank's slice, after the shards a killed run left; rank 0 then waits for the
-    other ranks and writes the manifest."""
-    rank, world, _ = _rank_world()
-    log = print if rank == 0 else _quiet
+    """Capture this data-parallel group's slice, after the shards a killed run left; rank 0
+    then waits for the other slices and writes the manifest."""
+    log = print if layout.is_main else _quiet
+    slice_, slices, budget = layout.dp_rank, layout.dp, cfg.target.batch_tokens
+    write = layout.rank % layout.tp == 0  # the group's first rank writes; all run the target
     lengths = dataset.lengths()
-    shards, done = _resume(out, settings, rank, world, cfg.data.verify_checksums)
-    per_token = bytes_per_token(target.hidden_size, settings["storage_dtype"])
+    rows = rank_slice(lengths, slice_, slices)
+    shards = _resume(out, settings, slice_, slices, cfg.data.verify_checksums) if write else []
+    # Where each slice resumes, from its writer's record, for the other ranks of its group.
+    first = rows.start + sum(len(entry["rows"]) for entry in shards)
+    first = parallel.all_gather_object(first, layout)[slice_ * layout.tp]
     shard_bytes = int(cfg.data.shard_mb * 1e6)
-    recorded = _recorded_tokens(out, world, rank, shards)
-    remaining = sum(lengths) - recorded
-    log(
-        f"capture: {remaining:,} tokens to go x {per_token:,} bytes/token = about "
-        f"{size_text(remaining * per_token)} into {out} ({size_text(shutil.disk_usage(out).free)} free)",
-        flush=True,
-    )
-    check_disk(out, remaining, per_token)
+    writer = SliceWriter(out, settings, slice_, slices, shards, shard_bytes, dataset.ids, write)
+    todo = shard_rows(range(first, rows.stop), lengths, writer.per_token, shard_bytes)
+    forwards = forward_count(todo, lengths, budget)
+    idle = int(parallel.all_reduce_max(forwards, layout)) - forwards if _fsdp(cfg) else 0
+    if write:
+        remaining = sum(lengths) - _recorded_tokens(out, slices, slice_, shards)
+        log(
+            f"capture: {remaining:,} tokens to go x {writer.per_token:,} bytes/token = about "
+            f"{size_text(remaining * writer.per_token)} into {out} "
+            f"({size_text(shutil.disk_usage(out).free)} free)",
+            flush=True,
+        )
+        check_disk(out, remaining, writer.per_token)
 
     start = time.perf_counter()
-    tokens = 0
-    if not done:
-        writer = _SliceWriter(out, settings, rank, world, shards, shard_bytes, dataset.ids)
-        rows = rank_slice(lengths, rank, world)
-        tokens = writer.run(
-            target, dataset, rows, cfg.target.batch_tokens, progress, cfg.output.progress_interval_s
-        )
+    bar = progress_bar(
+        sum(lengths[r] for r in rows),
+        initial=sum(lengths[r] for r in range(rows.start, first)),
+        desc="capture",
+        unit="tok",
+        unit_scale=True,
+        interval_s=cfg.output.progress_interval_s,
+        disable=not progress or not layout.is_main,
+    )
+    tokens = writer.run(target, dataset, todo, budget, idle, bar)
     manifest = None
-    if rank == 0:
-        _wait_for_ranks(out, world, log)
-        manifest = _merge(out, settings, world, len(lengths), per_token)
-    return CaptureResult(out, rank, manifest, tokens, time.perf_counter() - start)
+    if layout.is_main:
+        _wait_for_slices(out, slices, layout.tp, log, cfg.parallel.timeout_minutes)
+        manifest = _merge(out, settings, slices, len(lengths), writer.per_token)
+    return CaptureResult(out, layout.rank, manifest, tokens, time.perf_counter() - start)
 
 
-def _repair(
+def _check_and_repair(
+    cfg: Config,
     out: Path,
-    manifest: dict[str, Any],
-    damaged: list[tuple[dict[str, Any], str]],
+    settings: dict[str, Any],
     target: Target,
     dataset: Any,
-    budget: int,
-) -> int:
-    """Capture the samples of each damaged shard again into its file, then rewrite the
-    manifest; return the tokens captured."""
-    dtype = STORAGE_DTYPES[manifest["settings"]["storage_dtype"]]
-    for entry, problem in damaged:
-        print(f"{problem}; capturing it again", flush=True)
-        data, _, _ = _encode(_samples(target, dataset, entry["rows"], dtype, budget))
-        atomic_write(out / entry["file"], data)
-        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
-    manifest["bytes"] = sum(entry["bytes"] for entry in manifest["shards"])
-    atomic_write(out / MANIFEST, json.dumps(manifest).encode())
-    return sum(entry["offsets"][-1] for entry, _ in damaged)
+    layout: Layout,
+) -> CaptureResult:
+    """Check a finished capture as training does, each rank a share of its shards, and capture
+    the missing or damaged ones again: every rank runs their forwards (the target may be
+    sharded), rank 0 writes them and the manifest."""
+    start = time.perf_counter()
+    manifest = read_json(out / MANIFEST)
+    if manifest is None:
+        raise ShardError(f"{out / MANIFEST}: removed during the capture; run the capture again")
+    share = (layout.rank, layout.world)
+    mine = damaged_shards(
+        out,
+        manifest,
+        settings,
+        dataset,
+        checksums=cfg.data.verify_checksums,
+        hint=ELSEWHERE,
+        share=share,
+    )
+    found = [(entry["file"], problem) for entry, problem in mine]
+    damaged = sorted(x for part in parallel.all_gather_object(found, layout) for x in part)
+    entries = {entry["file"]: entry for entry in manifest["shards"]}
+    dtype = STORAGE_DTYPES[settings["storage_dtype"]]
+    for name, problem in damaged:
+        if layout.is_main:
+            print(f"{problem}; capturing it again", flush=True)
+        entry = entries[name]
+        samples = shard_samples(target, dataset, entry["rows"], dtype, cfg.target.batch_tokens)
+        if layout.is_main:
+            data, _, _ = encode_shard(samples)
+            atomic_write(out / name, data)
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    if damaged and layout.is_main:
+        manifest["bytes"] = sum(entry["bytes"] for entry in manifest["shards"])
+        atomic_write(out / MANIFEST, json.dumps(manifest).encode())
+    tokens = sum(entries[name]["offsets"][-1] for name, _ in damaged)
+    mine_manifest = manifest if layout.is_main else None
+    return CaptureResult(out, layout.rank, mine_manifest, tokens, time.perf_counter() - start)
 
 
 def _resume(
-    out: Path, settings: dict[str, Any], rank: int, world: int, checksums: bool
-) -> tuple[list[dict[str, Any]], bool]:
-    """This rank's finished shards that are still whole (size, and sha256 with ``checksums``),
-    and whether its slice is done."""
+    out: Path, settings: dict[str, Any], slice_: int, slices: int, checksums: bool
+) -> list[dict[str, Any]]:
+    """A slice's finished shards that are still whole (size, and sha256 with ``checksums``);
+    its other files are leftovers of a killed run, and go."""
     for other in out.glob("progress-r*of*.json"):
         started = re.fullmatch(r"progress-r\d+of(\d+)\.json", other.name)
-        if started and int(started.group(1)) != world:
+        if started and int(started.group(1)) != slices:
+            n = int(started.group(1))
             raise ShardError(
-                f"{out}: this capture was started with {int(started.group(1))} processes; "
-                f"resume it with torchrun --nproc-per-node {int(started.group(1))}, "
+                f"{out}: this capture was started with {n} data-parallel groups, this run has "
+                f"{slices}; resume it with torchrun --nproc-per-node {n} x parallel.tp, "
                 "or delete the folder to start over"
             )
-    path = _progress_path(out, rank, world)
+    path = progress_path(out, slice_, slices)
     state = read_json(path)
     shards: list[dict[str, Any]] = []
     if state is not None:
@@ -295,7 +333,7 @@ def _resume(
             shards.append(entry)
     # Leftovers of a killed run: temporary files, and shards renamed into place whose
     # progress entry was never written (they would be written again, identically).
-    prefix = _shard_prefix(rank, world)
+    prefix = shard_prefix(slice_, slices)
     keep = {entry["file"] for entry in shards}
     leftovers = [
         *out.glob(f".tmp-{prefix}*"),
@@ -305,189 +343,59 @@ def _resume(
     for stale in leftovers:
         if stale.name not in keep:
             stale.unlink()
-    done = state is not None and state.get("done", False) and len(shards) == len(state["shards"])
-    return shards, done
+    return shards
 
 
-def _recorded_tokens(out: Path, world: int, rank: int, mine: list[dict[str, Any]]) -> int:
-    """Tokens already in finished shards, over all ranks (for the disk estimate)."""
+def _recorded_tokens(out: Path, slices: int, slice_: int, mine: list[dict[str, Any]]) -> int:
+    """Tokens already in finished shards, over all slices (for the disk estimate)."""
     total = sum(entry["offsets"][-1] for entry in mine)
-    for other in range(world):
-        state = read_json(_progress_path(out, other, world)) if other != rank else None
+    for other in range(slices):
+        state = read_json(progress_path(out, other, slices)) if other != slice_ else None
         if state is not None:
             total += sum(entry["offsets"][-1] for entry in state["shards"])
     return total
 
 
-# A captured sample: its dataset row, input ids, loss mask, aux and final hidden states.
-Sample = tuple[int, Tensor, Tensor, Tensor, Tensor]
-
-
-def _samples(
-    target: Target,
-    dataset: Any,
-    rows: Sequence[int],
-    dtype: torch.dtype,
-    budget: int,
-    done: Callable[[int], object] = lambda _tokens: None,
-) -> list[Sample]:
-    """The features of dataset rows, in their order, in the storage dtype, on the CPU; the
-    target runs ``budget`` padded tokens per forward (``target.batch_tokens``), and ``done``
-    hears the tokens of each forward."""
-    items = [dataset[row] for row in rows]
-    features: dict[int, tuple[Tensor, Tensor]] = {}
-    for group, aux, last in target_forwards(target, [s["input_ids"] for s in items], budget):
-        for b, i in enumerate(group):
-            n = len(items[i]["input_ids"])
-            # Copies: a view would keep the whole padded batch alive until the shard is written.
-            features[i] = (
-                aux[b, :n].to("cpu", dtype, copy=True),
-                last[b, :n].to("cpu", dtype, copy=True),
-            )
-        done(sum(len(items[i]["input_ids"]) for i in group))
-    return [
-        (row, s["input_ids"].int(), s["loss_mask"].to(torch.uint8), *features[i])
-        for i, (row, s) in enumerate(zip(rows, items, strict=True))
-    ]
-
-
-def shard_rows(
-    rows: Sequence[int], lengths: Sequence[int], per_token: int, shard_bytes: int
-) -> list[list[int]]:
-    """The rows of each shard, in order: a shard closes once its tokens reach ``shard_bytes``.
-
-    The split follows from the lengths alone, so how the target batches a shard's samples
-    changes neither its rows nor its file name.
-    """
-    shards: list[list[int]] = []
-    tokens = 0
-    for row in rows:
-        if not shards or tokens * per_token >= shard_bytes:
-            shards.append([])
-            tokens = 0
-        shards[-1].append(row)
-        tokens += lengths[row]
-    return shards
-
-
-def _encode(samples: list[Sample]) -> tuple[bytes, list[int], list[int]]:
-    """A shard file's bytes, and the rows and token offsets of its samples."""
-    rows = [row for row, *_ in samples]
-    offsets = [0, *accumulate(len(ids) for _, ids, *_ in samples)]
-    tensors = {
-        "rows": torch.tensor(rows, dtype=torch.int64),
-        "offsets": torch.tensor(offsets, dtype=torch.int64),
-        "input_ids": torch.cat([s[1] for s in samples]),
-        "loss_mask": torch.cat([s[2] for s in samples]),
-        "aux": torch.cat([s[3] for s in samples]),
-        "hidden": torch.cat([s[4] for s in samples]),
-    }
-    return save(tensors, metadata={"format": FORMAT, "version": str(VERSION)}), rows, offsets
-
-
-class _SliceWriter:
-    """Captures one rank's slice into shards, recording each finished shard in its progress
-    file."""
-
-    def __init__(
-        self,
-        out: Path,
-        settings: dict[str, Any],
-        rank: int,
-        world: int,
-        shards: list[dict[str, Any]],
-        shard_bytes: int,
-        ids: list[str],
-    ) -> None:
-        self.out, self.settings, self.rank, self.world = out, settings, rank, world
-        self.shards, self.shard_bytes, self.ids = shards, shard_bytes, ids
-        self.dtype = STORAGE_DTYPES[settings["storage_dtype"]]
-        self.per_token = bytes_per_token(settings["hidden_size"], settings["storage_dtype"])
-
-    def run(
-        self,
-        target: Target,
-        dataset: Any,
-        rows: range,
-        budget: int,
-        progress: bool,
-        interval_s: float,
-    ) -> int:
-        """Capture the samples after the recorded shards, ``budget`` padded tokens per target
-        forward; return the tokens captured."""
-        first = rows.start + sum(len(entry["rows"]) for entry in self.shards)
-        todo = range(first, rows.stop)
-        lengths = dataset.lengths()
-        bar = progress_bar(
-            sum(lengths[r] for r in rows),
-            initial=sum(lengths[r] for r in range(rows.start, first)),
-            desc="capture",
-            unit="tok",
-            unit_scale=True,
-            interval_s=interval_s,
-            disable=not progress or self.rank != 0,
-        )
-        for shard in shard_rows(todo, lengths, self.per_token, self.shard_bytes):
-            self._flush(_samples(target, dataset, shard, self.dtype, budget, bar.update))
-        bar.close()
-        self._save_progress(done=True)
-        return sum(lengths[r] for r in todo)
-
-    def _flush(self, samples: list[Sample]) -> None:
-        data, rows, offsets = _encode(samples)
-        name = f"{_shard_prefix(self.rank, self.world)}{len(self.shards):06d}.safetensors"
-        atomic_write(self.out / name, data)
-        self.shards.append(
-            {
-                "file": name,
-                "bytes": len(data),
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "rows": rows,
-                "ids": [self.ids[row] for row in rows],
-                "offsets": offsets,
-            }
-        )
-        # Only now is the shard on record: a kill before this line leaves an unlisted file,
-        # which the next run deletes and writes again.
-        self._save_progress(done=False)
-
-    def _save_progress(self, done: bool) -> None:
-        state = {
-            "format": FORMAT,
-            "version": VERSION,
-            "settings": self.settings,
-            "done": done,
-            "shards": self.shards,
-        }
-        atomic_write(_progress_path(self.out, self.rank, self.world), json.dumps(state).encode())
-
-
-def _wait_for_ranks(out: Path, world: int, log: Callable[..., None]) -> None:
-    """Block until every rank's progress file says done (torchrun ends us if a rank fails)."""
+def _wait_for_slices(
+    out: Path, slices: int, tp: int, log: Callable[..., None], timeout_minutes: float
+) -> None:
+    """Block until every slice's progress file says done. A slice whose file has not changed
+    for ``parallel.timeout_minutes`` ends the capture with an error naming its writer: a
+    process of a data-parallel capture runs no collective that would notice it is gone."""
+    start = time.time()
     waiting: list[int] = []
     while True:
         pending = [
-            r
-            for r in range(world)
-            if not (read_json(_progress_path(out, r, world)) or {}).get("done", False)
+            s
+            for s in range(slices)
+            if not (read_json(progress_path(out, s, slices)) or {}).get("done", False)
         ]
         if not pending:
             return
         if pending != waiting:
-            log(f"waiting for ranks {pending} to finish their slices", flush=True)
+            log(f"waiting for slices {pending} to finish", flush=True)
             waiting = pending
+        for s in pending:
+            path = progress_path(out, s, slices)
+            last = max(start, path.stat().st_mtime if path.exists() else start)
+            if time.time() - last > timeout_minutes * 60:
+                raise CollectiveError(
+                    f"capture: rank {s * tp}, the writer of slice {s} of {slices}, recorded no "
+                    f"progress in {path} for parallel.timeout_minutes={timeout_minutes:g}: it "
+                    "died or stalled; its finished shards are kept, run the capture again to resume"
+                )
         time.sleep(1.0)
 
 
 def _merge(
-    out: Path, settings: dict[str, Any], world: int, samples: int, per_token: int
+    out: Path, settings: dict[str, Any], slices: int, samples: int, per_token: int
 ) -> dict[str, Any]:
-    """Write the manifest from the ranks' progress files, then remove them."""
+    """Write the manifest from the slices' progress files, then remove them."""
     shards: list[dict[str, Any]] = []
-    for r in range(world):
-        state = read_json(_progress_path(out, r, world))
+    for r in range(slices):
+        state = read_json(progress_path(out, r, slices))
         assert state is not None, "the wait above saw every progress file"
-        path = _progress_path(out, r, world)
+        path = progress_path(out, r, slices)
         check_settings(state.get("settings", {}), settings, path, ELSEWHERE)
         shards.extend(state["shards"])
     for entry in shards:
@@ -522,6 +430,6 @@ def _merge(
         "shards": shards,
     }
     atomic_write(out / MANIFEST, json.dumps(manifest).encode())
-    for r in range(world):
-        _progress_path(out, r, world).unlink(missing_ok=True)
+    for r in range(slices):
+        progress_path(out, r, slices).unlink(missing_ok=True)
     return manifest

@@ -9,6 +9,7 @@ weights; dp groups read disjoint micro-batches. Nothing here is module-level sta
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -169,18 +170,45 @@ def collective_errors(
     layout: Layout, where: Callable[[], str], timeout_minutes: float
 ) -> Iterator[None]:
     """Re-raise a failed or timed-out collective as a :class:`CollectiveError` that names this
-    rank and ``where()`` (for example the training step), instead of a backend traceback."""
+    rank, ``where()`` (for example the training step) and the ranks that did not fail
+    alongside it (:func:`silent_ranks`), instead of a backend traceback."""
     try:
         yield
     except RuntimeError as err:
         failed = isinstance(err, dist.DistError) or any(m in str(err) for m in _GLOO_FAILURES)
         if not layout.distributed or not failed:
             raise
+        silent = silent_ranks(layout, wait_s=min(60.0, timeout_minutes * 15))
+        culprit = (
+            f"rank{'s' * (len(silent) > 1)} {', '.join(map(str, silent))} never reached it "
+            "(dead or stalled)"
+            if silent
+            else "another rank died, stalled or ran different collectives"
+        )
         raise CollectiveError(
             f"rank {layout.rank} of {layout.world}, {where()}: a collective failed or waited "
-            f"longer than parallel.timeout_minutes={timeout_minutes:g}; another rank died, "
-            f"stalled or ran different collectives ({str(err).splitlines()[0]})"
+            f"longer than parallel.timeout_minutes={timeout_minutes:g}; {culprit} "
+            f"({str(err).splitlines()[0]})"
         ) from None
+
+
+def silent_ranks(layout: Layout, wait_s: float) -> list[int]:
+    """After a collective failed on this rank: the ranks that have not said the same within
+    ``wait_s`` seconds, through the job's key-value store (torchrun's, which outlives its
+    workers). A live rank's collective fails too, at about the same time, so these are the
+    ranks that died or stalled; empty when every rank failed, or the store cannot tell."""
+    keys = [f"draftforge/collective-failed/{r}" for r in range(layout.world)]
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(keys[layout.rank], "1")
+        deadline = time.monotonic() + wait_s
+        while True:
+            silent = [r for r, key in enumerate(keys) if not store.check([key])]
+            if not silent or time.monotonic() > deadline:
+                return silent
+            time.sleep(0.2)
+    except (RuntimeError, ValueError):  # no store, or its host is gone
+        return []
 
 
 def teardown(layout: Layout) -> None:
@@ -198,6 +226,24 @@ def all_reduce_sum(x: Tensor, layout: Layout) -> Tensor:
     if layout.dp > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM, group=layout.dp_mesh().get_group())
     return x
+
+
+def broadcast_object(value: Any, layout: Layout) -> Any:
+    """Rank 0's ``value`` (picklable) on every rank."""
+    if not layout.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(value: Any, layout: Layout) -> list[Any]:
+    """Every rank's ``value`` (picklable), in rank order, on every rank."""
+    if not layout.distributed:
+        return [value]
+    values: list[Any] = [None] * layout.world
+    dist.all_gather_object(values, value)
+    return values
 
 
 def all_reduce_max(value: float, layout: Layout) -> float:

@@ -225,8 +225,10 @@ def damaged_shards(
     *,
     checksums: bool,
     hint: str,
+    share: tuple[int, int] = (0, 1),
 ) -> list[tuple[dict[str, Any], str]]:
-    """The shards of a capture that are missing or damaged, each with what is wrong with it.
+    """The shards of a capture that are missing or damaged, each with what is wrong with it;
+    with ``share=(i, n)`` only among every n-th shard from the i-th (ranks split the checking).
 
     Raises :class:`ShardError`, ending in ``hint``, when the manifest itself does not fit: its
     format, version or settings differ, or its samples are not the dataset's, each once.
@@ -244,14 +246,14 @@ def damaged_shards(
             problems = list(
                 pool.map(
                     lambda entry: _check_shard(directory, entry, settings, dataset, checksums),
-                    manifest["shards"],
+                    manifest["shards"][share[0] :: share[1]],
                 )
             )
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise ShardError(f"{path}: malformed manifest ({err!r}); {hint}") from None
     return [
         (entry, problem)
-        for entry, problem in zip(manifest["shards"], problems, strict=True)
+        for entry, problem in zip(manifest["shards"][share[0] :: share[1]], problems, strict=True)
         if problem is not None
     ]
 

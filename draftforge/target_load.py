@@ -187,6 +187,25 @@ def load_sharded_target(cfg: TargetConfig, layout: Layout, *, fsdp: bool) -> Tar
     )
 
 
+def target_for_layout(
+    cfg: TargetConfig, target: Target | None, layout: Layout, *, fsdp: bool
+) -> Target:
+    """The target as this rank runs it: read with its shards only
+    (:func:`load_sharded_target`) unless given; a given, whole target is FSDP-sharded after
+    the fact when ``fsdp``, and cannot be tensor-parallel."""
+    if target is None:
+        return load_sharded_target(cfg, layout, fsdp=fsdp)
+    if layout.tp > 1:
+        raise ConfigError(
+            f"parallel.tp={layout.tp} needs the target read by draftforge, each rank its "
+            "pieces: pass no loaded target"
+        )
+    if fsdp:
+        model = target.model
+        parallel.shard_target(model, layout, decoder_module(model), decoder_layers(model))
+    return target
+
+
 def _tensor_parallel(model: nn.Module, layout: Layout) -> None:
     """Shard the meta model over the tp ranks by its own tensor-parallel plan, with the
     forward hooks that plan installs (as ``from_pretrained(tp_plan="auto")`` does)."""

@@ -56,9 +56,9 @@ from draftforge.models.eagle3 import TTTOutput
 from draftforge.parallel import Layout
 from draftforge.progress import Progress, progress_bar
 from draftforge.schedule import Clock, lr_factor
-from draftforge.target import Target, TargetParts, decoder_layers, decoder_module
+from draftforge.target import Target, TargetParts
 from draftforge.target_head import load_target_head
-from draftforge.target_load import load_sharded_target
+from draftforge.target_load import target_for_layout
 
 if TYPE_CHECKING:
     from draftforge.data import PrepareResult
@@ -431,12 +431,7 @@ def _setup_target(cfg: Config, target: Target | None, layout: Layout) -> TargetP
     if target is None and cfg.data.mode == "offline":
         return load_target_head(cfg.target, layout.device)
     fsdp = cfg.parallel.fsdp in ("target", "both")
-    if target is None:
-        target = load_sharded_target(cfg.target, layout, fsdp=fsdp)
-    elif fsdp:
-        parallel.shard_target(
-            target.model, layout, decoder_module(target.model), decoder_layers(target.model)
-        )
+    target = target_for_layout(cfg.target, target, layout, fsdp=fsdp)
     target.lm_head()
     return target
 

@@ -319,3 +319,4 @@ def test_a_stalled_rank_ends_the_job_naming_rank_and_step(workdir, tmp_path):
         proc.stderr
     ), proc.stderr[-3000:]
     assert "parallel.timeout_minutes=0.1" in proc.stderr
+    assert "rank 1 never reached it (dead or stalled)" in proc.stderr  # the stalled rank, named

@@ -1,0 +1,179 @@
+"""How a data-parallel group of a capture writes its slice: which rows go into each shard, the
+target's batched forwards over a shard's samples, the shard files, and the progress record
+that makes the slice resumable.
+
+Every rank of the group runs the forwards (a tensor-parallel target needs them all); one
+rank, the group's writer, writes. Locks, resuming, merging and repair: :mod:`draftforge.offline`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Sequence
+from itertools import accumulate
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save
+from torch import Tensor
+
+from draftforge.features import forward_groups, idle_forwards, target_forwards
+from draftforge.shards import FORMAT, STORAGE_DTYPES, VERSION, atomic_write, bytes_per_token
+
+if TYPE_CHECKING:
+    from draftforge.target import Target
+
+# A captured sample: its dataset row, input ids, loss mask, aux and final hidden states.
+Sample = tuple[int, Tensor, Tensor, Tensor, Tensor]
+
+
+def shard_prefix(slice_: int, slices: int) -> str:
+    return f"shard-r{slice_:03d}of{slices:03d}-"
+
+
+def progress_path(directory: Path, slice_: int, slices: int) -> Path:
+    return directory / f"progress-r{slice_:03d}of{slices:03d}.json"
+
+
+def shard_rows(
+    rows: Sequence[int], lengths: Sequence[int], per_token: int, shard_bytes: int
+) -> list[list[int]]:
+    """The rows of each shard, in order: a shard closes once its tokens reach ``shard_bytes``.
+
+    The split follows from the lengths alone, so how the target batches a shard's samples
+    changes neither its rows nor its file name.
+    """
+    shards: list[list[int]] = []
+    tokens = 0
+    for row in rows:
+        if not shards or tokens * per_token >= shard_bytes:
+            shards.append([])
+            tokens = 0
+        shards[-1].append(row)
+        tokens += lengths[row]
+    return shards
+
+
+def forward_count(shards: Sequence[Sequence[int]], lengths: Sequence[int], budget: int) -> int:
+    """How many target forwards :func:`shard_samples` runs for these shards."""
+    return sum(len(forward_groups([lengths[r] for r in rows], budget)) for rows in shards)
+
+
+def shard_samples(
+    target: Target,
+    dataset: Any,
+    rows: Sequence[int],
+    dtype: torch.dtype,
+    budget: int,
+    done: Callable[[int], object] = lambda _tokens: None,
+) -> list[Sample]:
+    """The features of dataset rows, in their order, in the storage dtype, on the CPU; the
+    target runs ``budget`` padded tokens per forward (``target.batch_tokens``), and ``done``
+    hears the tokens of each forward."""
+    items = [dataset[row] for row in rows]
+    features: dict[int, tuple[Tensor, Tensor]] = {}
+    for group, aux, last in target_forwards(target, [s["input_ids"] for s in items], budget):
+        for b, i in enumerate(group):
+            n = len(items[i]["input_ids"])
+            # Copies: a view would keep the whole padded batch alive until the shard is written.
+            features[i] = (
+                aux[b, :n].to("cpu", dtype, copy=True),
+                last[b, :n].to("cpu", dtype, copy=True),
+            )
+        done(sum(len(items[i]["input_ids"]) for i in group))
+    return [
+        (row, s["input_ids"].int(), s["loss_mask"].to(torch.uint8), *features[i])
+        for i, (row, s) in enumerate(zip(rows, items, strict=True))
+    ]
+
+
+def encode_shard(samples: list[Sample]) -> tuple[bytes, list[int], list[int]]:
+    """A shard file's bytes, and the rows and token offsets of its samples."""
+    rows = [row for row, *_ in samples]
+    offsets = [0, *accumulate(len(ids) for _, ids, *_ in samples)]
+    tensors = {
+        "rows": torch.tensor(rows, dtype=torch.int64),
+        "offsets": torch.tensor(offsets, dtype=torch.int64),
+        "input_ids": torch.cat([s[1] for s in samples]),
+        "loss_mask": torch.cat([s[2] for s in samples]),
+        "aux": torch.cat([s[3] for s in samples]),
+        "hidden": torch.cat([s[4] for s in samples]),
+    }
+    return save(tensors, metadata={"format": FORMAT, "version": str(VERSION)}), rows, offsets
+
+
+class SliceWriter:
+    """Captures one data-parallel group's slice into shards, recording each finished shard in
+    its progress file; on a rank that is not the group's writer (``write=False``) it runs the
+    same forwards and writes nothing."""
+
+    def __init__(
+        self,
+        out: Path,
+        settings: dict[str, Any],
+        slice_: int,
+        slices: int,
+        shards: list[dict[str, Any]],
+        shard_bytes: int,
+        ids: list[str],
+        write: bool,
+    ) -> None:
+        self.out, self.settings, self.slice, self.slices = out, settings, slice_, slices
+        self.shards, self.shard_bytes, self.ids, self.write = shards, shard_bytes, ids, write
+        self.dtype = STORAGE_DTYPES[settings["storage_dtype"]]
+        self.per_token = bytes_per_token(settings["hidden_size"], settings["storage_dtype"])
+
+    def run(
+        self,
+        target: Target,
+        dataset: Any,
+        todo: list[list[int]],
+        budget: int,
+        idle: int,
+        bar: Any,
+    ) -> int:
+        """Capture the shards of ``todo`` (rows each), ``budget`` padded tokens per target
+        forward, then run ``idle`` one-token forwards (an FSDP-sharded target's ranks run as
+        many forwards as the busiest), updating ``bar`` per forward; return the tokens
+        captured."""
+        for rows in todo:
+            samples = shard_samples(target, dataset, rows, self.dtype, budget, bar.update)
+            if self.write:
+                self._flush(samples)
+        idle_forwards(target, idle)
+        bar.close()
+        if self.write:
+            self._save_progress(done=True)
+        lengths = dataset.lengths()
+        return sum(lengths[r] for rows in todo for r in rows)
+
+    def _flush(self, samples: list[Sample]) -> None:
+        data, rows, offsets = encode_shard(samples)
+        name = f"{shard_prefix(self.slice, self.slices)}{len(self.shards):06d}.safetensors"
+        atomic_write(self.out / name, data)
+        self.shards.append(
+            {
+                "file": name,
+                "bytes": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "rows": rows,
+                "ids": [self.ids[row] for row in rows],
+                "offsets": offsets,
+            }
+        )
+        # Only now is the shard on record: a kill before this line leaves an unlisted file,
+        # which the next run deletes and writes again.
+        self._save_progress(done=False)
+
+    def _save_progress(self, done: bool) -> None:
+        state = {
+            "format": FORMAT,
+            "version": VERSION,
+            "settings": self.settings,
+            "done": done,
+            "shards": self.shards,
+        }
+        path = progress_path(self.out, self.slice, self.slices)
+        atomic_write(path, json.dumps(state).encode())
