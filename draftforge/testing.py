@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from draftforge.data.vision import VisionProcessor
 from draftforge.models.eagle3 import Eagle3Draft, eagle3_config_for_target
 from draftforge.target import Target, decoder_module
 
@@ -152,6 +153,100 @@ def save_tiny_target(
     tiny_target(family, seed, **overrides).save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+# Qwen2.5-VL's placeholder tokens, in the tiny tokenizer after the ChatML specials.
+VL_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# ChatML whose message content may be a list of parts: an image part is written the way
+# Qwen2.5-VL's template writes it (start, one placeholder, end), a text part as its text.
+VL_CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Patches of 14 pixels merged 2 x 2, as in Qwen2.5-VL, on images of at most 112 x 112 pixels
+# after resizing: at most 16 image tokens per image.
+TINY_VL_MAX_PIXELS = 112 * 112
+
+
+def tiny_vl_tokenizer():  # noqa: ANN201 (a PreTrainedTokenizerFast)
+    """The tiny byte tokenizer plus Qwen2.5-VL's vision tokens and a ChatML template that
+    writes image parts."""
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS + VL_SPECIAL_TOKENS})
+    tokenizer.chat_template = VL_CHATML_TEMPLATE
+    return tokenizer
+
+
+def tiny_vl_processor() -> VisionProcessor:
+    """The tiny VL tokenizer with Qwen2-VL's image processor (its Pillow backend: torchvision
+    is not needed), resizing images to at most :data:`TINY_VL_MAX_PIXELS`."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=28 * 28, max_pixels=TINY_VL_MAX_PIXELS, patch_size=14, merge_size=2
+    )
+    return VisionProcessor(tiny_vl_tokenizer(), image_processor, VL_CHATML_TEMPLATE)
+
+
+def tiny_vl_config(**text_overrides: Any):  # noqa: ANN201 (a Qwen2_5_VLConfig)
+    """A small Qwen2.5-VL config over the tiny VL tokenizer's ids. The vision tower is as
+    deep as the language model, so hooks found by depth alone would land on the wrong stack.
+    ``text_overrides`` change the language model's config."""
+    from transformers import Qwen2_5_VLConfig
+
+    tokenizer = tiny_vl_tokenizer()
+    start, end, image, video = tokenizer.convert_tokens_to_ids(VL_SPECIAL_TOKENS)
+    text = {
+        **_COMMON,
+        # M-RoPE: the 8 rotary frequency pairs of a 16-wide head split over t, h, w.
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3],
+        },
+        "bos_token_id": None,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        **text_overrides,
+    }
+    vision = {
+        "depth": text["num_hidden_layers"],
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": text["hidden_size"],
+        "window_size": 56,  # windows of 2 x 2 merged patches; blocks 1 and 3 attend fully
+        "fullatt_block_indexes": [1, 3],
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        image_token_id=image,
+        video_token_id=video,
+    )
+
+
+def tiny_vl_target(seed: int = 0, **text_overrides: Any) -> nn.Module:
+    """A tiny random Qwen2_5_VLForConditionalGeneration in fp32 eval mode, deterministic for
+    a given seed."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = tiny_vl_config(**text_overrides)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    return model.float().eval()
 
 
 WORDS = [

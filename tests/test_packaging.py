@@ -61,7 +61,7 @@ def test_version_lives_in_one_place() -> None:
 
 
 def test_pins_lie_inside_the_declared_ranges() -> None:
-    declared = requirements("dev", "plot", "gguf", "demo")
+    declared = requirements("dev", "plot", "gguf", "demo", "vision")
     pinned = pins()
     assert set(declared) <= set(pinned), "every requirement has its pin in constraints.txt"
     for name, req in declared.items():

@@ -1,0 +1,218 @@
+"""Conversations with images: templating, tokenising and loss masks for vision-language
+targets (Qwen-VL style: one image placeholder token repeated once per merged patch).
+
+A message's content is a list of OpenAI-style parts, ``{"type": "text", "text": ...}`` and
+``{"type": "image", "image": path}`` (or ``{"type": "image_url", "image_url": {"url":
+path}}`` with a local path). Masking reuses :class:`~draftforge.data.template.ChatTemplate`
+unchanged: each image becomes one private-use character in the message's text, and the
+template sees the content parts again (:class:`_PartsTokenizer`), so the supervised spans are
+found by the same rendering rules as for text conversations. Then each image's placeholder
+in the rendering is repeated as many times as the image has merged patches, the text is
+tokenised with offsets, and a token is supervised when it overlaps an assistant span and is
+no image or video token. Image tokens are never supervised, wherever the image is.
+
+Why not transformers' ``Qwen2_5_VLProcessor``: in transformers 5.24 it cannot be built
+without torchvision (its video processor's base class is only exported with torchvision),
+and torchvision does not import beside the CPU torch build draftforge pins. The image
+processor (``Qwen2VLImageProcessorPil``) and the tokenizer are what it wraps, and what
+:class:`VisionProcessor` holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from draftforge import require_extra
+from draftforge.data.conversation import ROLE_ALIASES, Message, RowError
+from draftforge.data.template import ChatTemplate
+
+# One image in a message's text while ChatTemplate finds the spans; a private-use code point
+# beside template.py's markers (U+E000, U+E001).
+IMAGE_SLOT = "\ue002"
+
+# mm_token_type_ids values, as Qwen2.5-VL's get_rope_index reads them.
+TEXT_TYPE, IMAGE_TYPE, VIDEO_TYPE = 0, 1, 2
+
+
+@dataclass
+class VisionProcessor:
+    """What templating a conversation with images needs: the tokenizer (with the image
+    placeholder among its special tokens), the image processor, the chat template that
+    writes content parts, and the placeholder tokens."""
+
+    tokenizer: Any  # a fast HF tokenizer
+    image_processor: Any  # e.g. Qwen2VLImageProcessorPil
+    chat_template: str
+    image_token: str = "<|image_pad|>"
+    video_token: str = "<|video_pad|>"
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @property
+    def video_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.video_token)
+
+    def tokens_per_image(self, grid_thw: Tensor) -> list[int]:
+        """Placeholder tokens of each image: its patches over the merge window (the rule of
+        Qwen2.5-VL's processor; the vision tower merges ``merge_size**2`` patches into one)."""
+        merge = self.image_processor.merge_size
+        return [int(n) // merge**2 for n in grid_thw.prod(dim=-1)]
+
+
+@dataclass
+class VisionSample:
+    """One templated conversation with images: token ids, loss mask and modality of each
+    token ([T]), the image processor's pixel values and per-image patch grid."""
+
+    input_ids: Tensor  # [T] int64
+    loss_mask: Tensor  # [T] int64, 1 = supervised
+    mm_token_type_ids: Tensor  # [T] int64: TEXT_TYPE, IMAGE_TYPE or VIDEO_TYPE
+    pixel_values: Tensor  # [patches, C * temporal_patch * patch * patch]
+    image_grid_thw: Tensor  # [images, 3] int64
+
+
+def _image_path(part: dict[str, Any], where: str) -> str:
+    source = part.get("image")
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        source = url.get("url") if isinstance(url, dict) else url
+    if not isinstance(source, str):
+        raise RowError("bad_image", f"{where}: an image part without a path")
+    return source.removeprefix("file://")
+
+
+def parse_vision_messages(messages: list[dict[str, Any]]) -> tuple[list[Message], list[str]]:
+    """Messages with OpenAI-style content parts -> :class:`Message` objects whose text holds
+    :data:`IMAGE_SLOT` for each image, and the image paths in order of appearance."""
+    parsed, images = [], []
+    for k, raw in enumerate(messages):
+        role = ROLE_ALIASES.get(str(raw.get("role", "")).lower())
+        if role is None:
+            raise RowError("unknown_role", f"message {k}: role {raw.get('role')!r}")
+        content = raw.get("content") or ""
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        pieces = []
+        for part in parts:
+            if part.get("type") == "text":
+                text = part.get("text", "")
+                if not isinstance(text, str) or IMAGE_SLOT in text:
+                    raise RowError("non_string_content", f"message {k}: a bad text part")
+                pieces.append(text)
+            elif part.get("type") in ("image", "image_url"):
+                images.append(_image_path(part, f"message {k}"))
+                pieces.append(IMAGE_SLOT)
+            else:
+                raise RowError("unknown_part", f"message {k}: content part {part.get('type')!r}")
+        parsed.append(Message(role=role, content="".join(pieces)))
+    return parsed, images
+
+
+class _PartsTokenizer:
+    """The processor's tokenizer as ChatTemplate uses it, except that rendering turns each
+    :data:`IMAGE_SLOT` in a message's text back into an image part, so the template writes
+    the image as it does for real content parts."""
+
+    def __init__(self, tokenizer: Any, chat_template: str) -> None:
+        self._tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.is_fast = tokenizer.is_fast
+        self.added_tokens_decoder = tokenizer.added_tokens_decoder
+        self.all_special_tokens = tokenizer.all_special_tokens
+
+    @staticmethod
+    def _parts(text: str) -> list[dict[str, str]]:
+        parts: list[dict[str, str]] = []
+        for k, piece in enumerate(text.split(IMAGE_SLOT)):
+            if k:
+                parts.append({"type": "image"})
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        return parts
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
+        as_parts = [
+            {**m, "content": self._parts(m["content"])} if isinstance(m["content"], str) else m
+            for m in messages
+        ]
+        return self._tokenizer.apply_chat_template(as_parts, **kwargs)
+
+
+def load_images(paths: list[str]) -> list[Any]:
+    """The images at ``paths`` as RGB PIL images; a missing or unreadable file is a RowError."""
+    image_mod = require_extra("PIL.Image", "vision", "conversations with images")
+    images = []
+    for path in paths:
+        try:
+            with image_mod.open(Path(path).expanduser()) as image:
+                images.append(image.convert("RGB"))
+        except (OSError, ValueError) as err:
+            raise RowError("bad_image", f"{path}: {err}") from None
+    return images
+
+
+def _expand_images(text: str, image_token: str, counts: list[int]) -> tuple[str, list[int]]:
+    """``text`` with its k-th ``image_token`` repeated ``counts[k]`` times, and for each
+    character offset of ``text`` (and its end) the same character's offset after it."""
+    pieces = text.split(image_token)
+    if len(pieces) - 1 != len(counts):
+        raise RowError(
+            "image_count",
+            f"the template writes {len(pieces) - 1} image placeholders for {len(counts)} images",
+        )
+    shift = np.zeros(len(text) + 1, dtype=np.int64)
+    out, at = [pieces[0]], len(pieces[0])
+    for count, piece in zip(counts, pieces[1:], strict=True):
+        at += len(image_token)
+        shift[at:] += (count - 1) * len(image_token)
+        out.append(image_token * count + piece)
+        at += len(piece)
+    return "".join(out), (np.arange(len(text) + 1) + shift).tolist()
+
+
+def encode_vision_conversation(
+    processor: VisionProcessor,
+    messages: list[dict[str, Any]],
+    chat_template_kwargs: dict[str, Any] | None = None,
+) -> VisionSample:
+    """Template, tokenise and mask one conversation with images (see the module docstring)."""
+    parsed, paths = parse_vision_messages(messages)
+    template = ChatTemplate(
+        _PartsTokenizer(processor.tokenizer, processor.chat_template),
+        chat_template_kwargs=chat_template_kwargs,
+    )
+    text, spans = template.spans(parsed)
+    images = load_images(paths)
+    pixels: dict[str, Tensor] = {}
+    counts: list[int] = []
+    if images:
+        pixels = dict(processor.image_processor(images=images, return_tensors="pt"))
+        counts = processor.tokens_per_image(pixels["image_grid_thw"])
+    expanded, moved = _expand_images(text, processor.image_token, counts)
+    encoding = processor.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
+    ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
+    offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+    starts, ends = offsets[:, 0], np.maximum(offsets[:, 1], offsets[:, 0] + 1)
+    mask = np.zeros(len(ids), dtype=bool)
+    for start, end in spans:
+        mask |= (starts < moved[end]) & (ends > moved[start])
+    types = torch.full_like(ids, TEXT_TYPE)
+    types[ids == processor.image_token_id] = IMAGE_TYPE
+    types[ids == processor.video_token_id] = VIDEO_TYPE
+    if int((types == IMAGE_TYPE).sum()) != sum(counts):
+        raise RowError("image_count", "the image placeholder does not tokenise to one token")
+    loss_mask = torch.from_numpy(mask).long() * (types == TEXT_TYPE)
+    return VisionSample(
+        input_ids=ids,
+        loss_mask=loss_mask,
+        mm_token_type_ids=types,
+        pixel_values=pixels.get("pixel_values", torch.empty(0)),
+        image_grid_thw=pixels.get("image_grid_thw", torch.empty(0, 3, dtype=torch.long)),
+    )
