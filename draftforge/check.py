@@ -338,6 +338,12 @@ def memory_findings(
             facts.text, cfg.target.batch_tokens, cfg.target.teacher_chunk_mb
         )
         plan = Plan("capture", plan.size, plan.target, 0, forward)
+    elif cfg.data.mode == "offline":  # of the target only its head and embedding, no forward
+        text = facts.text
+        tables = 1 if getattr(text, "tie_word_embeddings", False) else 2
+        head = weight_bytes * tables * text.vocab_size * text.hidden_size
+        ttt = plan.activations - target_forward_bytes(text, tokens)
+        plan = Plan("offline", plan.size, head, plan.draft, ttt)
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
         need, where = plan.total, f"the {torch.cuda.get_device_name(device)} has"

@@ -203,3 +203,23 @@ def test_train_prints_warnings_and_goes_on(root: Path, capsys: pytest.CaptureFix
 def test_finding_lines_name_their_level() -> None:
     assert str(Finding(True, "x")) == "error: x"
     assert str(Finding(False, "y")) == "warning: y"
+
+
+def _target_gib(cfg, facts: TargetFacts, world: int, stage: str) -> float:
+    """The target's share in the memory finding (this machine has too little RAM for any)."""
+    (finding,) = memory_findings(cfg, facts, world=world, device=torch.device("cpu"), stage=stage)
+    return float(finding.message.split("(target ")[1].split(",")[0])
+
+
+def test_memory_of_offline_training_and_sharded_capture_counts_only_what_a_rank_holds() -> None:
+    """Offline training holds the 70B target's head and embedding (2 x 128256 x 8192 bf16,
+    3.9 GiB), not its 131 GiB of weights; a capture at tp=8 holds an eighth of them."""
+    configs = Path(__file__).parents[1] / "benchmarks" / "model_configs"
+    facts = _facts(configs / "llama-3.3-70b.json")
+    base = ["target.path=x", "training.tokens_per_batch=4096"]
+    online = _target_gib(load_config(None, base), facts, 1, "train")
+    offline = _target_gib(load_config(None, [*base, "data.mode=offline"]), facts, 1, "train")
+    assert online > 120 and offline == pytest.approx(2 * 128256 * 8192 * 2 / 2**30, abs=0.05)
+    whole = _target_gib(load_config(None, base), facts, 8, "capture")
+    split = _target_gib(load_config(None, [*base, "parallel.tp=8"]), facts, 8, "capture")
+    assert whole == pytest.approx(online, abs=0.05) and split == pytest.approx(whole / 8, abs=0.1)
