@@ -104,6 +104,9 @@ def training_config(settings: DemoSettings, data_path: Path) -> Config:
         "data.mode": "offline",
         "data.max_length": 512,
         "data.eval_fraction": 0.02,
+        # On 2 CPU cores forwards of ~1k padded tokens capture ~1.2x faster than one sample at a
+        # time, and larger ones slower again (benchmarks/target_forward.py).
+        "target.batch_tokens": 1024,
         # Chosen at a fixed 10 minutes by benchmarks/recipes.py: a 3-step unroll and a 4096-token
         # head train about 1.7x the steps of 5 and 8192 in that time, and learn more from them.
         "draft.draft_vocab_size": 4096,

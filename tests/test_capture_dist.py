@@ -173,3 +173,21 @@ def test_a_stalled_rank_ends_the_capture_naming_it_and_a_rerun_resumes(
     # The rerun resumed: the shards finished before the stall are the manifest's, untouched.
     assert set(kept) <= {shard["file"] for shard in manifest["shards"]}
     assert all((features / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
+
+
+def test_a_rank_with_nothing_to_capture_keeps_the_others_in_step(tmp_path):
+    """One sample, two FSDP ranks: rank 1's slice is empty, yet it must take part in every
+    forward of rank 0's sharded target."""
+    root = write_tiny_run(tmp_path, 1)
+    features = tmp_path / "features"
+    layout = {"parallel.fsdp": "target", "parallel.timeout_minutes": 0.5}
+    proc = subprocess.run(
+        _capture_cmd(2, _overrides(root, features, **layout)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((features / MANIFEST).read_text())
+    assert manifest["samples"] == 1
+    assert [shard["file"].split("-")[1] for shard in manifest["shards"]] == ["r000of002"]
