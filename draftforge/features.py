@@ -33,9 +33,12 @@ from draftforge.config import Config, ConfigError, cache_root
 from draftforge.parallel import Layout
 from draftforge.shards import ShardReader, capture_settings, features_dir, verify
 from draftforge.target import Target, TargetParts, chunk_tokens, teacher
+from draftforge.vision_target import rope_position_ids, vision_batch, vision_features
 
 if TYPE_CHECKING:
     from draftforge.data import PrepareResult
+    from draftforge.data.vision import VisionSample
+    from draftforge.data.vision_prepare import VisionDataset
 
 
 # ----------------------------------------------------------------------------- data
@@ -91,9 +94,38 @@ def load_data(
     return prepared.dataset, prepared.vocab.target_ids
 
 
+def prepare_vision_data(cfg: Config, target: Target) -> PrepareResult:
+    """``data.path``'s conversations with images, through a VL target's processor, with
+    the position ids its language model computes for each sample, and the draft vocabulary
+    (what :func:`prepare_data` is for text conversations)."""
+    from draftforge.data.vision_prepare import prepare_vision
+
+    if not cfg.data.path:
+        raise ConfigError("data.path is empty: point it at a conversations file or directory")
+    if target.processor is None:
+        raise ConfigError(f"{target.path} is no vision-language target: use prepare_data")
+
+    def positions(sample: VisionSample) -> Tensor:
+        batch = {k: v.to(target.device) for k, v in vision_batch([sample]).items()}
+        return rope_position_ids(target.model, batch)[:, 0].cpu()
+
+    return prepare_vision(
+        cfg.data.path,
+        target.processor,
+        positions,
+        cache_root(cfg.target.cache_dir) / "datasets" / "vision",
+        max_length=cfg.data.max_length,
+        strict=cfg.data.strict,
+        chat_template_kwargs=cfg.data.chat_template_kwargs,
+        draft_vocab_size=cfg.draft.draft_vocab_size,
+        target_vocab_size=target.vocab_size,
+    )
+
+
 @dataclass
 class MicroBatch:
-    """Samples packed into one row: [1, T] tensors; ``rows`` are dataset indices."""
+    """Samples packed into one row: [1, T] tensors (position ids ``[3, 1, T]`` for a target
+    with M-RoPE); ``rows`` are dataset indices."""
 
     rows: list[int]
     input_ids: Tensor
@@ -134,14 +166,17 @@ def collate(dataset: Any, rows: list[int], budget: int) -> MicroBatch:
         n = min(len(sample["input_ids"]), budget)
         ids.append(sample["input_ids"][:n])
         masks.append(sample["loss_mask"][:n].bool())
-        positions.append(torch.arange(n))
+        # [n], or [3, n] for a VL target's M-RoPE rows (which the dataset holds)
+        positions.append(
+            sample["position_ids"][..., :n] if "position_ids" in sample else torch.arange(n)
+        )
         segments.append(torch.full((n,), s))
         lengths.append(n)
     return MicroBatch(
         rows=rows,
         input_ids=torch.cat(ids)[None],
         loss_mask=torch.cat(masks)[None],
-        position_ids=torch.cat(positions)[None],
+        position_ids=torch.cat(positions, dim=-1).unsqueeze(-2),
         segment_ids=torch.cat(segments)[None],
         lengths=lengths,
     )
@@ -460,6 +495,40 @@ class OfflineFeatures:
             producer.join()
 
 
+class VisionOnlineFeatures:
+    """A VL target runs in this process over each micro-batch's samples, images and all:
+    each sample alone through the whole model, vision tower included (``data.max_length``
+    is at most ``training.tokens_per_batch``, so a packed sample is always whole). Its
+    M-RoPE position ids, which the draft rotates by, are in the micro-batch already (the
+    prepared dataset holds them)."""
+
+    def __init__(self, target: Target, dataset: VisionDataset, cfg: Config) -> None:
+        self.target, self.dataset = target, dataset
+        self.chunk_mb = cfg.target.teacher_chunk_mb
+
+    def _sample_states(self, row: int) -> tuple[Tensor, Tensor]:
+        """Aux ``[T, 3H]`` and final ``[T, H]`` states of one prepared row."""
+        device = self.target.device
+        batch = {k: v.to(device) for k, v in vision_batch([self.dataset.samples[row]]).items()}
+        found = vision_features(self.target.model, self.target.aux_layers, batch)
+        return found.aux[0], found.final[0]
+
+    def features(self, batches: list[MicroBatch], draft_ids: Tensor) -> list[Features]:
+        feats = []
+        for batch in batches:
+            states = [self._sample_states(row) for row in batch.rows]
+            aux = torch.cat([a for a, _ in states])
+            last = torch.cat([h for _, h in states])
+            feats.append(features_from_hidden(self.target, aux, last, draft_ids, self.chunk_mb))
+        return feats
+
+    def steps(
+        self, plan: Iterator[tuple[Position, list[MicroBatch]]], draft_ids: Tensor
+    ) -> Generator[tuple[Position, list[MicroBatch], list[Features]], None, None]:
+        for position, batches in plan:
+            yield position, batches, self.features(batches, draft_ids)
+
+
 def open_features(
     cfg: Config, target: TargetParts, dataset: Any, layout: Layout
 ) -> OfflineFeatures:
@@ -481,4 +550,6 @@ def feature_source(cfg: Config, target: TargetParts, dataset: Any, layout: Layou
         return open_features(cfg, target, dataset, layout)
     if not isinstance(target, Target):
         raise TypeError("online features need the loaded target (load_target), not its head only")
+    if target.processor is not None:
+        return VisionOnlineFeatures(target, dataset, cfg)
     return OnlineFeatures(target, cfg, layout)

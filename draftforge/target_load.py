@@ -44,6 +44,7 @@ from draftforge.target import (
     checked_aux_layers,
     decoder_layers,
     decoder_module,
+    is_vision_config,
     load_target,
     load_tokenizer,
     pick_dtype,
@@ -153,6 +154,10 @@ def load_sharded_target(cfg: TargetConfig, layout: Layout, *, fsdp: bool) -> Tar
     problem = parallel.tp_problem(config.get_text_config(), layout.tp, layout.world)
     if problem:
         raise ConfigError(problem)
+    if is_vision_config(config):
+        if layout.tp > 1 or (fsdp and layout.dp > 1):
+            raise ConfigError("a vision-language target loads whole: use parallel.tp=1, no FSDP")
+        return load_target(cfg, layout.device)
     directory = local_directory(path)
     files = weight_files(directory)
     if not files:

@@ -52,6 +52,23 @@ class VisionProcessor:
     image_token: str = "<|image_pad|>"
     video_token: str = "<|video_pad|>"
 
+    @classmethod
+    def from_checkpoint(cls, path: str, tokenizer: Any) -> VisionProcessor:
+        """The processor of a VL checkpoint folder, from its files: ``tokenizer`` (loaded
+        from it), its chat template and ``preprocessor_config.json``, read by the Pillow
+        image processor (patch, merge and pixel settings). Not ``AutoProcessor``: see the
+        module docstring."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+            Qwen2VLImageProcessorPil,
+        )
+
+        if not (Path(path) / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"{path} has no preprocessor_config.json for its images")
+        if not tokenizer.chat_template:
+            raise ValueError(f"{path}: its tokenizer has no chat template")
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
+        return cls(tokenizer, image_processor, tokenizer.chat_template)
+
     @property
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
@@ -216,3 +233,62 @@ def encode_vision_conversation(
         pixel_values=pixels.get("pixel_values", torch.empty(0)),
         image_grid_thw=pixels.get("image_grid_thw", torch.empty(0, 3, dtype=torch.long)),
     )
+
+
+LLAVA_IMAGE = "<image>"  # where a LLaVA / ShareGPT4V row's images sit in its turns' text
+
+
+def _llava_messages(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """A LLaVA / ShareGPT4V row (``image``: one path or a list, ``conversations`` of
+    ``from``/``value`` turns with ``<image>`` placeholders) as messages with content parts.
+    Images without a placeholder go before the first turn's text, as LLaVA places them."""
+    images = row.get("image") or []
+    images = [images] if isinstance(images, str) else list(images)
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise RowError("unknown_format", "a LLaVA row needs a list of conversation turns")
+    placed = sum(str(t.get("value", "")).count(LLAVA_IMAGE) for t in turns)
+    if placed not in (0, len(images)):
+        raise RowError(
+            "image_count", f"{placed} {LLAVA_IMAGE} placeholders for {len(images)} images"
+        )
+    pending = iter(images)
+    messages = []
+    for k, turn in enumerate(turns):
+        text = str(turn.get("value", ""))
+        if placed == 0 and k == 0:
+            text = LLAVA_IMAGE * len(images) + text
+        parts: list[dict[str, Any]] = []
+        for n, piece in enumerate(text.split(LLAVA_IMAGE)):
+            if n:
+                parts.append({"type": "image", "image": next(pending)})
+                piece = piece.removeprefix("\n")  # LLaVA writes "<image>\n" before the text
+            if piece:
+                parts.append({"type": "text", "text": piece})
+        messages.append({"role": turn.get("from"), "content": parts})
+    return messages
+
+
+def vision_messages(row: Any, folder: Path) -> list[dict[str, Any]]:
+    """A row's messages with content parts, its image paths made absolute against
+    ``folder`` (the data file's): OpenAI-style ``messages``, or a LLaVA / ShareGPT4V row."""
+    if isinstance(row, dict) and isinstance(row.get("messages"), list):
+        messages = row["messages"]
+    elif isinstance(row, dict) and "conversations" in row:
+        messages = _llava_messages(row)
+    else:
+        raise RowError("unknown_format", "a row with images needs `messages` or `conversations`")
+    resolved = []
+    for k, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            resolved.append(message)
+            continue
+        parts = [
+            {"type": "image", "image": str(folder / _image_path(p, f"message {k}"))}
+            if isinstance(p, dict) and p.get("type") in ("image", "image_url")
+            else p
+            for p in content
+        ]
+        resolved.append({**message, "content": parts})
+    return resolved

@@ -4,6 +4,12 @@ Parameter names are exactly the ones SGLang's ``LlamaForCausalLMEagle3`` reads (
 ``midlayer.*``, ``norm``, ``lm_head``, ``d2t``, ``t2d``), so export is a key check, not a
 rename. Norm, MLP and rotary embedding are transformers' own Llama modules, which gives every
 RoPE scaling type Llama/Qwen targets use (default, linear, dynamic, llama3, yarn).
+
+A vision-language target with M-RoPE (Qwen2.5-VL: ``mrope_section`` in its text config's
+RoPE parameters) places tokens with 3-row position ids (temporal, height, width). The draft
+then rotates as that language model does: the same positions, each frequency pair taking the
+row its section names. SGLang's ``LlamaForCausalLMEagle3`` does the same for such drafts (a
+``mrope_section`` in the draft config switches it to the target's ``mrope_positions``).
 """
 
 from __future__ import annotations
@@ -113,6 +119,16 @@ def eagle3_config_for_target(
     )
 
 
+def mrope_tables(table: Tensor, section: list[int]) -> Tensor:
+    """One rotary table ``[B, T, D]`` from per-row tables ``[3, B, T, D]`` of 3-row positions:
+    frequency pair j reads row r when j lies in ``section[r]`` (pairs counted over half the
+    head), in both halves of the head, which rotate-half RoPE lays out twice."""
+    rows = torch.arange(len(section), device=table.device)
+    pairs = torch.repeat_interleave(rows, torch.tensor(section, device=table.device))
+    index = torch.cat([pairs, pairs]).expand(1, *table.shape[1:])
+    return table.gather(0, index)[0]
+
+
 class Eagle3Attention(nn.Module):
     """Attention over ``[embed ; hidden]`` (width 2H); who attends to whom is ``attend``'s job."""
 
@@ -181,6 +197,7 @@ class Eagle3Draft(nn.Module):
         self.norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(config)
+        self.mrope_section: list[int] | None = (config.rope_parameters or {}).get("mrope_section")
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
         self.set_vocab(torch.arange(config.draft_vocab_size))
@@ -211,8 +228,22 @@ class Eagle3Draft(nn.Module):
     ) -> Tensor:
         """One draft step: hidden [B,T,H] and the next tokens' ids -> new hidden [B,T,H]."""
         embeds = self.embed_tokens(input_ids).to(hidden.dtype)
-        cos, sin = self.rotary_emb(hidden, position_ids)
+        cos, sin = self.rotary(hidden, position_ids)
         return self.midlayer(embeds, hidden, cos, sin, attend)
+
+    def rotary(self, hidden: Tensor, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin ``[B, T, D]`` at ``position_ids``: ``[B, T]``, or ``[3, B, T]`` M-RoPE
+        rows for a draft whose target rotates by ``mrope_section``."""
+        if position_ids.dim() == 2:
+            return self.rotary_emb(hidden, position_ids)
+        if self.mrope_section is None:
+            raise DraftShapeError("3-row position ids need a draft with rope mrope_section")
+        cos, sin = self.rotary_emb(hidden, position_ids.flatten(0, 1))
+        rows = (*position_ids.shape, -1)
+        return (
+            mrope_tables(cos.view(rows), self.mrope_section),
+            mrope_tables(sin.view(rows), self.mrope_section),
+        )
 
     def forward(
         self,
