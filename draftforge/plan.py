@@ -7,10 +7,10 @@ split it). The rest is arithmetic, each term named in :class:`Estimate`'s parts:
 
 - ``runtime``: a process before any tensor (CPU: measured, :data:`CPU_RUNTIME`; GPU: CUDA
   context, NCCL and cuBLAS workspaces, assumed);
-- ``target``: this rank's shard of the target, and ``in flight`` while loading: the largest
-  local piece of one weight twice (read, then converted or merged with its experts), or, when
-  nothing is sharded, on CPU, a second copy of the target (transformers' reader threads),
-  which leaves a ``loader residue`` behind;
+- ``target``: this rank's shard of the target (the whole target when nothing shards it), and
+  ``in flight`` while loading: the largest local piece of one weight twice (read, then
+  converted or merged with its experts), as :mod:`draftforge.target_load` reads a
+  safetensors checkpoint at any world size;
 - ``forward``: a target forward's activations over its padded tokens and, under FSDP, the
   weights it gathers whole: the decoder's embedding and three layers' worth (the running one,
   its all-gather buffer while copied out, the next one prefetched); ``head``: the head
@@ -47,12 +47,6 @@ BF16, FP32 = 2, 4
 # CPU, transformers 5.24, Python 3.11). A bare `import torch, transformers` is 239 MiB of it;
 # draftforge's modules, the tokenizer, the dataset and the process group are the rest.
 CPU_RUNTIME = 390 * 2**20
-# What an unsharded load (transformers' from_pretrained) leaves resident on CPU beyond the
-# target, as a share of it, measured on random fp32 Qwen3-MoE targets: 0.64 (1.5 GB, bf16
-# checkpoint: the reader threads' freed copies stay in glibc's arenas), 0.61 (1.5 GB, fp32
-# checkpoint: the merged experts' file pages stay mapped) and 0.93 (3.4 GB, fp32 checkpoint,
-# benchmarks/memory.py's world-1 row).
-LOADER_RESIDUE = 0.7
 # Assumed, not measured: CUDA context, NCCL communicators and cuBLAS workspaces per GPU.
 GPU_RUNTIME = 1.0 * GIB
 
@@ -83,11 +77,6 @@ class Split:
     @property
     def fsdp_draft(self) -> bool:
         return self.fsdp in ("draft", "both") and self.dp > 1
-
-    @property
-    def sharded_load(self) -> bool:
-        """Whether the sharded loader reads only this rank's pieces (else: the whole target)."""
-        return self.tp > 1 or self.fsdp_target
 
     def __str__(self) -> str:
         parts = [f"tp{self.tp}"] if self.tp > 1 else []
@@ -207,16 +196,10 @@ def target_forward_bytes(text: object, tokens: int, logit_chunk_mb: int = 64) ->
 
 
 def _target(shape: TargetShape, split: Split, w: Workload) -> dict[str, float]:
-    """This rank's shard of the target, what is in flight while loading, and what loading
-    leaves behind. The sharded loader reads one weight's piece at a time (twice: read, then
-    converted or merged with its experts). An unsharded load (``from_pretrained`` on the host,
-    then moved to the GPU) lets its reader threads run ahead of the conversion, up to a second
-    copy of the target, and on CPU leaves :data:`LOADER_RESIDUE` of it resident."""
+    """This rank's shard of the target, and what is in flight while loading: one weight's
+    piece at a time, twice (read, then converted or merged with its experts)."""
     local = [x.local(split.tp, split.dp, split.fsdp_target) for x in shape.weights]
-    target = w.weight_bytes * sum(local)
-    if split.sharded_load or not w.host_is_device:
-        return {"target": target, "in flight": 2 * w.weight_bytes * max(local), "residue": 0.0}
-    return {"target": target, "in flight": target, "residue": LOADER_RESIDUE * target}
+    return {"target": w.weight_bytes * sum(local), "in flight": 2 * w.weight_bytes * max(local)}
 
 
 def _gathered(shape: TargetShape, split: Split, w: Workload) -> float:
@@ -318,7 +301,7 @@ def steady_state(
     """Peak bytes per rank of a stage once the target is loaded (what a process's peak
     resident memory shows when it is reset after loading)."""
     runtime, parts = w.runtime_bytes, _target(shape, split, w)
-    target, residue = parts["target"], parts["residue"]
+    target = parts["target"]
     draft, step = _draft(shape, split, w)
     if stage == "offline":
         h = shape.text.hidden_size
@@ -344,7 +327,6 @@ def steady_state(
             split,
             runtime=runtime,
             target=target,
-            loader_residue=residue,
             forward=forward,
             buffers=buffers,
         )
@@ -353,7 +335,6 @@ def steady_state(
         split,
         runtime=runtime,
         target=target,
-        loader_residue=residue,
         head=_head(shape, split, w),
         draft=draft,
         features=_features(shape, w),
