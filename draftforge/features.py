@@ -23,6 +23,7 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -109,11 +110,15 @@ def prepare_vision_data(cfg: Config, target: Target) -> PrepareResult:
         batch = {k: v.to(target.device) for k, v in vision_batch([sample]).items()}
         return rope_position_ids(target.model, batch)[:, 0].cpu()
 
+    # The draft vocabulary's folder, one per data, target and length (the samples stay in
+    # memory: nothing else is cached yet).
+    key = f"{Path(cfg.data.path).resolve()}|{target.path}|{cfg.data.max_length}"
+    folder = f"vision-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     return prepare_vision(
         cfg.data.path,
         target.processor,
         positions,
-        cache_root(cfg.target.cache_dir) / "datasets" / "vision",
+        cache_root(cfg.target.cache_dir) / "datasets" / folder,
         max_length=cfg.data.max_length,
         strict=cfg.data.strict,
         chat_template_kwargs=cfg.data.chat_template_kwargs,

@@ -98,14 +98,13 @@ def meta_model(
     """The target's model class built on the meta device: names, shapes and dtypes, no data.
     ``tied=False`` leaves tied weights apart (as ``from_pretrained`` builds a model to load
     into), so that tensor parallelism shards each by its own rule before they are tied."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     from transformers.initialization import no_tie_weights
 
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    auto = AutoModelForImageTextToText if is_vision_config(config) else AutoModelForCausalLM
     with torch.device("meta"), nullcontext() if tied else no_tie_weights():
-        return AutoModelForCausalLM.from_config(
-            config, trust_remote_code=trust_remote_code, **kwargs
-        )
+        return auto.from_config(config, trust_remote_code=trust_remote_code, **kwargs)
 
 
 @dataclass

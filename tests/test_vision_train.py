@@ -130,10 +130,11 @@ def test_the_drafts_mrope_is_the_language_models(target):
     assert all(torch.equal(a, b) for a, b in zip(draft.rotary(hidden, same), plain, strict=True))
 
 
-def test_the_draft_learns_an_image_task_online(workdir, target):
+def test_the_draft_learns_an_image_task_online(workdir):
+    # as `draftforge train` runs: the VL checkpoint loaded, its data prepared in preflight
     out = workdir / "run"
     cfg = _config(workdir, out, **{"training.max_steps": 40, "training.log_every": 5})
-    result = train(cfg, target=target, prepared=prepare_vision_data(cfg, target))
+    result = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     assert result.step == 40
