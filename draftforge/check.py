@@ -52,6 +52,7 @@ from draftforge.target import (
     TargetParts,
     aux_problem,
     default_aux_layers,
+    is_vision_config,
     load_tokenizer,
     pick_dtype,
     read_config,
@@ -470,6 +471,8 @@ def preflight(
     """The checks at the start of ``train`` or ``capture``, after the target is loaded: the
     prepared data (prepared here unless given), with the warnings logged; errors raise a
     :class:`PreflightError` of one line each."""
+    if is_vision_config(target.model_config) and (stage == "capture" or cfg.data.mode == "offline"):
+        raise PreflightError("a vision-language target trains online only so far: data.mode=online")
     if prepared is None and getattr(target, "processor", None) is not None:
         prepared = prepare_vision_data(cfg, target)  # conversations with images
         log(prepared.summary(), flush=True)

@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from draftforge.check import PreflightError
 from draftforge.config import TargetConfig, load_config
-from draftforge.data.vision import IMAGE_TYPE
+from draftforge.data.conversation import RowError
+from draftforge.data.vision import IMAGE_TYPE, vision_messages
+from draftforge.data.vision_prepare import encode_vision_row
 from draftforge.features import collate, prepare_vision_data
 from draftforge.models import build_draft
 from draftforge.synthetic_images import synthetic_images, write_synthetic_images
@@ -140,3 +143,57 @@ def test_the_draft_learns_an_image_task_online(workdir):
     assert result.step == 40
     assert last["acc_0"] > first["acc_0"] + 0.15, (first["acc_0"], last["acc_0"])
     assert last["loss"] < 0.8 * first["loss"]
+
+
+def test_llava_rows_and_relative_paths_become_content_parts(tmp_path):
+    row = {
+        "image": ["a.png", "/abs/b.png"],
+        "conversations": [
+            {"from": "human", "value": "Compare <image>\nand <image>"},
+            {"from": "gpt", "value": "Same."},
+        ],
+    }
+    user, answer = vision_messages(row, tmp_path)
+    assert user["content"] == [
+        {"type": "text", "text": "Compare "},
+        {"type": "image", "image": str(tmp_path / "a.png")},
+        {"type": "text", "text": "and "},
+        {"type": "image", "image": "/abs/b.png"},
+    ]
+    assert answer == {"role": "gpt", "content": [{"type": "text", "text": "Same."}]}
+    # no placeholder: the image goes first, as LLaVA places it
+    row = {"image": "a.png", "conversations": [{"from": "human", "value": "What?"}]}
+    (user,) = vision_messages(row, tmp_path)
+    assert user["content"][0] == {"type": "image", "image": str(tmp_path / "a.png")}
+    with pytest.raises(RowError) as err:
+        vision_messages(
+            {**row, "conversations": [{"from": "human", "value": "<image><image>"}]}, tmp_path
+        )
+    assert err.value.reason == "image_count"
+    # OpenAI parts: image_url with a file:// path, relative to the data file's folder
+    url = {"type": "image_url", "image_url": {"url": "file://pics/c.png"}}
+    (message,) = vision_messages({"messages": [{"role": "user", "content": [url]}]}, tmp_path)
+    assert message["content"] == [{"type": "image", "image": str(tmp_path / "pics/c.png")}]
+
+
+def test_max_length_cuts_text_after_the_images_but_never_an_image(workdir):
+    processor = tiny_vl_processor()
+    turns = [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"},
+        {"from": "gpt", "value": "Shapes, " * 20},
+    ]
+    row = {"image": "images/image_0.png", "conversations": turns}
+    whole, cut = encode_vision_row(processor, row, workdir, max_length=1000)
+    assert not cut
+    last_image = int((whole.mm_token_type_ids == IMAGE_TYPE).nonzero().max())
+    sample, cut = encode_vision_row(processor, row, workdir, max_length=last_image + 40)
+    assert cut and torch.equal(sample.input_ids, whole.input_ids[: last_image + 40])
+    with pytest.raises(RowError) as err:
+        encode_vision_row(processor, row, workdir, max_length=last_image)
+    assert err.value.reason == "image_cut"
+
+
+def test_offline_training_of_a_vl_target_stops_in_preflight(workdir):
+    cfg = _config(workdir, workdir / "offline", **{"data.mode": "offline"})
+    with pytest.raises(PreflightError, match="trains online only"):
+        train(cfg)
