@@ -11,9 +11,10 @@ is 2 GB + lm_head + embedding + draft state (weights, gradients and two Adam mom
 ``--mode sharded`` saves a random Qwen3-MoE target (at least 3 GB in fp32 by default) as sharded
 fp32 safetensors, then runs ``draftforge train`` (online, ``--steps`` steps) at world 1, 2 and 4
 with ``parallel.fsdp=target`` and with ``parallel.tp`` = world, each rank reading its shards
-(:mod:`draftforge.target_load`). Each rank records its peak resident memory (VmHWM, the whole
-process) once the target is loaded, resets it (``/proc/self/clear_refs``), and records it again
-at the end: the peak of loading and the peak of training. The goal per rank is 1.25 x target
+(:mod:`draftforge.target_load`), then ``draftforge capture`` at the same layouts. Each rank
+records its peak resident memory (VmHWM, the whole process) once the target is loaded, resets
+it (``/proc/self/clear_refs``), and records it again at the end: the peak of loading (the
+larger of the two runs'), of training and of capture. The goal per rank is 1.25 x target
 bytes / world + 2 GB. ``--old-worlds`` also runs the old way (every rank loads the whole
 target, then FSDP shards it) for contrast.
 
@@ -53,11 +54,12 @@ WHOLE = (
     "cfg = load_config(None, sys.argv[1:])\n"
     "train(cfg, target=load_target(cfg.target))\n"
 )
-# Per rank, under torchrun or alone: train with the target loaded as given (sharded, or "old":
-# whole, then FSDP-sharded), recording VmHWM after loading and, reset, at the end.
+# Per rank, under torchrun or alone: run a draftforge command (train or capture) with the
+# target loaded as given (sharded, or "old": whole, then FSDP-sharded), recording VmHWM after
+# loading and, reset, at the end.
 PEAKS = (
     "import json, os, sys\n"
-    "import draftforge.train as train\n"
+    "import draftforge.target_load as target_load\n"
     "from draftforge.cli import main\n"
     "from draftforge.parallel import shard_target\n"
     "from draftforge.target import decoder_layers, decoder_module, load_target\n"
@@ -70,7 +72,7 @@ PEAKS = (
     "        m = target.model\n"
     "        shard_target(m, layout, decoder_module(m), decoder_layers(m))\n"
     "    return target\n"
-    "load = old if sys.argv[2] == 'old' else train.load_sharded_target\n"
+    "load = old if sys.argv[2] == 'old' else target_load.load_sharded_target\n"
     "peaks = {}\n"
     "def measured(*args, **kwargs):\n"
     "    target = load(*args, **kwargs)\n"
@@ -78,9 +80,9 @@ PEAKS = (
     "    with open('/proc/self/clear_refs', 'w') as f:\n"
     "        f.write('5')\n"
     "    return target\n"
-    "train.load_sharded_target = measured\n"
+    "target_load.load_sharded_target = measured\n"
     "code = main(sys.argv[3:])\n"
-    "peaks['train'] = hwm()\n"
+    "peaks['end'] = hwm()\n"
     "with open(f\"{sys.argv[1]}/rank{os.environ.get('RANK', '0')}.json\", 'w') as f:\n"
     "    json.dump(peaks, f)\n"
     "sys.exit(code)\n"
@@ -192,13 +194,35 @@ def save_moe_target(directory: Path, args: argparse.Namespace) -> float:
 
 
 def layout_peaks(
-    root: Path, target: Path, world: int, tp: int, how: str, args: argparse.Namespace
-) -> tuple[float, float, float]:
-    """(max over ranks of the loading peak, of the training peak, wall seconds) of
-    ``args.steps`` online steps at this layout (``how``: sharded or old)."""
-    out = root / f"peaks-{how}-{world}-{tp}"
+    root: Path, target: Path, world: int, tp: int, how: str, command: str, args: argparse.Namespace
+) -> tuple[float, float, float, Path]:
+    """(max over ranks of the loading peak, of the peak after loading, wall seconds, the run's
+    folder) of ``command`` at this layout: ``train`` (``args.steps`` online steps) or
+    ``capture`` (into the folder's ``features``); ``how``: sharded or old loading."""
+    out = root / f"peaks-{command}-{how}-{world}-{tp}"
     out.mkdir()
-    settings = {
+    layout = {"parallel.tp": tp, "parallel.fsdp": "target" if tp == 1 else "none"}
+    overrides = tiny_run_overrides(root, out / "run", **moe_settings(target, out, args), **layout)
+    if command == "capture":
+        overrides.append("--no-progress")
+    launch = [sys.executable]
+    if world > 1:
+        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)]
+    start = time.perf_counter()
+    script = root / "peaks.py"
+    script.write_text(PEAKS)
+    cmd = [*launch, str(script), str(out), how, command, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"{command}, world {world}, tp {tp}, {how} failed:\n{proc.stderr[-3000:]}")
+    peaks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+    return max(p["load"] for p in peaks), max(p["end"] for p in peaks), seconds, out
+
+
+def moe_settings(target: Path, out: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The runs' settings on the MoE target; captures go to ``out/features``."""
+    return {
         "target.path": target,
         "target.aux_layers": f"[0,{args.layers // 2},{args.layers - 1}]",
         "draft.draft_vocab_size": DRAFT_VOCAB,
@@ -206,23 +230,46 @@ def layout_peaks(
         "training.tokens_per_batch": TOKENS,
         "data.max_length": 256,
         "data.eval_fraction": 0,
-        "parallel.tp": tp,
-        "parallel.fsdp": "target" if tp == 1 else "none",
+        "data.features_dir": out / "features",
     }
-    overrides = tiny_run_overrides(root, out / "run", **settings)
-    launch = [sys.executable]
-    if world > 1:
-        launch += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world)]
-    start = time.perf_counter()
-    script = root / "peaks.py"
-    script.write_text(PEAKS)
-    cmd = [*launch, str(script), str(out), how, "train", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode:
-        raise SystemExit(f"world {world}, tp {tp}, {how} failed:\n{proc.stderr[-3000:]}")
-    peaks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
-    return max(p["load"] for p in peaks), max(p["train"] for p in peaks), seconds
+
+
+def offline_peak(root: Path, target: Path, captured: Path, args: argparse.Namespace) -> None:
+    """Print the peak of offline training from the capture in ``captured/features`` against
+    its budget (2 GB + lm_head + embedding + draft state) and the plan's prediction."""
+    out = root / "offline"
+    settings = {**moe_settings(target, captured, args), "data.mode": "offline"}
+    cmd = [sys.executable, "-m", "draftforge.cli", "train"]
+    peak = peak_rss([*cmd, *tiny_run_overrides(root, out / "run", **settings)])
+    config = json.loads((target / "config.json").read_text())
+    tables = 1 if config.get("tie_word_embeddings") else 2
+    head = tables * config["vocab_size"] * config["hidden_size"] * 4  # fp32
+    draft = draft_state_bytes(out / "run")
+    budget = 2 * GB + head + draft
+    print(
+        f"offline training ({args.steps} steps) from the world-1 capture: peak {peak / GB:.2f} GB, "
+        f"budget {budget / GB:.2f} GB (2 + lm_head and embedding {head / GB:.2f} + draft state "
+        f"{draft / GB:.2f}), {'within' if peak <= budget else 'OVER'}; plan "
+        f"{_vs(peak, planned(target, 'offline'))}",
+        flush=True,
+    )
+
+
+def capture_workload(features: Path) -> dict[str, Any]:
+    """The capture's own sizes for :func:`planned`: the padded tokens of its largest target
+    forward and its largest shard, in MB (a small capture stays below both settings)."""
+    from draftforge.config import TargetConfig
+    from draftforge.features import forward_groups
+
+    manifest = json.loads((features / "manifest.json").read_text())
+    budget = TargetConfig.batch_tokens
+    padded = 0
+    for shard in manifest["shards"]:
+        lengths = [b - a for a, b in zip(shard["offsets"], shard["offsets"][1:], strict=False)]
+        for group in forward_groups(lengths, budget):
+            padded = max(padded, len(group) * lengths[group[0]])
+    shard_mb = max(shard["bytes"] for shard in manifest["shards"]) / 2**20
+    return {"batch_tokens": padded, "shard_mb": shard_mb}
 
 
 def planned(target: Path, stage: str, world: int = 1, tp: int = 1, **workload: Any) -> float:
@@ -255,21 +302,36 @@ def sharded(args: argparse.Namespace) -> None:
         layouts += [(w, 1, "old") for w in args.old_worlds]
         print(
             f"{'world':>5} {'tp':>3} {'fsdp':>6} {'loading':>8} {'load GB':>8} {'train GB':>8} "
-            f"{'goal GB':>8} {'ok':>3} {'s':>5} {'plan load':>9} {'plan train':>10}"
+            f"{'capture GB':>10} {'goal GB':>8} {'ok':>3} {'s':>5} {'plan load':>11} "
+            f"{'plan train':>11} {'plan capture':>12}"
         )
+        first_capture: Path | None = None
         for world, tp, how in layouts:
-            load, run, seconds = layout_peaks(root, target, world, tp, how, args)
-            goal = GOAL_FACTOR * size / world + GOAL_SLACK
-            ok = "yes" if max(load, run) <= goal else "no"
-            plan = "" if how == "old" else _vs(load, planned(target, "load", world, tp))
+            load, run, seconds, _ = layout_peaks(root, target, world, tp, how, "train", args)
+            peaks = [load, run]
+            plan = ""
+            captured = "-"
             if how != "old":
-                plan += " " + _vs(run, planned(target, "online", world, tp))
+                plan = f"{_vs(load, planned(target, 'load', world, tp))} "
+                plan += f"{_vs(run, planned(target, 'online', world, tp))} "
+                load_c, cap, more, out = layout_peaks(root, target, world, tp, how, "capture", args)
+                first_capture = first_capture or out
+                peaks += [load_c, cap]
+                load = max(load, load_c)  # both runs load the target the same way
+                seconds += more
+                captured = f"{cap / GB:.2f}"
+                workload = capture_workload(out / "features")
+                plan += _vs(cap, planned(target, "capture", world, tp, **workload))
+            goal = GOAL_FACTOR * size / world + GOAL_SLACK
+            ok = "yes" if max(peaks) <= goal else "no"
             print(
                 f"{world:>5} {tp:>3} {'target' if tp == 1 else 'none':>6} {how:>8} "
-                f"{load / GB:>8.2f} {run / GB:>8.2f} {goal / GB:>8.2f} {ok:>3} {seconds:>5.0f} "
-                f"{plan}",
+                f"{load / GB:>8.2f} {run / GB:>8.2f} "
+                f"{captured:>10} {goal / GB:>8.2f} {ok:>3} {seconds:>5.0f} {plan}",
                 flush=True,
             )
+        if first_capture is not None:
+            offline_peak(root, target, first_capture, args)
 
 
 def _vs(measured: float, predicted: float) -> str:
