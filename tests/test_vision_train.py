@@ -136,10 +136,15 @@ def test_the_drafts_mrope_is_the_language_models(target):
 def test_the_draft_learns_an_image_task_online(workdir):
     # as `draftforge train` runs: the VL checkpoint loaded, its data prepared in preflight
     out = workdir / "run"
-    cfg = _config(workdir, out, **{"training.max_steps": 40, "training.log_every": 5})
+    settings = {"training.max_steps": 40, "training.log_every": 5, "training.eval_every": 40}
+    cfg = _config(workdir, out, **{**settings, "data.eval_fraction": 0.2})
     result = train(cfg)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (held_out,) = [r for r in rows if r["split"] == "eval"]
+    rows = [r for r in rows if r["split"] == "train"]
     first, last = rows[0], rows[-1]
+    # the held-out rows' images and captions were never trained on
+    assert held_out["step"] == 40 and held_out["acc_0"] > first["acc_0"] + 0.15
     assert result.step == 40
     assert last["acc_0"] > first["acc_0"] + 0.15, (first["acc_0"], last["acc_0"])
     assert last["loss"] < 0.8 * first["loss"]
