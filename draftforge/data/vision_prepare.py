@@ -58,6 +58,12 @@ class VisionDataset:
         return [s.input_ids.numel() for s in self.samples]
 
     @property
+    def key(self) -> str:
+        """What names the data and settings it was prepared from (its folder, named by a
+        hash of them): the dataset key in a capture's settings."""
+        return self.path.name
+
+    @property
     def input_ids(self) -> Tensor:
         """All rows' token ids, concatenated (for the draft vocabulary's counts)."""
         return torch.cat([s.input_ids for s in self.samples])
