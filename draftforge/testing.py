@@ -249,6 +249,70 @@ def tiny_vl_target(seed: int = 0, **text_overrides: Any) -> nn.Module:
     return model.float().eval()
 
 
+def tiny_qwen3_vl_processor() -> VisionProcessor:
+    """The tiny VL tokenizer with Qwen3-VL's image settings: 16-pixel patches merged 2 x 2
+    (Qwen2-VL's Pillow image processor, which Qwen3-VL's checkpoints name too)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=32 * 32,
+        max_pixels=128 * 128,
+        patch_size=16,
+        merge_size=2,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    return VisionProcessor(tiny_vl_tokenizer(), image_processor, VL_CHATML_TEMPLATE)
+
+
+def tiny_qwen3_vl_target(seed: int = 0) -> nn.Module:
+    """A tiny random Qwen3VLForConditionalGeneration in fp32 eval mode: interleaved M-RoPE
+    (frequency pairs take the t, h, w rows in turn) and deepstack, where the vision tower's
+    blocks 0 and 2 add their merged states into the language model's first two layers at the
+    image tokens. The vision tower is as deep as the language model."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    tokenizer = tiny_vl_tokenizer()
+    start, end, image, video = tokenizer.convert_tokens_to_ids(VL_SPECIAL_TOKENS)
+    text = {
+        **_COMMON,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    vision = {
+        "depth": text["num_hidden_layers"],
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_heads": 2,
+        "patch_size": 16,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+        "out_hidden_size": text["hidden_size"],
+        "num_position_embeddings": 64,  # an 8 x 8 grid of learned positions, interpolated
+        "deepstack_visual_indexes": [0, 2],
+    }
+    config = Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        vision_start_token_id=start,
+        vision_end_token_id=end,
+        image_token_id=image,
+        video_token_id=video,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Qwen3VLForConditionalGeneration(config)
+    return model.float().eval()
+
+
 WORDS = [
     "alpha",
     "beta",

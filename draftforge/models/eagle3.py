@@ -50,7 +50,11 @@ def _rope_parameters(target_config: object) -> dict:
     }
     if "rope_type" not in rope:  # per-layer-type parameters (e.g. Gemma-3): use full attention's
         rope = rope.get("full_attention", next(iter(rope.values())))
-    return dict(rope)
+    rope = dict(rope)
+    if str(getattr(target_config, "model_type", "")).startswith("qwen3_vl"):
+        # transformers' Qwen3-VL interleaves its M-RoPE rows whatever the config says
+        rope["mrope_interleaved"] = True
+    return rope
 
 
 def eagle3_config(
@@ -119,12 +123,20 @@ def eagle3_config_for_target(
     )
 
 
-def mrope_tables(table: Tensor, section: list[int]) -> Tensor:
+def mrope_tables(table: Tensor, section: list[int], interleaved: bool = False) -> Tensor:
     """One rotary table ``[B, T, D]`` from per-row tables ``[3, B, T, D]`` of 3-row positions:
     frequency pair j reads row r when j lies in ``section[r]`` (pairs counted over half the
-    head), in both halves of the head, which rotate-half RoPE lays out twice."""
-    rows = torch.arange(len(section), device=table.device)
-    pairs = torch.repeat_interleave(rows, torch.tensor(section, device=table.device))
+    head), in both halves of the head, which rotate-half RoPE lays out twice. Interleaved
+    (Qwen3-VL): pair j reads row ``j % 3`` while that row has pairs of its section left
+    (``j < 3 * section[r]``), else the temporal row."""
+    pairs = torch.repeat_interleave(
+        torch.arange(len(section)), torch.tensor(section, dtype=torch.long)
+    )
+    if interleaved:
+        j = torch.arange(len(pairs))
+        row = j % 3
+        pairs = torch.where(j < 3 * torch.tensor(section)[row], row, 0)
+    pairs = pairs.to(table.device)
     index = torch.cat([pairs, pairs]).expand(1, *table.shape[1:])
     return table.gather(0, index)[0]
 
@@ -197,7 +209,9 @@ class Eagle3Draft(nn.Module):
         self.norm = LlamaRMSNorm(hidden, eps=config.rms_norm_eps)
         self.lm_head = nn.Linear(hidden, config.draft_vocab_size, bias=False)
         self.rotary_emb = LlamaRotaryEmbedding(config)
-        self.mrope_section: list[int] | None = (config.rope_parameters or {}).get("mrope_section")
+        rope = config.rope_parameters or {}
+        self.mrope_section: list[int] | None = rope.get("mrope_section")
+        self.mrope_interleaved = bool(rope.get("mrope_interleaved", False))
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
         self.register_buffer("t2d", torch.zeros(config.vocab_size, dtype=torch.bool))
         self.set_vocab(torch.arange(config.draft_vocab_size))
@@ -241,8 +255,8 @@ class Eagle3Draft(nn.Module):
         cos, sin = self.rotary_emb(hidden, position_ids.flatten(0, 1))
         rows = (*position_ids.shape, -1)
         return (
-            mrope_tables(cos.view(rows), self.mrope_section),
-            mrope_tables(sin.view(rows), self.mrope_section),
+            mrope_tables(cos.view(rows), self.mrope_section, self.mrope_interleaved),
+            mrope_tables(sin.view(rows), self.mrope_section, self.mrope_interleaved),
         )
 
     def forward(

@@ -1,0 +1,148 @@
+"""The other vision-language families, on tiny random targets with images drawn in code:
+Qwen3-VL (interleaved M-RoPE, deepstack visual states added into its first decoder layers).
+For each: the captured states are the language model's own ``output_hidden_states``
+(tolerance 0), the positions are the model's own, the loss mask covers no image token, the
+draft rotates as the language model does, and a draft learns an image-caption task online
+from the family's saved checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from draftforge.config import TargetConfig, load_config
+from draftforge.data.vision import IMAGE_TYPE, encode_vision_conversation
+from draftforge.features import prepare_vision_data
+from draftforge.models import build_draft
+from draftforge.synthetic_images import write_synthetic_images
+from draftforge.target import load_target
+from draftforge.testing import tiny_qwen3_vl_processor, tiny_qwen3_vl_target, tiny_run_overrides
+from draftforge.train import train
+from draftforge.vision_target import language_model, vision_batch, vision_features
+
+AUX = [2, 0, 1]  # not in order, and not the last layer (its hidden_states entry is normed)
+FAMILIES = {"qwen3_vl": (tiny_qwen3_vl_target, tiny_qwen3_vl_processor)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Tiny forwards on two shared cores run fastest on one thread."""
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return write_synthetic_images(tmp_path_factory.mktemp("images"), 24)
+
+
+def _caption_rows(images) -> list[dict]:
+    """An image and a question, answered with the image's caption (paths relative to the
+    data file's folder)."""
+    rows = []
+    for path, drawn in images:
+        parts = [{"type": "image", "image": f"images/{path.name}"}, {"type": "text", "text": "?"}]
+        messages = [
+            {"role": "user", "content": parts},
+            {"role": "assistant", "content": drawn.caption},
+        ]
+        rows.append({"messages": messages})
+    return rows
+
+
+def _two_images(images) -> list[dict]:
+    """Two turns, each with an image (the second inside the assistant's turn)."""
+    (first, drawn), (second, _) = images[0], images[2]
+    return [
+        {"role": "user", "content": [{"type": "image", "image": str(first)}]},
+        {"role": "assistant", "content": drawn.caption},
+        {"role": "user", "content": [{"type": "text", "text": "And?"}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "image", "image": str(second)}, {"type": "text", "text": "so"}],
+        },
+    ]
+
+
+def _reference(model, batch: dict) -> tuple:
+    """The whole model's own forward (its positions computed inside): hidden states."""
+    inputs = {k: v for k, v in batch.items() if k != "attention_mask"}
+    with torch.no_grad():
+        return model(**inputs, output_hidden_states=True).hidden_states
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_equals_the_language_models_hidden_states(family, images):
+    make_target, make_processor = FAMILIES[family]
+    model, processor = make_target(), make_processor()
+    sample = encode_vision_conversation(processor, _two_images(images))
+    image = sample.mm_token_type_ids == IMAGE_TYPE
+    assert image.sum() > 0 and not sample.loss_mask[image].any()
+    assert sample.loss_mask.any()
+    batch = vision_batch([sample, sample])
+    features = vision_features(model, AUX, batch)
+    reference = _reference(model, batch)
+    hidden = model.config.get_text_config().hidden_size
+    for slot, layer in enumerate(AUX):
+        piece = features.aux[..., slot * hidden : (slot + 1) * hidden]
+        assert torch.equal(piece, reference[layer + 1])
+    assert torch.equal(features.final, reference[-1])
+
+
+def test_qwen3_vl_positions_deepstack_and_the_drafts_interleaved_rotary(images):
+    model, processor = tiny_qwen3_vl_target(), tiny_qwen3_vl_processor()
+    sample = encode_vision_conversation(processor, _two_images(images))
+    batch = vision_batch([sample])
+    features = vision_features(model, AUX, batch)
+    positions = features.position_ids
+    ids, _ = model.model.get_rope_index(
+        batch["input_ids"],
+        mm_token_type_ids=batch["mm_token_type_ids"],
+        image_grid_thw=batch["image_grid_thw"],
+    )
+    assert torch.equal(positions, ids)
+    assert not torch.equal(positions[0], positions[1])  # an image's rows differ
+    # deepstack: layer 1 reads layer 0's output plus visual states, at image tokens only
+    text = language_model(model)
+    seen = {}
+    text.layers[1].register_forward_pre_hook(lambda _m, args: seen.update(input=args[0]))
+    with_deepstack = vision_features(model, [0], batch).aux
+    added = (seen["input"] - with_deepstack).abs().sum(-1)[0] > 0
+    assert torch.equal(added, sample.mm_token_type_ids == IMAGE_TYPE)
+    # the draft rotates by the same positions as the language model, interleaved rows too
+    draft = build_draft("eagle3", model.config.get_text_config(), AUX, 64)
+    assert draft.mrope_interleaved
+    hidden = torch.zeros(1, positions.shape[-1], text.config.hidden_size)
+    mine, theirs = draft.rotary(hidden, positions), text.rotary_emb(hidden, positions)
+    assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def workdir(request, tmp_path_factory) -> Path:
+    """A family's checkpoint folder (a confident head, as in write_tiny_run) and captions."""
+    make_target, make_processor = FAMILIES[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    model = make_target()
+    model.lm_head.weight.data *= 30
+    model.save_pretrained(root / "target")
+    processor = make_processor()
+    processor.tokenizer.save_pretrained(root / "target")
+    processor.image_processor.save_pretrained(root / "target")
+    rows = _caption_rows(write_synthetic_images(root / "images", 24))
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_the_draft_learns_an_image_task_online_from_the_checkpoint(workdir):
+    out = workdir / "run"
+    settings = {"training.max_steps": 40, "training.log_every": 5, "data.eval_fraction": 0.0}
+    cfg = load_config(None, tiny_run_overrides(workdir, out, **settings))
+    target = load_target(TargetConfig(path=str(workdir / "target"), aux_layers=[0, 1, 2]))
+    dataset = prepare_vision_data(cfg, target).dataset
+    for sample in dataset.samples:
+        assert not sample.loss_mask[sample.mm_token_type_ids == IMAGE_TYPE].any()
+    train(cfg)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    assert last["acc_0"] > first["acc_0"] + 0.15, (first["acc_0"], last["acc_0"])
