@@ -313,6 +313,89 @@ def tiny_qwen3_vl_target(seed: int = 0) -> nn.Module:
     return model.float().eval()
 
 
+# Llama-4's image and chat tokens, in the tiny tokenizer after the ChatML specials.
+LLAMA4_SPECIAL_TOKENS = [
+    "<|image_start|>",
+    "<|image_end|>",
+    "<|image|>",
+    "<|patch|>",
+    "<|tile_x_separator|>",
+    "<|tile_y_separator|>",
+    "<|header_start|>",
+    "<|header_end|>",
+    "<|eot|>",
+]
+# Llama-4's turn layout; an image part is written as ``<|image|>``, as its template does.
+LLAMA4_TEMPLATE = (
+    "{% for m in messages %}<|header_start|>{{ m['role'] }}<|header_end|>\n\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for p in m['content'] %}"
+    "{% if p['type'] == 'image' %}<|image|>"
+    "{% elif p['type'] == 'text' %}{{ p['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|eot|>{% endfor %}"
+    "{% if add_generation_prompt %}<|header_start|>assistant<|header_end|>\n\n{% endif %}"
+)
+# Tiles of 28 pixels cut into 14-pixel patches (2 x 2), pixel-shuffled by 0.5: one token per
+# tile; at most 4 tiles, so an image is at most 5 tiles (with the whole image's) and tokens.
+TINY_LLAMA4_TILE = 28
+
+
+def tiny_llama4_processor() -> VisionProcessor:
+    """The tiny byte tokenizer with Llama-4's image and chat tokens and template, and
+    Llama-4's tiling (:class:`~draftforge.data.llama4_images.Llama4Tiles`) at tiny sizes."""
+    from draftforge.data.llama4_images import Llama4Tiles, Llama4VisionProcessor
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens(
+        {"additional_special_tokens": SPECIAL_TOKENS + LLAMA4_SPECIAL_TOKENS}
+    )
+    tokenizer.chat_template = LLAMA4_TEMPLATE
+    tokenizer.eos_token = "<|eot|>"
+    tiles = Llama4Tiles(tile=TINY_LLAMA4_TILE, max_patches=4)
+    return Llama4VisionProcessor(tokenizer, tiles, LLAMA4_TEMPLATE, patches_per_tile=1)
+
+
+def tiny_llama4_target(seed: int = 0) -> nn.Module:
+    """A tiny random Llama4ForConditionalGeneration in fp32 eval mode: a mixture-of-experts
+    language model with chunked attention in chunks of 16 tokens (its layer 3 attends fully,
+    without RoPE), and a vision tower as deep, one token per 28-pixel tile."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    tokenizer = tiny_llama4_processor().tokenizer
+    start, end, _, patch = tokenizer.convert_tokens_to_ids(LLAMA4_SPECIAL_TOKENS[:4])
+    text = {
+        **_COMMON,
+        **FAMILIES["llama4"][2],
+        "attention_chunk_size": 16,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": None,
+    }
+    vision = {
+        "hidden_size": 32,
+        "num_hidden_layers": text["num_hidden_layers"],
+        "num_attention_heads": 2,
+        "intermediate_size": 128,  # the pixel-shuffled width: 32 / 0.5**2
+        "image_size": TINY_LLAMA4_TILE,
+        "patch_size": 14,
+        "pixel_shuffle_ratio": 0.5,
+        "projector_input_dim": 32,
+        "projector_output_dim": 32,
+        "vision_output_dim": 32,
+    }
+    config = Llama4Config(
+        text_config=text,
+        vision_config=vision,
+        boi_token_index=start,
+        eoi_token_index=end,
+        image_token_index=patch,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = Llama4ForConditionalGeneration(config)
+    return model.float().eval()
+
+
 WORDS = [
     "alpha",
     "beta",

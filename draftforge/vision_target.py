@@ -1,5 +1,5 @@
-"""Features of a vision-language target (Qwen2.5-VL): aux states of the language model's
-decoder layers, its final hidden state, and the positions it used.
+"""Features of a vision-language target (Qwen2.5-VL, Qwen3-VL, Llama-4): aux states of the
+language model's decoder layers, its final hidden state, and the positions it used.
 
 A VL target holds two stacks of blocks, the vision tower's and the language model's, and
 the two can be equally deep, so the aux hooks are placed on the language model's layers
@@ -10,6 +10,11 @@ model computes from the image grids, and which are not ``arange`` once an image 
 before a token. Those ids are computed once here, with the model's own ``get_rope_index``,
 passed to its forward (so the forward keeps no ``rope_deltas`` state from the call) and
 returned with the states, so training and decoding can give the draft the same positions.
+
+Qwen3-VL adds deepstack states of its vision tower into the first decoder layers' outputs at
+the image tokens, after each layer; the hooks, like ``output_hidden_states``, see each
+layer's own output. Llama-4 rotates by plain 1-D positions (``arange``); its forward runs
+step by step up to its language model's output (:func:`_plain_features`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from draftforge.data.vision import VisionSample
-from draftforge.target import TargetError, capture_layers
+from draftforge.target import TargetError, capture_layers, decoder_module
 
 
 @dataclass
@@ -29,11 +34,12 @@ class VisionFeatures:
 
     aux: Tensor  # [B, T, 3H]: the aux layers' outputs, concatenated in aux-layer order
     final: Tensor  # [B, T, H]: the language model's final-norm hidden state
-    position_ids: Tensor  # [3, B, T]: the M-RoPE position ids the language model used
+    position_ids: Tensor  # [3, B, T] M-RoPE ids or [B, T]: the positions the model used
 
 
 def language_model(model: nn.Module) -> nn.Module:
-    """The language model of a VL target: embeddings, decoder layers and final norm."""
+    """The language model of a VL target: embeddings, decoder layers and final norm (inside
+    ``get_decoder()``, which for Llama-4 is its text model with a head)."""
     decoder = model.get_decoder()
     depth = model.config.get_text_config().num_hidden_layers
     if (
@@ -41,13 +47,22 @@ def language_model(model: nn.Module) -> nn.Module:
         or getattr(getattr(decoder, "config", None), "num_hidden_layers", 0) != depth
     ):
         raise TargetError(f"cannot find the language model of {type(model).__name__}")
-    return decoder
+    return decoder_module(decoder)
+
+
+def uses_mrope(model: nn.Module) -> bool:
+    """Whether the target places tokens with M-RoPE ids (Qwen-VL) rather than 1-D ones."""
+    return hasattr(getattr(model, "model", None), "get_rope_index")
 
 
 def rope_position_ids(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-    """The language model's M-RoPE position ids ``[3, B, T]`` for a batch, from the model's
-    own ``get_rope_index`` (text positions advance by one per token, an image's tokens take
-    its grid's height and width positions, and the text after it continues from there)."""
+    """The language model's position ids for a batch: M-RoPE ids ``[3, B, T]`` from the
+    model's own ``get_rope_index`` (text positions advance by one per token, an image's
+    tokens take its grid's height and width positions, and the text after it continues from
+    there); ``arange`` ``[B, T]`` for a target with 1-D positions (Llama-4)."""
+    if not uses_mrope(model):
+        batch_size, length = batch["input_ids"].shape
+        return torch.arange(length, device=batch["input_ids"].device).expand(batch_size, -1)
     ids, _ = model.model.get_rope_index(
         batch["input_ids"],
         mm_token_type_ids=batch["mm_token_type_ids"],
@@ -55,6 +70,12 @@ def rope_position_ids(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         attention_mask=batch.get("attention_mask"),
     )
     return ids
+
+
+def sample_positions(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """One sample's positions as a prepared dataset keeps them: ``[3, T]`` M-RoPE ids, or
+    ``[T]`` for a target with 1-D positions (``batch`` holds that sample alone)."""
+    return rope_position_ids(model, batch)[..., 0, :].cpu()
 
 
 def vision_batch(samples: list[VisionSample]) -> dict[str, Tensor]:
@@ -80,6 +101,8 @@ def vision_features(
     """Aux and final states of the language model and its position ids, from one forward of
     the model without the output head (the vision tower runs inside it)."""
     position_ids = rope_position_ids(model, batch)
+    if not uses_mrope(model):
+        return _plain_features(model, aux_layers, batch, position_ids)
     with capture_layers(language_model(model), aux_layers) as captured:
         out = model.model(
             input_ids=batch["input_ids"],
@@ -88,6 +111,35 @@ def vision_features(
             pixel_values=batch.get("pixel_values"),
             image_grid_thw=batch.get("image_grid_thw"),
             mm_token_type_ids=batch["mm_token_type_ids"],
+            use_cache=False,
+        )
+    return VisionFeatures(torch.cat(captured, dim=-1), out.last_hidden_state, position_ids)
+
+
+def _plain_features(
+    model: nn.Module, aux_layers: list[int], batch: dict[str, Tensor], position_ids: Tensor
+) -> VisionFeatures:
+    """:func:`vision_features` of a target with 1-D positions and no head-free forward of its
+    own (Llama-4): the steps of its forward before the head, with its own modules (token
+    embeddings, the vision tower's states projected into the image tokens), then its language
+    model. Not the whole forward: transformers 5.24's ``Llama4ForConditionalGeneration``
+    fails building its output (``image_outputs``) after the language model has run."""
+    input_ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(input_ids)
+    if batch.get("pixel_values") is not None:
+        vision = model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
+        states = vision.last_hidden_state
+        projected = model.multi_modal_projector(states.view(-1, states.size(-1)))
+        where = model.get_placeholder_mask(
+            input_ids, inputs_embeds=embeds, image_features=projected
+        )
+        embeds = embeds.masked_scatter(where, projected.to(embeds.dtype))
+    decoder = language_model(model)
+    with capture_layers(decoder, aux_layers) as captured:
+        out = decoder(
+            inputs_embeds=embeds,
+            attention_mask=batch.get("attention_mask"),
+            position_ids=position_ids,
             use_cache=False,
         )
     return VisionFeatures(torch.cat(captured, dim=-1), out.last_hidden_state, position_ids)

@@ -1,5 +1,6 @@
 """Conversations with images: templating, tokenising and loss masks for vision-language
-targets (Qwen-VL style: one image placeholder token repeated once per merged patch).
+targets (Qwen-VL: one image placeholder token repeated once per merged patch; Llama-4: tiles
+of patch tokens between markers, :mod:`draftforge.data.llama4_images`).
 
 A message's content is a list of OpenAI-style parts, ``{"type": "text", "text": ...}`` and
 ``{"type": "image", "image": path}`` (or ``{"type": "image_url", "image_url": {"url":
@@ -7,9 +8,11 @@ path}}`` with a local path). Masking reuses :class:`~draftforge.data.template.Ch
 unchanged: each image becomes one private-use character in the message's text, and the
 template sees the content parts again (:class:`_PartsTokenizer`), so the supervised spans are
 found by the same rendering rules as for text conversations. Then each image's placeholder
-in the rendering is repeated as many times as the image has merged patches, the text is
-tokenised with offsets, and a token is supervised when it overlaps an assistant span and is
-no image or video token. Image tokens are never supervised, wherever the image is.
+in the rendering is replaced by the image's text (:meth:`VisionProcessor.image_text`: its
+placeholder token once per merged patch, for Qwen-VL), the text is tokenised with offsets,
+and a token is supervised when it overlaps an assistant span and no image's text, and is no
+image marker (``<|vision_start|>``...). Image tokens are never supervised, wherever the
+image is.
 
 Why not transformers' ``Qwen2_5_VLProcessor``: in transformers 5.24 it cannot be built
 without torchvision (its video processor's base class is only exported with torchvision),
@@ -20,6 +23,7 @@ processor (``Qwen2VLImageProcessorPil``) and the tokenizer are what it wraps, an
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,23 +55,48 @@ class VisionProcessor:
     chat_template: str
     image_token: str = "<|image_pad|>"
     video_token: str = "<|video_pad|>"
+    # where an image's tokens start and end in the text: never supervised, like the image
+    markers: tuple[str, ...] = ("<|vision_start|>", "<|vision_end|>")
 
     @classmethod
     def from_checkpoint(cls, path: str, tokenizer: Any) -> VisionProcessor:
         """The processor of a VL checkpoint folder, from its files: ``tokenizer`` (loaded
         from it), its chat template and ``preprocessor_config.json``, read by the Pillow
-        image processor (patch, merge and pixel settings). Not ``AutoProcessor``: see the
+        image processor (patch, merge and pixel settings; Qwen2-VL's, which Qwen2.5-VL's and
+        Qwen3-VL's checkpoints name) or, for a Llama-4 checkpoint, by
+        :class:`~draftforge.data.llama4_images.Llama4Tiles`. Not ``AutoProcessor``: see the
         module docstring."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
             Qwen2VLImageProcessorPil,
         )
 
-        if not (Path(path) / "preprocessor_config.json").is_file():
+        from draftforge.data.llama4_images import Llama4VisionProcessor
+
+        settings = Path(path) / "preprocessor_config.json"
+        if not settings.is_file():
             raise FileNotFoundError(f"{path} has no preprocessor_config.json for its images")
         if not tokenizer.chat_template:
             raise ValueError(f"{path}: its tokenizer has no chat template")
+        kind = str(json.loads(settings.read_text()).get("image_processor_type", ""))
+        if kind.startswith("Llama4"):
+            return Llama4VisionProcessor.from_files(path, tokenizer)
+        if not kind.startswith("Qwen2VL"):
+            raise ValueError(
+                f"{settings}: image_processor_type {kind!r} is not one draftforge reads "
+                "(Qwen2VLImageProcessor for Qwen2.5-VL and Qwen3-VL, Llama4ImageProcessor)"
+            )
         image_processor = Qwen2VLImageProcessorPil.from_pretrained(path)
         return cls(tokenizer, image_processor, tokenizer.chat_template)
+
+    @property
+    def placeholder(self) -> str:
+        """What the chat template writes where an image goes."""
+        return self.image_token
+
+    def image_text(self, grid: Tensor) -> str:
+        """What stands for one image in the model's input, in place of its placeholder: the
+        image token once per merged patch (``grid``: the image's row of ``image_grid_thw``)."""
+        return self.image_token * self.tokens_per_image(grid[None])[0]
 
     @property
     def image_token_id(self) -> int:
@@ -175,23 +204,29 @@ def load_images(paths: list[str]) -> list[Any]:
     return images
 
 
-def _expand_images(text: str, image_token: str, counts: list[int]) -> tuple[str, list[int]]:
-    """``text`` with its k-th ``image_token`` repeated ``counts[k]`` times, and for each
-    character offset of ``text`` (and its end) the same character's offset after it."""
-    pieces = text.split(image_token)
-    if len(pieces) - 1 != len(counts):
+def _expand_images(
+    text: str, placeholder: str, image_texts: list[str]
+) -> tuple[str, list[int], list[tuple[int, int]]]:
+    """``text`` with its k-th ``placeholder`` replaced by ``image_texts[k]``; for each
+    character offset of ``text`` (and its end) the same character's offset after that; and
+    each image text's span of characters in the result."""
+    pieces = text.split(placeholder)
+    if len(pieces) - 1 != len(image_texts):
         raise RowError(
             "image_count",
-            f"the template writes {len(pieces) - 1} image placeholders for {len(counts)} images",
+            f"the template writes {len(pieces) - 1} image placeholders for "
+            f"{len(image_texts)} images",
         )
     shift = np.zeros(len(text) + 1, dtype=np.int64)
-    out, at = [pieces[0]], len(pieces[0])
-    for count, piece in zip(counts, pieces[1:], strict=True):
-        at += len(image_token)
-        shift[at:] += (count - 1) * len(image_token)
-        out.append(image_token * count + piece)
+    out, at, spans = [pieces[0]], len(pieces[0]), []
+    for image_text, piece in zip(image_texts, pieces[1:], strict=True):
+        start = at + int(shift[at])
+        spans.append((start, start + len(image_text)))
+        at += len(placeholder)
+        shift[at:] += len(image_text) - len(placeholder)
+        out.append(image_text + piece)
         at += len(piece)
-    return "".join(out), (np.arange(len(text) + 1) + shift).tolist()
+    return "".join(out), (np.arange(len(text) + 1) + shift).tolist(), spans
 
 
 def encode_vision_conversation(
@@ -208,11 +243,11 @@ def encode_vision_conversation(
     text, spans = template.spans(parsed)
     images = load_images(paths)
     pixels: dict[str, Tensor] = {}
-    counts: list[int] = []
+    image_texts: list[str] = []
     if images:
         pixels = dict(processor.image_processor(images=images, return_tensors="pt"))
-        counts = processor.tokens_per_image(pixels["image_grid_thw"])
-    expanded, moved = _expand_images(text, processor.image_token, counts)
+        image_texts = [processor.image_text(grid) for grid in pixels["image_grid_thw"]]
+    expanded, moved, image_spans = _expand_images(text, processor.placeholder, image_texts)
     encoding = processor.tokenizer(expanded, add_special_tokens=False, return_offsets_mapping=True)
     ids = torch.tensor(encoding["input_ids"], dtype=torch.long)
     offsets = np.asarray(encoding["offset_mapping"], dtype=np.int64).reshape(-1, 2)
@@ -220,12 +255,17 @@ def encode_vision_conversation(
     mask = np.zeros(len(ids), dtype=bool)
     for start, end in spans:
         mask |= (starts < moved[end]) & (ends > moved[start])
+    for start, end in image_spans:
+        mask &= (starts >= end) | (ends <= start)
     types = torch.full_like(ids, TEXT_TYPE)
-    types[ids == processor.image_token_id] = IMAGE_TYPE
     types[ids == processor.video_token_id] = VIDEO_TYPE
-    if int((types == IMAGE_TYPE).sum()) != sum(counts):
+    types[ids == processor.image_token_id] = IMAGE_TYPE
+    expected = sum(t.count(processor.image_token) for t in image_texts)
+    if int((types == IMAGE_TYPE).sum()) != expected:
         raise RowError("image_count", "the image placeholder does not tokenise to one token")
-    loss_mask = torch.from_numpy(mask).long() * (types == TEXT_TYPE)
+    markers = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(processor.markers)))
+    text_only = (types == TEXT_TYPE) & ~torch.isin(ids, markers)
+    loss_mask = torch.from_numpy(mask).long() * text_only
     return VisionSample(
         input_ids=ids,
         loss_mask=loss_mask,
