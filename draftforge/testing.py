@@ -342,7 +342,8 @@ TINY_LLAMA4_TILE = 28
 def tiny_llama4_processor() -> VisionProcessor:
     """The tiny byte tokenizer with Llama-4's image and chat tokens and template, and
     Llama-4's tiling (:class:`~draftforge.data.llama4_images.Llama4Tiles`) at tiny sizes."""
-    from draftforge.data.llama4_images import Llama4Tiles, Llama4VisionProcessor
+    from draftforge.data.llama4_images import Llama4Tiles
+    from draftforge.data.vision import Llama4VisionProcessor
 
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens(

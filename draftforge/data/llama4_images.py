@@ -1,5 +1,5 @@
-"""Llama-4's image inputs without torchvision: tiles of pixels, and the tokens that stand for
-them in the text.
+"""Llama-4's image inputs without torchvision: tiles of pixels (the tokens that stand for
+them in the text are :class:`~draftforge.data.vision.Llama4VisionProcessor`'s).
 
 transformers 5.24 has only a torchvision backend for Llama-4 images
 (``models/llama4/image_processing_llama4.py`` imports ``torchvision.transforms.v2``), and
@@ -29,8 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-
-from draftforge.data.vision import VisionProcessor
 
 CONFIG_NAME = "preprocessor_config.json"
 
@@ -152,45 +150,3 @@ class Llama4Tiles:
             "pixel_values": torch.cat(tiles),
             "image_grid_thw": torch.tensor(grids, dtype=torch.long),
         }
-
-
-@dataclass
-class Llama4VisionProcessor(VisionProcessor):
-    """A Llama-4 checkpoint's processor: ``<|image|>`` in the template becomes the image's
-    tiles of ``<|patch|>`` tokens (see the module docstring); ``patches_per_tile`` is what the
-    vision tower makes of one tile (its patches after pixel shuffle)."""
-
-    image_token: str = "<|patch|>"
-    # Llama-4 takes no video; encoding marks image tokens after video ones, so these are images
-    video_token: str = "<|patch|>"
-    markers: tuple[str, ...] = (
-        "<|image_start|>",
-        "<|image_end|>",
-        "<|image|>",
-        "<|tile_x_separator|>",
-        "<|tile_y_separator|>",
-    )
-    patches_per_tile: int = 144
-
-    @property
-    def placeholder(self) -> str:
-        return "<|image|>"
-
-    def image_text(self, grid: Tensor) -> str:
-        _, rows, cols = (int(n) for n in grid)
-        patches = self.image_token * self.patches_per_tile
-        text = "<|image_start|>"
-        if rows * cols > 1:
-            row = "<|tile_x_separator|>".join([patches] * cols)
-            text += (row + "<|tile_y_separator|>") * rows
-        return text + "<|image|>" + patches + "<|image_end|>"
-
-    @classmethod
-    def from_files(cls, path: str | Path, tokenizer: Any) -> Llama4VisionProcessor:
-        """From a Llama-4 checkpoint folder: its tiling settings and, from ``config.json``'s
-        vision config, how many tokens one tile becomes."""
-        tiles = Llama4Tiles.from_pretrained(path)
-        vision = json.loads((Path(path) / "config.json").read_text())["vision_config"]
-        side = tiles.tile // int(vision["patch_size"])
-        shrink = round(1 / float(vision["pixel_shuffle_ratio"]) ** 2)
-        return cls(tokenizer, tiles, tokenizer.chat_template, patches_per_tile=side**2 // shrink)

@@ -70,8 +70,6 @@ class VisionProcessor:
             Qwen2VLImageProcessorPil,
         )
 
-        from draftforge.data.llama4_images import Llama4VisionProcessor
-
         settings = Path(path) / "preprocessor_config.json"
         if not settings.is_file():
             raise FileNotFoundError(f"{path} has no preprocessor_config.json for its images")
@@ -111,6 +109,50 @@ class VisionProcessor:
         Qwen2.5-VL's processor; the vision tower merges ``merge_size**2`` patches into one)."""
         merge = self.image_processor.merge_size
         return [int(n) // merge**2 for n in grid_thw.prod(dim=-1)]
+
+
+@dataclass
+class Llama4VisionProcessor(VisionProcessor):
+    """A Llama-4 checkpoint's processor: ``<|image|>`` in the template becomes the image's
+    tiles of ``<|patch|>`` tokens (:mod:`draftforge.data.llama4_images` has the layout); ``patches_per_tile`` is what the
+    vision tower makes of one tile (its patches after pixel shuffle)."""
+
+    image_token: str = "<|patch|>"
+    # Llama-4 takes no video; encoding marks image tokens after video ones, so these are images
+    video_token: str = "<|patch|>"
+    markers: tuple[str, ...] = (
+        "<|image_start|>",
+        "<|image_end|>",
+        "<|image|>",
+        "<|tile_x_separator|>",
+        "<|tile_y_separator|>",
+    )
+    patches_per_tile: int = 144
+
+    @property
+    def placeholder(self) -> str:
+        return "<|image|>"
+
+    def image_text(self, grid: Tensor) -> str:
+        _, rows, cols = (int(n) for n in grid)
+        patches = self.image_token * self.patches_per_tile
+        text = "<|image_start|>"
+        if rows * cols > 1:
+            row = "<|tile_x_separator|>".join([patches] * cols)
+            text += (row + "<|tile_y_separator|>") * rows
+        return text + "<|image|>" + patches + "<|image_end|>"
+
+    @classmethod
+    def from_files(cls, path: str | Path, tokenizer: Any) -> Llama4VisionProcessor:
+        """From a Llama-4 checkpoint folder: its tiling settings and, from ``config.json``'s
+        vision config, how many tokens one tile becomes."""
+        from draftforge.data.llama4_images import Llama4Tiles
+
+        tiles = Llama4Tiles.from_pretrained(path)
+        vision = json.loads((Path(path) / "config.json").read_text())["vision_config"]
+        side = tiles.tile // int(vision["patch_size"])
+        shrink = round(1 / float(vision["pixel_shuffle_ratio"]) ** 2)
+        return cls(tokenizer, tiles, tokenizer.chat_template, patches_per_tile=side**2 // shrink)
 
 
 @dataclass
