@@ -196,3 +196,46 @@ def test_llama4_images_tile_and_positions_are_plain(images):
     first = int((sample.mm_token_type_ids == IMAGE_TYPE).nonzero()[0])
     assert torch.equal(moved[:, :first], features.final[:, :first])
     assert not torch.allclose(moved[:, first:], features.final[:, first:])
+
+
+def _transformers_llama4_rules() -> dict:
+    """transformers' own Llama-4 canvas functions, compiled from its source file without the
+    module's torchvision import (which cannot load here)."""
+    import ast
+    import math
+    from collections import defaultdict
+    from functools import lru_cache
+
+    import transformers.models.llama4 as package
+    from transformers.image_utils import SizeDict
+
+    source = (Path(package.__file__).parent / "image_processing_llama4.py").read_text()
+    wanted = {"get_factors", "get_max_res_without_distortion", "find_supported_resolutions"}
+    wanted.add("get_best_fit")
+    tree = ast.parse(source)
+    tree.body = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted]
+    assert {n.name for n in tree.body} == wanted
+    scope = {"math": math, "torch": torch, "defaultdict": defaultdict, "lru_cache": lru_cache}
+    scope["SizeDict"] = SizeDict
+    exec(compile(tree, "image_processing_llama4.py", "exec"), scope)
+    return scope
+
+
+@pytest.mark.parametrize("max_patches", [1, 4, 16])
+def test_llama4_canvases_and_sizes_follow_transformers_rules(max_patches):
+    from transformers.image_utils import SizeDict
+
+    from draftforge.data.llama4_images import Llama4Tiles
+
+    rules = _transformers_llama4_rules()
+    tile = 28
+    tiles = Llama4Tiles(tile=tile, max_patches=max_patches)
+    size = SizeDict(height=tile, width=tile)
+    options = torch.tensor(rules["find_supported_resolutions"](max_patches, size))
+    for height in (5, 20, 28, 29, 50, 84, 131):
+        for width in (7, 28, 40, 56, 90, 200):
+            canvas = tuple(rules["get_best_fit"]((height, width), options).tolist())
+            bound = (min(max(height, tile), canvas[0]), min(max(width, tile), canvas[1]))
+            resized = rules["get_max_res_without_distortion"]((height, width), bound)
+            resized = (max(resized[0], 1), max(resized[1], 1))
+            assert tiles.layout(height, width) == (canvas, resized), (height, width)

@@ -116,18 +116,20 @@ class Llama4Tiles:
         scaled = pixels.to(torch.bfloat16) * self.rescale_factor
         return ((scaled - mean) / std).to(torch.bfloat16).float()
 
+    def layout(self, height: int, width: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The canvas of an image of ``height`` x ``width`` pixels and the size it is resized
+        to inside it (both (height, width)); the image grows past one tile only with
+        ``resize_to_max_canvas``."""
+        canvas = best_canvas(height, width, self.tile, self.max_patches, self.resize_to_max_canvas)
+        bound = canvas
+        if not self.resize_to_max_canvas:
+            bound = (min(max(height, self.tile), canvas[0]), min(max(width, self.tile), canvas[1]))
+        return canvas, fitted_size(height, width, bound)
+
     def tiles(self, image: Any) -> tuple[Tensor, tuple[int, int]]:
         """One RGB PIL image -> its tiles ``[n, 3, S, S]`` and its grid (rows, columns)."""
-        height, width = image.height, image.width
-        canvas = best_canvas(height, width, self.tile, self.max_patches, self.resize_to_max_canvas)
-        if not self.resize_to_max_canvas:  # never scale up past one tile
-            canvas_cap = (
-                min(max(height, self.tile), canvas[0]),
-                min(max(width, self.tile), canvas[1]),
-            )
-        else:
-            canvas_cap = canvas
-        pixels = self._normalised(image, fitted_size(height, width, canvas_cap), canvas)
+        canvas, size = self.layout(image.height, image.width)
+        pixels = self._normalised(image, size, canvas)
         rows, cols = canvas[0] // self.tile, canvas[1] // self.tile
         tiles = (
             pixels.view(3, rows, self.tile, cols, self.tile)
