@@ -383,7 +383,7 @@ def _decoding_arguments(p: argparse.ArgumentParser) -> None:
         "--target",
         help="the target (default: the one recorded in the draft's run config)",
     )
-    p.add_argument("--prompts", help="JSONL prompts: messages, MT-Bench turns or prompt rows")
+    p.add_argument("--prompts", help="JSONL: messages, turns, prompt or LLaVA rows (images)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0 disables top-k")
@@ -453,8 +453,9 @@ def _load(args: argparse.Namespace) -> tuple[Target, Eagle3Draft]:
     return target, draft_for(state, target)
 
 
-def _prompts(args: argparse.Namespace) -> list[Prompt]:
-    prompts = load_prompts(args.prompts)[: args.limit]
+def _prompts(args: argparse.Namespace, images: bool = False) -> list[Prompt]:
+    """--prompts, else the built-in prompts (with images for a vision-language target)."""
+    prompts = load_prompts(args.prompts, images=images)[: args.limit]
     if not prompts:
         raise DecodeError(f"--limit {args.limit} leaves no prompts to run")
     return prompts
@@ -471,8 +472,9 @@ def _lean(args: argparse.Namespace) -> bool | None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     shape = TreeShape(args.num_steps, args.topk, args.num_draft_tokens)
-    prompts = _prompts(args)
+    prompts = _prompts(args) if args.prompts else []  # a bad prompt file stops before loading
     target, draft = _load(args)
+    prompts = prompts or _prompts(args, images=target.processor is not None)
     report = evaluate(
         target,
         draft,
@@ -511,8 +513,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     shapes = shapes_to_sweep(args.num_steps, args.topk, args.num_draft_tokens or [None])
     if not shapes:
         raise DecodeError("no valid (num_steps, topk, num_draft_tokens) combination to run")
-    prompts = _prompts(args)
+    prompts = _prompts(args) if args.prompts else []
     target, draft = _load(args)
+    prompts = prompts or _prompts(args, images=target.processor is not None)
     base, rows = sweep(
         target,
         draft,

@@ -9,12 +9,17 @@ The next extension simply overwrites the speculative region.
 ``lean=True`` computes the draft's decoder layer here from its weights, matrices prepacked as
 the lean target's are (:mod:`draftforge.decode.fastlinear`); ``lean=False`` runs the draft
 module's own ``step`` (the code training runs) with this cache as its attention.
+
+For a vision-language target with M-RoPE the draft rotates by the target's 3-row positions
+(:meth:`Drafter.begin`): the prompt's rows, then ``index + delta`` on all rows, exactly the
+positions training gave it (:mod:`draftforge.decode.vision`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +28,9 @@ from torch import Tensor
 from draftforge.decode.fastlinear import Projection, onednn_usable
 from draftforge.decode.lean import rms_norm, rope_tables, rotate
 from draftforge.models.eagle3 import Eagle3Draft
+
+if TYPE_CHECKING:
+    from draftforge.decode.vision import PromptPositions
 
 # attend(q [Hq,T,D], k [Hkv,T,D], v [Hkv,T,D]) -> [Hq,T,D]
 Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -78,6 +86,7 @@ class Drafter:
         self.head_dim = config.head_dim
         self.kv = weight.new_empty(2, self.kv_heads, 0, self.head_dim)
         self.length = 0
+        self.positions: PromptPositions | None = None
         self.reserve(capacity)
 
     @property
@@ -94,6 +103,12 @@ class Drafter:
 
     def reset(self) -> None:
         self.length = 0
+        self.positions = None
+
+    def begin(self, positions: PromptPositions) -> None:
+        """Rotate by a VL target's 3-row positions (the draft has an ``mrope_section``) from
+        now until the next reset."""
+        self.positions = positions
 
     def logits(self, hidden: Tensor) -> Tensor:
         """[F, H] -> draft-vocab logits [F, Vd]."""
@@ -165,17 +180,21 @@ class Drafter:
     def _step(self, hidden: Tensor, ids: Tensor, positions: Tensor, attend: Attend) -> Tensor:
         """The draft layer on T rows: hidden [T, H], ids [T], positions [T] -> [T, H]."""
         w = self.weights
+        rows = positions[None] if self.positions is None else self.positions.at(positions)[:, None]
         if w is None:
             return self.draft.step(
                 hidden[None],
                 ids[None],
-                positions[None],
+                rows,
                 lambda q, k, v: attend(q[0], k[0], v[0])[None],
             )[0]
         draft = self.draft
         t = ids.numel()
         embeds = F.embedding(ids, draft.embed_tokens.weight).to(hidden.dtype)
-        cos, sin = rope_tables(draft.rotary_emb, hidden, positions)
+        if self.positions is None:
+            cos, sin = rope_tables(draft.rotary_emb, hidden, positions)
+        else:
+            cos, sin = _signed_tables(*draft.rotary(hidden, rows))
         x = torch.cat(
             [rms_norm(embeds, w.input_norm, w.eps), rms_norm(hidden, w.hidden_norm, w.eps)], -1
         )
@@ -186,3 +205,11 @@ class Drafter:
         h = hidden + w.o(out.transpose(0, 1).reshape(t, -1))
         gate, up = w.gate_up.split(rms_norm(h, w.post_norm, w.eps))
         return h + w.down(draft.midlayer.mlp.act_fn(gate) * up)
+
+
+def _signed_tables(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin [1, T, D] as :func:`~draftforge.decode.lean.rotate` takes them: [T, 1, D],
+    the first half of sin negated."""
+    half = sin.shape[-1] // 2
+    signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+    return cos[0, :, None], signed[0, :, None]

@@ -24,7 +24,9 @@ forward of :mod:`draftforge.decode.lean` when the model is a standard dense deco
 transformers' own forward; the draft runs through :class:`~draftforge.decode.drafter.Drafter`.
 ``lean=None`` picks the lean path when it can serve the model, ``True`` insists, ``False``
 keeps transformers' forward and the draft module's own step (the reference the lean path is
-tested against).
+tested against). A vision-language target (:mod:`draftforge.decode.vision`) runs on
+transformers' forward: its prefill carries the prompt's images, and the target and the draft
+both take the 3-row M-RoPE positions its language model uses.
 """
 
 from __future__ import annotations
@@ -42,9 +44,15 @@ from draftforge.decode.errors import DecodeError
 from draftforge.decode.paths import choose_target_path
 from draftforge.decode.sampling import SamplingParams, sample, verify_tree, warp
 from draftforge.decode.tree import TreeShape, ancestor_mask, is_chain, select_nodes
+from draftforge.decode.vision import (
+    ImageInputs,
+    VisionTargetPath,
+    prompt_positions,
+    vision_target_path,
+)
 from draftforge.drafts import check_compatible, draft_aux_layers
 from draftforge.models.eagle3 import Eagle3Draft
-from draftforge.target import Target
+from draftforge.target import Target, is_vision_config
 
 
 @dataclass
@@ -145,7 +153,15 @@ class SpecEngine:
                     f"({self.draft_ids.numel()} tokens)"
                 )
             self.drafter = Drafter(self.draft, lean=lean is not False)
-        self.path, self.path_note = choose_target_path(target.model, self.aux_layers, lean, compile)
+        if is_vision_config(target.model_config):
+            self._check_vision_draft()
+            self.path, self.path_note = vision_target_path(
+                target.model, self.aux_layers, lean, compile
+            )
+        else:
+            self.path, self.path_note = choose_target_path(
+                target.model, self.aux_layers, lean, compile
+            )
         self.max_positions: int = target.config.max_position_embeddings
         self.stop_ids = default_stop_ids(target)
         self.generator = torch.Generator(device=target.device).manual_seed(seed)
@@ -158,9 +174,11 @@ class SpecEngine:
         prompt_ids: Sequence[int] | Tensor,
         max_new_tokens: int = 256,
         stop_ids: Collection[int] | None = None,
+        images: ImageInputs | None = None,
     ) -> Generation:
         """Decode up to ``max_new_tokens`` after the prompt; stop after a stop token (default:
-        the target's EOS ids) or when the target's positions run out."""
+        the target's EOS ids) or when the target's positions run out. ``images``: the
+        prompt's images, for a vision-language target."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise DecodeError("the prompt is empty: a target needs at least one token to continue")
@@ -182,6 +200,7 @@ class SpecEngine:
         self._reset(min(len(prompt) + max_new_tokens, self.max_positions))
 
         ids = torch.tensor(prompt, device=device)
+        self._begin(ids, images)
         positions = torch.arange(len(prompt), device=device)
         logits, aux = self.path.forward(ids, positions, None, True, self.drafter is not None)
         token = int(sample(warp(logits, self.sampling), self.sampling.greedy, self.generator))
@@ -211,6 +230,27 @@ class SpecEngine:
                     break
         result.seconds = time.perf_counter() - start
         return result
+
+    def _check_vision_draft(self) -> None:
+        """A VL target's draft must rotate as its language model does (M-RoPE)."""
+        mrope = (getattr(self.target.config, "rope_parameters", None) or {}).get("mrope_section")
+        if self.draft is not None and mrope and self.draft.mrope_section is None:
+            raise DecodeError(
+                "the target rotates by M-RoPE positions (mrope_section "
+                f"{mrope}) and the draft has no mrope_section in its rope parameters: use a "
+                "draft trained for this target"
+            )
+
+    def _begin(self, ids: Tensor, images: ImageInputs | None) -> None:
+        """Give the target path and the draft the prompt's images and positions."""
+        if not isinstance(self.path, VisionTargetPath):
+            if images is not None:
+                raise DecodeError(f"{self.target.path} is not a vision-language target: no images")
+            return
+        positions = prompt_positions(self.target.model, ids, images)
+        self.path.begin(positions, images)
+        if self.drafter is not None and self.drafter.draft.mrope_section is not None:
+            self.drafter.begin(positions)
 
     def _reset(self, committed: int) -> None:
         """Empty caches with room for ``committed`` entries and one round's tree."""

@@ -24,11 +24,20 @@ from typing import Any
 import torch
 from transformers import GenerationConfig
 
+from draftforge.data.conversation import RowError
 from draftforge.decode.costs import DecodeCosts, measure_costs
 from draftforge.decode.engine import Generation, SpecEngine
 from draftforge.decode.errors import DecodeError
+from draftforge.decode.image_prompts import (
+    builtin_image_prompts,
+    check_images,
+    encode_image_prompt,
+    has_images,
+    image_row_messages,
+)
 from draftforge.decode.sampling import SamplingParams
 from draftforge.decode.tree import TreeShape
+from draftforge.decode.vision import ImageInputs
 from draftforge.models.eagle3 import Eagle3Draft
 from draftforge.target import Target
 
@@ -40,13 +49,21 @@ Log = Callable[[str], None]
 
 @dataclass
 class Prompt:
-    """One evaluation prompt: chat messages ending with a user turn."""
+    """One evaluation prompt: chat messages ending with a user turn (content parts with
+    images for a vision-language target); ``where``: its file:line, or "built-in"."""
 
     id: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
+    where: str = "built-in"
 
 
-def _row_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+def _row_messages(row: dict[str, Any], where: str, folder: Path) -> list[dict[str, Any]]:
+    if has_images(row):  # content parts or a LLaVA row: images checked here, paths made absolute
+        try:
+            row = {"messages": image_row_messages(row, folder)}
+            check_images(row["messages"])
+        except RowError as err:
+            raise DecodeError(f"{where}: {err.detail}") from None
     if "messages" in row:
         messages = [dict(m) for m in row["messages"]]
         while messages and messages[-1].get("role") == "assistant":
@@ -66,9 +83,13 @@ def _row_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
     )
 
 
-def load_prompts(path: str | Path | None = None) -> list[Prompt]:
-    """Prompts from a JSONL file (default: the built-in set). Each row holds chat
-    ``messages``, MT-Bench ``turns`` (first turn used) or a plain ``prompt``."""
+def load_prompts(path: str | Path | None = None, *, images: bool = False) -> list[Prompt]:
+    """Prompts from a JSONL file (default: the built-in set; ``images``: the built-in image
+    prompts). Each row holds chat ``messages`` (content parts may hold images),
+    MT-Bench ``turns`` (first turn used), a plain ``prompt``, or is a LLaVA row (``image``
+    and ``conversations``); image paths are relative to the file."""
+    if path is None and images:
+        return [Prompt(id=ident, messages=messages) for ident, messages in builtin_image_prompts()]
     path = Path(path) if path is not None else BUILTIN_PROMPTS
     prompts = []
     for number, raw in enumerate(path.read_bytes().splitlines(), 1):
@@ -88,7 +109,8 @@ def load_prompts(path: str | Path | None = None) -> list[Prompt]:
         if not isinstance(row, dict):
             raise DecodeError(f"{where}: each line must be a JSON object")
         ident = row.get("id", row.get("question_id", number))
-        prompts.append(Prompt(id=str(ident), messages=_row_messages(row, where)))
+        messages = _row_messages(row, where, path.parent)
+        prompts.append(Prompt(id=str(ident), messages=messages, where=where))
     if not prompts:
         raise DecodeError(f"{path} holds no prompts: one JSON object per line is expected")
     return prompts
@@ -105,6 +127,22 @@ def encode(target: Target, prompt: Prompt) -> list[int]:
         prompt.messages, add_generation_prompt=True, tokenize=True, return_dict=True
     )
     return list(encoded["input_ids"])
+
+
+def encode_prompt(target: Target, prompt: Prompt) -> tuple[list[int], ImageInputs | None]:
+    """A prompt's ids and, for a vision-language target, its image inputs (None without
+    images); a prompt with images for a text-only target, or a bad image, names the prompt."""
+    if target.processor is None:
+        if any(isinstance(m.get("content"), list) for m in prompt.messages):
+            raise DecodeError(
+                f"{prompt.where}: prompt {prompt.id} has content parts (images) and "
+                f"{target.path} is not a vision-language target"
+            )
+        return encode(target, prompt), None
+    try:
+        return encode_image_prompt(target.processor, prompt.messages)
+    except RowError as err:
+        raise DecodeError(f"{prompt.where}: prompt {prompt.id}: {err.detail}") from None
 
 
 def fit_prompt(ids: list[int], max_positions: int, max_new_tokens: int) -> list[int]:
@@ -163,8 +201,10 @@ def hf_generate(
     max_new_tokens: int,
     sampling: SamplingParams,
     stop_ids: frozenset[int],
+    images: ImageInputs | None = None,
 ) -> tuple[list[int], float]:
-    """transformers' own generate with the same sampling settings: new tokens and seconds."""
+    """transformers' own generate with the same sampling settings (and the prompt's
+    ``images`` for a vision-language target): new tokens and seconds."""
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=not sampling.greedy,
@@ -178,7 +218,10 @@ def hf_generate(
     start = time.perf_counter()
     with torch.no_grad():
         out = target.model.generate(
-            inputs, attention_mask=torch.ones_like(inputs), generation_config=config
+            inputs,
+            attention_mask=torch.ones_like(inputs),
+            generation_config=config,
+            **(images.generate_kwargs() if images is not None else {}),
         )
     return out[0, len(ids) :].tolist(), time.perf_counter() - start
 
@@ -202,10 +245,13 @@ def time_generate(
     return totals
 
 
+MATMUL_NAMES = {"skinny": "few-row kernel", "onednn": "oneDNN-prepacked", None: "F.linear"}
+
+
 def path_line(engine: SpecEngine) -> str:
     """Which target path the engine runs, and why not the lean one when it could not."""
     if engine.path.name == "lean":
-        matmuls = "oneDNN-prepacked" if engine.path.packed else "F.linear"
+        matmuls = MATMUL_NAMES[engine.path.matmul]
         compiled = ", compiled layers" if engine.path.compiled else ""
         return f"target path: lean static-cache forward ({matmuls} matmuls{compiled})"
     if engine.path_note:
@@ -215,18 +261,26 @@ def path_line(engine: SpecEngine) -> str:
 
 def _encode_all(
     target: Target, prompts: Sequence[Prompt], max_positions: int, max_new_tokens: int, log: Log
-) -> tuple[list[list[int]], list[str]]:
-    """Every prompt's token ids, fitted to the target's positions, and the ids of the prompts
-    that were cut to fit."""
-    encoded, truncated = [], []
+) -> tuple[list[list[int]], list[ImageInputs | None], list[str]]:
+    """Every prompt's token ids, fitted to the target's positions, its image inputs, and the
+    ids of the prompts that were cut to fit. A prompt with images is never cut (the cut could
+    fall inside an image)."""
+    encoded, images, truncated = [], [], []
     for prompt in prompts:
-        ids = encode(target, prompt)
+        ids, inputs = encode_prompt(target, prompt)
         fitted = fit_prompt(ids, max_positions, max_new_tokens)
+        if len(fitted) < len(ids) and inputs is not None:
+            raise DecodeError(
+                f"{prompt.where}: prompt {prompt.id} has {len(ids)} tokens with its images and "
+                f"the target takes {max_positions} positions, {max_new_tokens} of them for "
+                "the answer: lower --max-new-tokens or use smaller images"
+            )
         if len(fitted) < len(ids):
             log(f"prompt {prompt.id}: {len(ids)} tokens, kept the last {len(fitted)}")
             truncated.append(prompt.id)
         encoded.append(fitted)
-    return encoded, truncated
+        images.append(inputs)
+    return encoded, images, truncated
 
 
 def _settings(
@@ -252,6 +306,11 @@ def _log_costs(
     for line in measured.lines():
         log(line)
     return measured
+
+
+def _prompt_line(prompt: Prompt, gen: Generation, row: dict[str, Any]) -> str:
+    al = "-" if gen.acceptance_length is None else f"{gen.acceptance_length:.2f}"
+    return f"{prompt.id}: {len(gen.tokens)} tokens, AL {al}, {row['tokens_per_s']:.1f} tok/s"
 
 
 def _prompt_row(prompt: Prompt, ids: list[int], gen: Generation) -> dict[str, Any]:
@@ -291,34 +350,36 @@ def evaluate(
     engine = SpecEngine(target, draft, shape, sampling, seed=seed, lean=lean, compile=compile)
     plain = SpecEngine(target, None, TreeShape(0), sampling, seed=seed, lean=lean, compile=compile)
     log(path_line(engine))
-    encoded, truncated = _encode_all(target, prompts, engine.max_positions, max_new_tokens, log)
-    engine.generate(encoded[0], WARMUP_TOKENS)
+    encoded, images, truncated = _encode_all(
+        target, prompts, engine.max_positions, max_new_tokens, log
+    )
+    engine.generate(encoded[0], WARMUP_TOKENS, images=images[0])
     measured = _log_costs(engine, encoded, max_new_tokens, log) if costs else None
     if baseline:
-        plain.generate(encoded[0], WARMUP_TOKENS)
+        plain.generate(encoded[0], WARMUP_TOKENS, images=images[0])
 
     speculative, base, hf = Totals(), Totals(), Totals()
     matches = {"baseline": 0, "generate": 0}
     rows = []
-    for prompt, ids in zip(prompts, encoded, strict=True):
-        gen = engine.generate(ids, max_new_tokens)
+    for prompt, ids, inputs in zip(prompts, encoded, images, strict=True):
+        gen = engine.generate(ids, max_new_tokens, images=inputs)
         speculative.add(gen)
         row = _prompt_row(prompt, ids, gen)
         if baseline:
-            ref = plain.generate(ids, max_new_tokens)
+            ref = plain.generate(ids, max_new_tokens, images=inputs)
             base.add(ref)
             row["baseline_tokens_per_s"] = round(len(ref.tokens) / ref.seconds, 3)
             matches["baseline"] += ref.tokens == gen.tokens
         if generate:
-            tokens, seconds = hf_generate(target, ids, max_new_tokens, sampling, engine.stop_ids)
+            stops = engine.stop_ids
+            tokens, seconds = hf_generate(target, ids, max_new_tokens, sampling, stops, inputs)
             hf.tokens += len(tokens)
             hf.seconds += seconds
             row["generate_tokens_per_s"] = round(len(tokens) / seconds, 3)
             matches["generate"] += tokens == gen.tokens
         rows.append(row)
         on_prompt()
-        al = "-" if gen.acceptance_length is None else f"{gen.acceptance_length:.2f}"
-        log(f"{prompt.id}: {len(gen.tokens)} tokens, AL {al}, {row['tokens_per_s']:.1f} tok/s")
+        log(_prompt_line(prompt, gen, row))
 
     report: dict[str, Any] = {
         "target": target.path,
@@ -331,8 +392,7 @@ def evaluate(
         "target_path": engine.path.name,
         "target_path_note": engine.path_note,
     }
-    if measured is not None:
-        report["costs"] = asdict(measured)
+    report |= {"costs": asdict(measured)} if measured is not None else {}
     if baseline:
         report["baseline"] = base.summary()
         report["speedup_vs_baseline"] = _ratio(speculative.tokens_per_s, base.tokens_per_s)

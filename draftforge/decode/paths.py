@@ -9,7 +9,7 @@ a draft tree is verified in one forward; ``compact`` then keeps the accepted ent
 from __future__ import annotations
 
 import warnings
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -99,7 +99,18 @@ class HFTargetPath:
             dtype = self.model.dtype
             mask = torch.zeros(visible.shape, dtype=dtype, device=ids.device)
             mask = mask.masked_fill(~visible, torch.finfo(dtype).min)[None, None]
-        kwargs = {
+        kwargs = self._kwargs(ids, positions, mask, last_only)
+        if not aux:
+            return self._call(kwargs), None
+        with capture_layers(self.model, self.aux_layers) as captured:
+            logits = self._call(kwargs)
+        return logits, torch.cat(captured, dim=-1)[0]
+
+    def _kwargs(
+        self, ids: Tensor, positions: Tensor, mask: Tensor | None, last_only: bool
+    ) -> dict[str, Any]:
+        """The model's arguments for ``ids`` at ``positions`` under an additive ``mask``."""
+        return {
             "input_ids": ids[None],
             "position_ids": positions[None],
             "attention_mask": mask,
@@ -107,11 +118,6 @@ class HFTargetPath:
             "use_cache": True,
             "logits_to_keep": 1 if last_only else 0,
         }
-        if not aux:
-            return self._call(kwargs), None
-        with capture_layers(self.model, self.aux_layers) as captured:
-            logits = self._call(kwargs)
-        return logits, torch.cat(captured, dim=-1)[0]
 
     def _call(self, kwargs: dict) -> Tensor:
         # transformers 5.2x warns on every forward that passes `past_key_values`, naming `cache`
