@@ -3,7 +3,9 @@ target's batched forwards over a shard's samples, the shard files, and the progr
 that makes the slice resumable.
 
 Every rank of the group runs the forwards (a tensor-parallel target needs them all); one
-rank, the group's writer, writes. Locks, resuming, merging and repair: :mod:`draftforge.offline`.
+rank, the group's writer, writes. A vision-language target runs one sample per forward, its
+images with it, and its shards keep the position ids its language model used where they are
+not ``0..n-1`` (:mod:`draftforge.shards`). Locks, resuming, merging and repair: :mod:`draftforge.offline`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from torch import Tensor
 
 from draftforge.features import forward_groups, idle_forwards, target_forwards
 from draftforge.shards import FORMAT, STORAGE_DTYPES, VERSION, atomic_write, bytes_per_token
+from draftforge.vision_features import vision_states
 
 if TYPE_CHECKING:
     from draftforge.target import Target
 
-# A captured sample: its dataset row, input ids, loss mask, aux and final hidden states.
-Sample = tuple[int, Tensor, Tensor, Tensor, Tensor]
+# A captured sample: its dataset row, input ids, loss mask, aux and final hidden states, and
+# the position ids ``[R, n]`` its language model used (None where they are 0..n-1).
+Sample = tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor | None]
 
 
 def shard_prefix(slice_: int, slices: int) -> str:
@@ -72,6 +76,8 @@ def shard_samples(
     """The features of dataset rows, in their order, in the storage dtype, on the CPU; the
     target runs ``budget`` padded tokens per forward (``target.batch_tokens``), and ``done``
     hears the tokens of each forward."""
+    if getattr(target, "processor", None) is not None:
+        return vision_samples(target, dataset, rows, dtype, done)
     items = [dataset[row] for row in rows]
     features: dict[int, tuple[Tensor, Tensor]] = {}
     for group, aux, last in target_forwards(target, [s["input_ids"] for s in items], budget):
@@ -84,9 +90,45 @@ def shard_samples(
             )
         done(sum(len(items[i]["input_ids"]) for i in group))
     return [
-        (row, s["input_ids"].int(), s["loss_mask"].to(torch.uint8), *features[i])
+        (row, s["input_ids"].int(), s["loss_mask"].to(torch.uint8), *features[i], None)
         for i, (row, s) in enumerate(zip(rows, items, strict=True))
     ]
+
+
+def vision_samples(
+    target: Target,
+    dataset: Any,
+    rows: Sequence[int],
+    dtype: torch.dtype,
+    done: Callable[[int], object],
+) -> list[Sample]:
+    """The features of a vision-language target's dataset rows, in their order: one sample
+    per forward, with its images (batching samples whose image grids differ is not done
+    yet), and the position ids its language model used when they are not ``0..n-1``."""
+    samples: list[Sample] = []
+    for row in rows:
+        sample = dataset.samples[row]
+        found = vision_states(target, sample)
+        positions = found.position_ids[:, 0].cpu()
+        plain = torch.arange(positions.shape[-1]).expand_as(positions)
+        samples.append(
+            (
+                row,
+                sample.input_ids.int(),
+                sample.loss_mask.to(torch.uint8),
+                found.aux[0].to("cpu", dtype, copy=True),
+                found.final[0].to("cpu", dtype, copy=True),
+                None if torch.equal(positions, plain) else positions,
+            )
+        )
+        done(sample.input_ids.numel())
+    return samples
+
+
+def position_rows(samples: list[Sample]) -> int | None:
+    """Rows of the position ids a shard of these samples stores; ``None``: it stores none,
+    every sample sitting at ``0..n-1``."""
+    return next((s[5].shape[0] for s in samples if s[5] is not None), None)
 
 
 def encode_shard(samples: list[Sample]) -> tuple[bytes, list[int], list[int]]:
@@ -101,6 +143,15 @@ def encode_shard(samples: list[Sample]) -> tuple[bytes, list[int], list[int]]:
         "aux": torch.cat([s[3] for s in samples]),
         "hidden": torch.cat([s[4] for s in samples]),
     }
+    lines = position_rows(samples)
+    if lines is not None:  # every sample's, 0..n-1 for those that sit there
+        tensors["positions"] = torch.cat(
+            [
+                s[5] if s[5] is not None else torch.arange(len(s[1])).expand(lines, -1)
+                for s in samples
+            ],
+            dim=1,
+        ).int()
     return save(tensors, metadata={"format": FORMAT, "version": str(VERSION)}), rows, offsets
 
 
@@ -163,6 +214,9 @@ class SliceWriter:
                 "offsets": offsets,
             }
         )
+        lines = position_rows(samples)
+        if lines is not None:
+            self.shards[-1]["positions"] = lines
         # Only now is the shard on record: a kill before this line leaves an unlisted file,
         # which the next run deletes and writes again.
         self._save_progress(done=False)

@@ -44,7 +44,7 @@ from draftforge.data.readers import Source
 from draftforge.data.template import ChatTemplate, load_template
 from draftforge.data.vocab import count_supervised
 from draftforge.drafts import DraftError, check_vocab_map
-from draftforge.features import prepare_data, prepare_vision_data
+from draftforge.features import prepare_data
 from draftforge.parallel import default_device, tp_problem
 from draftforge.plan import GIB, Plan, count_target_params, layout_plan, target_forward_bytes
 from draftforge.shards import MANIFEST, STORAGE_DTYPES, bytes_per_token, size_text
@@ -59,6 +59,7 @@ from draftforge.target import (
     read_generation_config,
     resolve_target_path,
 )
+from draftforge.vision_features import prepare_vision_data
 
 if TYPE_CHECKING:
     from draftforge.data import PrepareResult
@@ -471,9 +472,7 @@ def preflight(
     """The checks at the start of ``train`` or ``capture``, after the target is loaded: the
     prepared data (prepared here unless given), with the warnings logged; errors raise a
     :class:`PreflightError` of one line each."""
-    if is_vision_config(target.model_config) and (stage == "capture" or cfg.data.mode == "offline"):
-        raise PreflightError("a vision-language target trains online only so far: data.mode=online")
-    if prepared is None and getattr(target, "processor", None) is not None:
+    if prepared is None and is_vision_config(target.model_config):
         prepared = prepare_vision_data(cfg, target)  # conversations with images
         log(prepared.summary(), flush=True)
     found, prepared = run_checks(

@@ -23,7 +23,6 @@ import queue
 import threading
 from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -33,12 +32,11 @@ from draftforge import parallel
 from draftforge.config import Config, ConfigError, cache_root
 from draftforge.parallel import Layout
 from draftforge.shards import ShardReader, capture_settings, features_dir, verify
-from draftforge.target import Target, TargetParts, chunk_tokens, teacher
-from draftforge.vision_target import rope_position_ids, vision_batch, vision_features
+from draftforge.target import Target, TargetParts, chunk_tokens, is_vision_config, teacher
+from draftforge.vision_features import CapturedPositions, prepare_vision_data, vision_states
 
 if TYPE_CHECKING:
     from draftforge.data import PrepareResult
-    from draftforge.data.vision import VisionSample
     from draftforge.data.vision_prepare import VisionDataset
 
 
@@ -86,45 +84,17 @@ def load_data(
 ) -> tuple[Any, Tensor]:
     """The tokenised dataset (cached) and the draft vocabulary's target ids.
 
-    ``prepared``: what :func:`prepare_data` already returned for this config (a caller that
-    runs several stages prepares once); otherwise it is called here and its summary logged.
+    ``prepared``: what :func:`prepare_data` (:func:`prepare_vision_data` for a VL target)
+    already returned for this config (a caller that runs several stages prepares once);
+    otherwise it is called here and its summary logged.
     """
-    if prepared is None:
+    if prepared is None and is_vision_config(target.model_config):
+        prepared = prepare_vision_data(cfg, target)
+        log(prepared.summary(), flush=True)
+    elif prepared is None:
         prepared = prepare_data(cfg, target.tokenizer, target.vocab_size)
         log(prepared.summary(), flush=True)
     return prepared.dataset, prepared.vocab.target_ids
-
-
-def prepare_vision_data(cfg: Config, target: Target) -> PrepareResult:
-    """``data.path``'s conversations with images, through a VL target's processor, with
-    the position ids its language model computes for each sample, and the draft vocabulary
-    (what :func:`prepare_data` is for text conversations)."""
-    from draftforge.data.vision_prepare import prepare_vision
-
-    if not cfg.data.path:
-        raise ConfigError("data.path is empty: point it at a conversations file or directory")
-    if target.processor is None:
-        raise ConfigError(f"{target.path} is no vision-language target: use prepare_data")
-
-    def positions(sample: VisionSample) -> Tensor:
-        batch = {k: v.to(target.device) for k, v in vision_batch([sample]).items()}
-        return rope_position_ids(target.model, batch)[:, 0].cpu()
-
-    # The draft vocabulary's folder, one per data, target and length (the samples stay in
-    # memory: nothing else is cached yet).
-    key = f"{Path(cfg.data.path).resolve()}|{target.path}|{cfg.data.max_length}"
-    folder = f"vision-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    return prepare_vision(
-        cfg.data.path,
-        target.processor,
-        positions,
-        cache_root(cfg.target.cache_dir) / "datasets" / folder,
-        max_length=cfg.data.max_length,
-        strict=cfg.data.strict,
-        chat_template_kwargs=cfg.data.chat_template_kwargs,
-        draft_vocab_size=cfg.draft.draft_vocab_size,
-        target_vocab_size=target.vocab_size,
-    )
 
 
 @dataclass
@@ -455,6 +425,14 @@ class OfflineFeatures:
     def features(self, batches: list[MicroBatch], draft_ids: Tensor) -> list[Features]:
         return self._teacher(self._load(batches), draft_ids)
 
+    def positioned(self, dataset: Any) -> Any:
+        """The dataset training collates micro-batches from: ``dataset`` itself, or, when
+        the capture stores position ids (a vision-language target's), a view of it whose
+        rows carry those, so the draft rotates by the positions the target used, as online."""
+        if self.reader.position_rows is None:
+            return dataset
+        return CapturedPositions(dataset, self.reader)
+
     def steps(
         self, plan: Iterator[tuple[Position, list[MicroBatch]]], draft_ids: Tensor
     ) -> Generator[tuple[Position, list[MicroBatch], list[Features]], None, None]:
@@ -513,9 +491,7 @@ class VisionOnlineFeatures:
 
     def _sample_states(self, row: int) -> tuple[Tensor, Tensor]:
         """Aux ``[T, 3H]`` and final ``[T, H]`` states of one prepared row."""
-        device = self.target.device
-        batch = {k: v.to(device) for k, v in vision_batch([self.dataset.samples[row]]).items()}
-        found = vision_features(self.target.model, self.target.aux_layers, batch)
+        found = vision_states(self.target, self.dataset.samples[row])
         return found.aux[0], found.final[0]
 
     def features(self, batches: list[MicroBatch], draft_ids: Tensor) -> list[Features]:

@@ -5,7 +5,10 @@ Training reads a capture through :class:`draftforge.features.OfflineFeatures`.
 
 The target runs several samples per forward (``target.batch_tokens``, as in online training:
 :func:`draftforge.features.target_forwards`), over the samples of one shard at a time; which
-samples go into a shard follows from their lengths alone (:func:`shard_rows`).
+samples go into a shard follows from their lengths alone (:func:`shard_rows`). A
+vision-language target runs one sample per forward with its images, as online training runs
+it, and its shards also keep the position ids its language model used (3-row M-RoPE ids for
+Qwen-VL) for samples whose positions are not ``0..n-1``; training gives the draft those.
 
 Capture is resumable: every file is written under a temporary name, fsynced and renamed into
 place, and a slice's progress file is rewritten the same way after each shard, so a killed
@@ -410,19 +413,23 @@ def _merge(
         )
     hidden = settings["hidden_size"]
     storage = settings["storage_dtype"]
+    tensors: dict[str, Any] = {
+        "rows": {"dtype": "int64", "shape": ["samples"]},
+        "offsets": {"dtype": "int64", "shape": ["samples + 1"]},
+        "input_ids": {"dtype": "int32", "shape": ["tokens"]},
+        "loss_mask": {"dtype": "uint8", "shape": ["tokens"]},
+        "aux": {"dtype": storage, "shape": ["tokens", 3 * hidden]},
+        "hidden": {"dtype": storage, "shape": ["tokens", hidden]},
+    }
+    lines = next((entry["positions"] for entry in shards if "positions" in entry), None)
+    if lines is not None:  # a VL target's: in the shards whose samples are not all at 0..n-1
+        tensors["positions"] = {"dtype": "int32", "shape": [lines, "tokens"]}
     manifest = {
         "format": FORMAT,
         "version": VERSION,
         "settings": settings,
         "created_by": f"draftforge {__version__}, torch {torch.__version__}",
-        "tensors": {
-            "rows": {"dtype": "int64", "shape": ["samples"]},
-            "offsets": {"dtype": "int64", "shape": ["samples + 1"]},
-            "input_ids": {"dtype": "int32", "shape": ["tokens"]},
-            "loss_mask": {"dtype": "uint8", "shape": ["tokens"]},
-            "aux": {"dtype": storage, "shape": ["tokens", 3 * hidden]},
-            "hidden": {"dtype": storage, "shape": ["tokens", hidden]},
-        },
+        "tensors": tensors,
         "bytes_per_token": per_token,
         "samples": samples,
         "tokens": sum(entry["offsets"][-1] for entry in shards),

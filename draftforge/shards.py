@@ -25,7 +25,12 @@ On disk (``data.features_dir``; empty: ``<target.cache_dir>/features/<hash of th
 - ``shard-r{rank}of{world}-{index}.safetensors``: consecutive samples of one rank's slice,
   concatenated along tokens: ``rows`` int64 [n] (dataset rows), ``offsets`` int64 [n + 1],
   ``input_ids`` int32 [N], ``loss_mask`` uint8 [N], ``aux`` [N, 3H] and ``hidden`` [N, H] in
-  the storage dtype. About ``data.shard_mb`` each.
+  the storage dtype. About ``data.shard_mb`` each. A shard of a vision-language target
+  whose samples do not all sit at positions ``0..n-1`` also holds ``positions`` int32
+  ``[R, N]``: the position ids its language model used (``R = 3`` M-RoPE rows for Qwen-VL,
+  where an image's tokens take its grid's positions), every sample's, and its manifest entry
+  says ``"positions": R``. Training rotates the draft by them, as online (a text capture has
+  neither, and is what it always was).
 - ``manifest.json``: format and version, the settings of the capture, the tensors' dtypes and
   shapes, bytes per token, and per shard its file name, byte size, sha256, rows, sample ids
   and offsets. Written last: a directory without it holds an unfinished capture.
@@ -319,6 +324,8 @@ def _check_shard(
         "aux": ([tokens, 3 * hidden], storage),
         "hidden": ([tokens, hidden], storage),
     }
+    if "positions" in entry:
+        expected["positions"] = ([entry["positions"], tokens], "I32")
     try:
         with safe_open(str(path), framework="pt") as f:
             slices = {key: f.get_slice(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
@@ -331,9 +338,9 @@ def _check_shard(
         return f"{path}: not a readable safetensors file ({err})"
     if rows != entry["rows"] or offsets != entry["offsets"]:
         return f"{path}: its samples differ from those {MANIFEST} lists for it"
-    spans = [(int(dataset.offsets[r]), int(dataset.offsets[r + 1])) for r in rows]
-    if not torch.equal(input_ids, torch.cat([dataset.input_ids[a:b] for a, b in spans])) or not (
-        torch.equal(loss_mask, torch.cat([dataset.loss_mask[a:b] for a, b in spans]))
+    samples = [dataset[r] for r in rows]
+    if not torch.equal(input_ids, torch.cat([s["input_ids"] for s in samples]).int()) or not (
+        torch.equal(loss_mask, torch.cat([s["loss_mask"] for s in samples]).to(torch.uint8))
     ):
         return f"{path}: its tokens or loss mask differ from the dataset's"
     return None
@@ -349,6 +356,11 @@ class ShardReader:
     def __init__(self, directory: Path, manifest: dict[str, Any]) -> None:
         self.directory = directory
         self.files = [directory / entry["file"] for entry in manifest["shards"]]
+        self._positioned = ["positions" in entry for entry in manifest["shards"]]
+        # Rows of the stored position ids (3 for M-RoPE), None when no shard stores any.
+        self.position_rows: int | None = next(
+            (entry["positions"] for entry in manifest["shards"] if "positions" in entry), None
+        )
         # row -> (shard, first token in it, tokens); verify() saw rows 0..n-1 once each
         self._where: list[tuple[int, int, int]] = [(0, 0, 0)] * sum(
             len(entry["rows"]) for entry in manifest["shards"]
@@ -370,7 +382,19 @@ class ShardReader:
             handle = self._open.get(shard)
             if handle is None:
                 handle = self._open[shard] = safe_open(str(self.files[shard]), framework="pt")
+            if name == "positions":  # [R, N]: the tokens are its columns
+                return handle.get_slice(name)[:, start : start + min(tokens, length)]
             return handle.get_slice(name)[start : start + min(tokens, length)]
+
+    def positions(self, row: int) -> Tensor:
+        """The position ids ``[R, n]`` (int64) the target's language model used for a row
+        of a capture that stores positions; ``0..n-1`` in each row where its shard stores
+        none (the capture keeps only positions that are not)."""
+        assert self.position_rows is not None, "this capture stores no positions"
+        shard, _, length = self._where[row]
+        if not self._positioned[shard]:
+            return torch.arange(length).expand(self.position_rows, -1)
+        return self._read(row, "positions", length).long()
 
     def hidden(self, rows: Sequence[int], lengths: Sequence[int]) -> tuple[Tensor, Tensor]:
         """Aux [T, 3H] and final hidden [T, H] (storage dtype) of the first ``lengths[i]``

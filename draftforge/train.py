@@ -39,6 +39,7 @@ from draftforge.features import (
     Features,
     FeatureSource,
     MicroBatch,
+    OfflineFeatures,
     Position,
     collate,
     epoch_steps,
@@ -363,6 +364,8 @@ def _train(
     if not layout.is_main:
         dataset, draft_ids = load_data(cfg, target, log, prepared)
     source = feature_source(cfg, target, dataset, layout)
+    if isinstance(source, OfflineFeatures):  # a VL capture's rows carry its stored positions
+        dataset = source.positioned(dataset)
     lengths = dataset.lengths()
     train_rows, eval_rows = split_eval(dataset.ids, cfg.data.eval_fraction)
     if not train_rows:

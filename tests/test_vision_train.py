@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from draftforge.check import PreflightError
 from draftforge.config import TargetConfig, load_config
 from draftforge.data.conversation import RowError
 from draftforge.data.vision import IMAGE_TYPE, vision_messages
@@ -196,9 +195,3 @@ def test_max_length_cuts_text_after_the_images_but_never_an_image(workdir):
     with pytest.raises(RowError) as err:
         encode_vision_row(processor, row, workdir, max_length=last_image)
     assert err.value.reason == "image_cut"
-
-
-def test_offline_training_of_a_vl_target_stops_in_preflight(workdir):
-    cfg = _config(workdir, workdir / "offline", **{"data.mode": "offline"})
-    with pytest.raises(PreflightError, match="trains online only"):
-        train(cfg)
