@@ -32,29 +32,37 @@ from draftforge.testing import (
     as_target,
     bigram_like_target,
     oracle_draft,
+    tiny_qwen3_vl_processor,
+    tiny_qwen3_vl_target,
     tiny_vl_processor,
     tiny_vl_target,
 )
 from draftforge.ttt_attention import ttt_attention
 from draftforge.vision_target import rope_position_ids, vision_features
 
-NEW_TOKENS = 40
+NEW_TOKENS = 32
 SHAPES = [TreeShape(3, 1), TreeShape(3, 2, 6)]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def confident_vl_model(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
-    """The tiny Qwen2.5-VL with a confident head, a next token that leans on the current one
+def confident_vl_model(dtype: torch.dtype = torch.float64, make=tiny_vl_target) -> torch.nn.Module:
+    """A tiny VL target with a confident head, a next token that leans on the current one
     (so the oracle draft agrees often) and sharp attention (so positions change the output:
-    see test_the_positions_decide_the_output)."""
-    model = tiny_vl_target().to(dtype)
+    see test_the_positions_decide_the_output); Qwen3-VL's per-head q/k norms undo a scaled
+    projection, so their weights are scaled there."""
+    model = make().to(dtype)
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(3.0)
         model.get_output_embeddings().weight.mul_(10.0)
         for layer in model.model.language_model.layers:
-            layer.self_attn.q_proj.weight.mul_(8.0)
-            layer.self_attn.k_proj.weight.mul_(8.0)
+            attn = layer.self_attn
+            if hasattr(attn, "q_norm"):
+                attn.q_norm.weight.mul_(3.0)
+                attn.k_norm.weight.mul_(3.0)
+            else:
+                attn.q_proj.weight.mul_(8.0)
+                attn.k_proj.weight.mul_(8.0)
     model.generation_config.eos_token_id = None  # decode a fixed number of tokens
     return model
 
@@ -81,17 +89,22 @@ def _ask(images: list, question: str, between: str = "") -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def prompts(target):
+def messages():
     """Three image prompts: two single images of different sizes, and two images at once."""
     rng = random.Random(3)
     shapes = shapes_image(rng).image  # 96 x 64
     text = text_image("gamma 42", size=(160, 40)).image
     chart = bar_chart_image({"red": 7, "blue": 3}, size=(64, 96)).image
-    messages = {
+    return {
         "shapes": _ask([shapes], "What is in the picture?"),
         "text": _ask([text], "Read it."),
         "two": _ask([chart, shapes], "Compare them.", between="and"),
     }
+
+
+@pytest.fixture(scope="module")
+def prompts(target, messages):
+    """The prompts through the Qwen2.5-VL target's template and image processor."""
     encoded = {k: encode_image_prompt(target.processor, m) for k, m in messages.items()}
     grids = [tuple(inputs.image_grid_thw[0].tolist()) for _, inputs in encoded.values()]
     assert len(set(grids)) == 3, grids  # three image sizes
@@ -134,6 +147,32 @@ def test_greedy_speculation_is_the_targets_own_generate(target, prompts, referen
         assert mean > 1.6 and max(lengths) > 2.0, lengths  # long accepted paths
     else:
         assert mean < 1.2, lengths  # (almost) always rejected
+
+
+def test_qwen3_vl_greedy_speculation_is_its_own_generate(messages, monkeypatch):
+    """Qwen3-VL (interleaved M-RoPE, deepstack states added at the image tokens during the
+    prefill): the same exactness, and the same delta convention for the text after the
+    prompt (without it the output changes)."""
+    processor = tiny_qwen3_vl_processor()
+    model = confident_vl_model(make=tiny_qwen3_vl_target)
+    target = Target(model, processor.tokenizer, [0, 1, 2], "tiny-qwen3-vl", processor=processor)
+    draft = oracle_draft(target)
+    assert draft.mrope_interleaved
+    real = prompt_positions
+    lengths = []
+    for name in ("shapes", "two"):
+        ids, inputs = encode_image_prompt(processor, messages[name])
+        expected, _ = hf_generate(target, ids, NEW_TOKENS, SamplingParams(), frozenset(), inputs)
+        for shape in SHAPES:
+            gen = SpecEngine(target, draft, shape).generate(ids, NEW_TOKENS, (), inputs)
+            assert gen.tokens == expected, f"{name} {shape}"
+            lengths.append(gen.acceptance_length)
+        no_delta = PromptPositions(real(model, torch.tensor(ids), inputs).rows, 0)
+        monkeypatch.setattr(engine_module, "prompt_positions", lambda *_, p=no_delta: p)
+        plain = SpecEngine(target, None, TreeShape(0)).generate(ids, NEW_TOKENS, (), inputs)
+        assert plain.tokens != expected, name
+        monkeypatch.undo()
+    assert sum(lengths) / len(lengths) > 1.3, lengths
 
 
 def test_the_positions_decide_the_output(target, prompts, references, monkeypatch):

@@ -4,9 +4,9 @@ Prompt rows take the forms the training data takes (:mod:`draftforge.data.vision
 OpenAI-style content parts (``{"type": "image", "image": path}`` or ``image_url`` with a
 local path) and LLaVA / ShareGPT4V rows (an ``image`` field, ``<image>`` placeholders),
 image paths relative to the JSONL file. :func:`encode_image_prompt` renders such a prompt
-through the target's chat template with the generation prompt, repeats each image's
-placeholder once per merged patch (the rule of Qwen2.5-VL's processor) and returns the image
-processor's inputs beside the token ids.
+through the target's chat template with the generation prompt, puts each image's tokens in
+place of its placeholder (``VisionProcessor.image_text``: Qwen-VL's image token once per
+merged patch) and returns the image processor's inputs beside the token ids.
 
 Built-in image prompts (:func:`builtin_image_prompts`) ask about pictures drawn in code by
 :mod:`draftforge.synthetic_images` (shapes, a line of text, a bar chart, and two pictures at
@@ -112,7 +112,7 @@ def encode_image_prompt(
     text = processor.tokenizer.apply_chat_template(
         rendered, add_generation_prompt=True, tokenize=False
     )
-    pieces = text.split(processor.image_token)
+    pieces = text.split(processor.placeholder)
     if len(pieces) - 1 != len(sources):
         raise RowError(
             "image_count",
@@ -122,13 +122,14 @@ def encode_image_prompt(
     if not sources:
         return processor.tokenizer(text, add_special_tokens=False)["input_ids"], None
     pixels = processor.image_processor(images=_images(sources), return_tensors="pt")
-    counts = processor.tokens_per_image(pixels["image_grid_thw"])
+    image_texts = [processor.image_text(grid) for grid in pixels["image_grid_thw"]]
     expanded = pieces[0] + "".join(
-        processor.image_token * n + piece for n, piece in zip(counts, pieces[1:], strict=True)
+        image + piece for image, piece in zip(image_texts, pieces[1:], strict=True)
     )
     ids = torch.tensor(processor.tokenizer(expanded, add_special_tokens=False)["input_ids"])
     types = torch.where(ids == processor.image_token_id, IMAGE_TYPE, 0)
-    if int((types == IMAGE_TYPE).sum()) != sum(counts):
+    expected = sum(image.count(processor.image_token) for image in image_texts)
+    if int((types == IMAGE_TYPE).sum()) != expected:
         raise RowError("image_count", "the image placeholder does not tokenise to one token")
     return ids.tolist(), ImageInputs(pixels["pixel_values"], pixels["image_grid_thw"], types)
 
