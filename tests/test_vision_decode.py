@@ -32,6 +32,8 @@ from draftforge.testing import (
     as_target,
     bigram_like_target,
     oracle_draft,
+    tiny_llama4_processor,
+    tiny_llama4_target,
     tiny_qwen3_vl_processor,
     tiny_qwen3_vl_target,
     tiny_vl_processor,
@@ -261,6 +263,10 @@ def test_bad_pairings_are_refused(target, prompts):
     ids, inputs = prompts["shapes"]
     with pytest.raises(DecodeError, match="lean forward serves text-only"):
         SpecEngine(target, None, TreeShape(0), lean=True)
+    processor = tiny_llama4_processor()
+    llama4 = Target(tiny_llama4_target(), processor.tokenizer, [0, 1, 2], "l4", processor=processor)
+    with pytest.raises(DecodeError, match="1-D positions"):
+        SpecEngine(llama4, None, TreeShape(0))
     with pytest.raises(DecodeError, match="no mrope_section"):
         SpecEngine(target, _without_mrope(target), TreeShape(2))
     text = as_target(bigram_like_target("qwen2"))

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.paths import HFTargetPath
-from draftforge.vision_target import rope_position_ids
+from draftforge.vision_target import rope_position_ids, uses_mrope
 
 
 @dataclass
@@ -128,4 +128,9 @@ def vision_target_path(
     )
     if lean or compile:
         raise DecodeError(f"{why}; drop --engine lean and --compile")
+    if not uses_mrope(model):
+        raise DecodeError(
+            f"{type(model).__name__}: speculative decoding of a vision-language target with "
+            "1-D positions (Llama-4) is not supported yet; Qwen2.5-VL and Qwen3-VL are"
+        )
     return VisionTargetPath(model, aux_layers), why
