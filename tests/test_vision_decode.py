@@ -272,8 +272,8 @@ def test_bad_pairings_are_refused(target, prompts):
     text = as_target(bigram_like_target("qwen2"))
     with pytest.raises(DecodeError, match="not a vision-language target"):
         SpecEngine(text, None, TreeShape(0)).generate(ids, 2, images=inputs)
-    with pytest.raises(DecodeError, match="has content parts"):
-        encode_prompt(text, Prompt("p", [{"role": "user", "content": [{"type": "text"}]}]))
+    with pytest.raises(DecodeError, match=r"built-in: prompt p has images and .* not a vision"):
+        encode_prompt(text, Prompt("p", [{"role": "user", "content": [{"type": "image"}]}]))
 
 
 def _without_mrope(target: Target):

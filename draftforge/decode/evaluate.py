@@ -133,10 +133,10 @@ def encode_prompt(target: Target, prompt: Prompt) -> tuple[list[int], ImageInput
     """A prompt's ids and, for a vision-language target, its image inputs (None without
     images); a prompt with images for a text-only target, or a bad image, names the prompt."""
     if target.processor is None:
-        if any(isinstance(m.get("content"), list) for m in prompt.messages):
+        if has_images({"messages": prompt.messages}):
             raise DecodeError(
-                f"{prompt.where}: prompt {prompt.id} has content parts (images) and "
-                f"{target.path} is not a vision-language target"
+                f"{prompt.where}: prompt {prompt.id} has images and {target.path} is not a "
+                "vision-language target"
             )
         return encode(target, prompt), None
     try:
