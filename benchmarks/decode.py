@@ -3,7 +3,7 @@ speculative shapes (acceptance length, tokens/s, speedup, measured round cost).
 
 python benchmarks/decode.py [--target tiny|smollm2|PATH] [--draft DIR] [--prompts N]
                             [--max-new-tokens N] [--threads N] [--paths lean,hf] [--compile]
-                            [--cpu-clock]
+                            [--cpu-clock] [--matmul]
 
 tiny (default, no download, seconds): a bigram-like tiny target with the hand-built oracle
 draft of draftforge.testing, so paths are long and the engine's bookkeeping shows.
@@ -11,12 +11,15 @@ smollm2 or a model directory: an untrained draft unless --draft is given; with A
 speedup column then measures what drafting and verification cost per round.
 --compile adds the lean path with torch.compile'd layers (its compile time is printed).
 The first line gives this run's fp32 matmul rate, so runs on different machines compare.
+--matmul prints the lean path's cost model with each fast CPU matmul, interleaved, twice: the
+few-row kernel (draftforge/decode/skinny.py) and prepacked oneDNN, at verify sizes 1 to 8.
 --cpu-clock (with --threads 1) times everything with the thread's CPU clock instead of the
 wall clock: on a machine other processes share, their load then does not count (an idle
 machine gives about the same numbers either way).
 """
 
 import argparse
+import os
 import time
 
 import torch
@@ -65,6 +68,18 @@ def plain_speed(target, encoded, max_new_tokens, lean, compile=False):
     return totals.tokens_per_s, step, setup, engine
 
 
+def matmul_costs(target, draft):
+    """The lean path's cost model with the few-row kernel and with oneDNN, alternately."""
+    sizes = [1, 2, 3, 4, 5, 8]
+    for _ in range(2):
+        for matmul, switch in (("few-row kernel", "1"), ("oneDNN prepacked", "0")):
+            os.environ["DRAFTFORGE_SKINNY"] = switch
+            engine = SpecEngine(target, draft, TreeShape(4, 4, 8), lean=True)
+            print(f"{matmul} ({engine.path.matmul}):")
+            print("\n".join(measure_costs(engine, tree_sizes=sizes).lines()[:3]))
+    os.environ.pop("DRAFTFORGE_SKINNY")
+
+
 def load(args):
     if args.target == "tiny":
         target = as_target(bigram_like_target("llama", seed=1, dtype=torch.float32))
@@ -88,6 +103,7 @@ def main():
     parser.add_argument("--paths", default="lean,hf", help="target paths for the shape sweeps")
     parser.add_argument("--compile", action="store_true", help="also time compiled layers")
     parser.add_argument("--cpu-clock", action="store_true", help="CPU time (needs --threads 1)")
+    parser.add_argument("--matmul", action="store_true", help="compare the fast CPU matmuls")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -105,6 +121,8 @@ def main():
         f"temperature {args.temperature}, {torch.get_num_threads()} threads, "
         f"fp32 matmul {matmul_gflops():.0f} GFLOP/s" + (", CPU clock" if args.cpu_clock else "")
     )
+    if args.matmul:
+        matmul_costs(target, draft)
     hf = time_generate(target, encoded, args.max_new_tokens, stop_ids=frozenset())
     print(f"{'HF generate (greedy)':<34} {hf.tokens_per_s:8.2f} tok/s")
     runs = [(name, lean, False) for name, lean in PATHS.items()]

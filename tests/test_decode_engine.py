@@ -11,7 +11,7 @@ from draftforge.config import Config, dump_config
 from draftforge.decode.drafter import Drafter
 from draftforge.decode.engine import SpecEngine
 from draftforge.decode.errors import DecodeError
-from draftforge.decode.fastlinear import onednn_usable
+from draftforge.decode.fastlinear import fast_matmul
 from draftforge.decode.sampling import SamplingParams, warp
 from draftforge.decode.tree import TreeShape
 from draftforge.drafts import load_draft_for
@@ -125,7 +125,7 @@ def test_greedy_output_is_the_targets_own(case, lean):
         engine = SpecEngine(target, draft, shape, lean=lean)
         assert engine.path.name == ("lean" if lean else "hf")
         if lean and target.dtype == torch.float32:
-            assert engine.path.packed == onednn_usable(torch.float32, torch.device("cpu"))
+            assert engine.path.matmul == fast_matmul(torch.float32, torch.device("cpu"))
         seen = spy_compactions(engine)
         gen = engine.generate(ids[i], NEW_TOKENS, stop_ids=())
         assert seen, "the spy saw no compaction"

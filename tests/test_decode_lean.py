@@ -1,7 +1,8 @@
 """The lean target forward against a naive reference (a whole-sequence transformers forward,
 no cache) on Llama, Qwen2 and Qwen3 layouts: prefill, a tree verify with its ancestor mask,
 compaction of the accepted path and a continuation; the transformers path runs the same
-scenario. Which models fall back, and the prepacked matmuls against F.linear."""
+scenario. Which models fall back, and the fast matmuls (the few-row kernel, prepacked oneDNN)
+against F.linear."""
 
 import pytest
 import torch
@@ -9,9 +10,9 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from draftforge.decode import fastlinear
+from draftforge.decode import fastlinear, skinny
 from draftforge.decode.errors import DecodeError
-from draftforge.decode.fastlinear import Projection, onednn_usable
+from draftforge.decode.fastlinear import Projection, fast_matmul, onednn_usable
 from draftforge.decode.lean import LeanTarget
 from draftforge.decode.paths import HFTargetPath, choose_target_path
 from draftforge.decode.tree import ancestor_mask
@@ -23,7 +24,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 AUX = [0, 2, 3]
 PARENTS = [-1, 0, 0, 1, 2, 1]  # the root, two children, grandchildren under both
 KEEP = [0, 2, 4]  # the accepted path root -> node 2 -> node 4 (a second sibling: rows move)
-ONEDNN = onednn_usable(torch.float32, torch.device("cpu"))
+CPU = torch.device("cpu")
+ONEDNN = onednn_usable(torch.float32, CPU)
+SKINNY = skinny.usable(torch.float32, CPU)
 
 
 def perturbed(family: str, dtype: torch.dtype) -> nn.Module:
@@ -94,7 +97,7 @@ def test_forward_tree_and_compaction_match_a_whole_sequence_forward(family, dtyp
     check(logits, aux, [committed + more[: i + 1] for i in range(3)])
     if path == "lean":
         assert target.capacity >= 16  # grown from 4 by doubling, cache intact
-        assert target.packed == (dtype == torch.float32 and ONEDNN)
+        assert target.matmul == (fast_matmul(dtype, CPU) if dtype == torch.float32 else None)
 
 
 def test_logit_softcap_is_applied():
@@ -147,23 +150,90 @@ def test_mistral_without_sliding_window_runs_lean_and_with_it_is_refused():
         choose_target_path(windowed, AUX, lean=None)
 
 
-@pytest.mark.skipif(not ONEDNN, reason="oneDNN prepacking is not usable here")
-@pytest.mark.parametrize("rows", [1, 5])
-def test_prepacked_projection_matches_f_linear(rows):
-    gen = torch.Generator().manual_seed(rows)
+def random_linears(seed: int) -> list[nn.Linear]:
+    """Three linears reading one input of width 40, random weights and biases (one without)."""
+    gen = torch.Generator().manual_seed(seed)
     linears = [nn.Linear(40, 24), nn.Linear(40, 8, bias=False), nn.Linear(40, 16)]
     for lin in linears:
         with torch.no_grad():
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen))
             if lin.bias is not None:
                 lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen))
-    x = torch.randn(rows, 40, generator=gen)
+    return linears
+
+
+@pytest.mark.parametrize(
+    "matmul",
+    [
+        pytest.param("skinny", marks=pytest.mark.skipif(not SKINNY, reason="no kernel here")),
+        pytest.param("onednn", marks=pytest.mark.skipif(not ONEDNN, reason="no oneDNN here")),
+    ],
+)
+@pytest.mark.parametrize("rows", [1, 5, skinny.MAX_ROWS, skinny.MAX_ROWS + 3])
+def test_fast_projection_matches_f_linear(rows, matmul, monkeypatch):
+    if matmul == "onednn":
+        monkeypatch.setenv("DRAFTFORGE_SKINNY", "0")
+    linears = random_linears(rows)
+    x = torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows))
     want = torch.cat([lin(x) for lin in linears], dim=-1).detach()
-    packed = Projection(linears, packed=True)
-    torch.testing.assert_close(packed(x), want, rtol=1e-5, atol=1e-5)
-    parts = packed.split(x)
+    fast = Projection(linears, fast=True)
+    assert fast.matmul == matmul
+    torch.testing.assert_close(fast(x), want, rtol=1e-5, atol=1e-5)
+    parts = fast.split(x)
     assert [p.shape[-1] for p in parts] == [24, 8, 16]
-    torch.testing.assert_close(Projection(linears, packed=False)(x), want, rtol=0, atol=0)
+    plain = Projection(linears, fast=False)
+    assert plain.matmul is None
+    torch.testing.assert_close(plain(x), want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not SKINNY, reason="the few-row kernel did not build here")
+@pytest.mark.parametrize("width", [576, 37])
+def test_skinny_kernel_rows_do_not_depend_on_their_company(width):
+    """Each row's output is bitwise the same alone or among up to 19 rows (three passes), and
+    equals F.linear's; widths with and without a tail beyond the 8-float vectors."""
+    gen = torch.Generator().manual_seed(width)
+    weight, bias = torch.randn(301, width, generator=gen), torch.randn(301, generator=gen)
+    x = torch.randn(19, width, generator=gen)
+    together = skinny.linear(x, weight, bias)
+    torch.testing.assert_close(together, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    for rows in (1, 3, 8):
+        for start in range(0, 19 - rows, 5):
+            alone = skinny.linear(x[start : start + rows], weight, bias)
+            assert torch.equal(alone, together[start : start + rows])
+    no_bias = skinny.linear(x[None, :4], weight, None)[0]  # 3-D input, no bias
+    torch.testing.assert_close(no_bias, F.linear(x[:4], weight), rtol=1e-5, atol=1e-4)
+
+
+def test_skinny_kernel_falls_back_with_a_warning_when_it_cannot_build(monkeypatch, tmp_path):
+    monkeypatch.setattr(skinny, "_LIBRARY", [])
+    monkeypatch.setenv("DRAFTFORGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match=r"no C compiler found \(\$CC, else cc\)"):
+        assert not skinny.usable(torch.float32, CPU)
+    assert not skinny.usable(torch.float32, CPU)  # judged once
+    assert fast_matmul(torch.float32, CPU) == ("onednn" if ONEDNN else None)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not SKINNY, reason="the few-row kernel did not build here")
+def test_skinny_kernel_is_built_once_per_machine_and_refused_when_it_disagrees(
+    monkeypatch, tmp_path
+):
+    monkeypatch.setattr(skinny, "_LIBRARY", [])
+    monkeypatch.setenv("DRAFTFORGE_CACHE", str(tmp_path))
+    assert skinny.usable(torch.float32, CPU)
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(skinny, "_LIBRARY", [])
+    assert skinny.usable(torch.float32, CPU)
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "kernels").iterdir()] == [stamp]
+    monkeypatch.setattr(skinny, "_LIBRARY", [])
+    real = skinny._run
+    monkeypatch.setattr(skinny, "_run", lambda lib, x, w, b: real(lib, x, w, b) + 1e-3)
+    with pytest.warns(RuntimeWarning, match="differs from F.linear's on a probe"):
+        assert not skinny.usable(torch.float32, CPU)
+    assert not skinny.usable(torch.float64, CPU)
 
 
 @pytest.mark.skipif(not ONEDNN, reason="oneDNN prepacking is not usable here")
@@ -180,7 +250,7 @@ def test_onednn_guard_falls_back_when_the_probe_disagrees(monkeypatch):
 def test_compiled_layers_match_eager_ones():
     model = perturbed("qwen3", torch.float32)
     eager, compiled = LeanTarget(model, AUX), LeanTarget(model, AUX, compile=True)
-    assert compiled.compiled and not compiled.packed
+    assert compiled.compiled and compiled.matmul is None
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 320, (9,), generator=gen)
     mask = ancestor_mask(PARENTS)

@@ -1,4 +1,5 @@
-"""Projections for batch-1 decoding: weights prepacked once for oneDNN on CPU in float32.
+"""Projections for batch-1 decoding on CPU in float32: the few-row kernel of
+:mod:`draftforge.decode.skinny` where it built, else weights prepacked once for oneDNN.
 
 At one to a few rows per matmul, MKL's sgemm (``F.linear``) spends more time packing the weight
 than multiplying; oneDNN with a weight packed once (``weight.to_mkldnn()``) skips that work
@@ -8,9 +9,12 @@ float32 with oneDNN built in, on a torch in the tested range, and after a probe 
 process) has matched it to ``F.linear``; anywhere else :class:`Projection` runs ``F.linear``
 on the model's own weights, with a one-time warning when the probe or the range said no.
 
+oneDNN's cost still grows with the row count (2 to 8 rows cost 1.5 to 2 times one row), which
+makes verify forwards dear; the skinny kernel's hardly grows, so it is preferred when usable.
+
 A :class:`Projection` may join several linears that read the same input (q/k/v, gate/up):
-prepacked, they run as one matmul over the concatenated weight (the packed copy is the only
-copy made); with ``F.linear`` each weight is used as it is and the outputs are concatenated.
+on a fast path they run as one matmul over the concatenated weight (the only copy made);
+with ``F.linear`` each weight is used as it is and the outputs are concatenated.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from draftforge.decode import skinny
 from draftforge.ttt_kernels import TESTED_TORCH
 
 _VERDICT: list[bool] = []  # filled once by `onednn_usable`
@@ -35,6 +40,14 @@ def onednn_usable(dtype: torch.dtype, device: torch.device) -> bool:
     if not _VERDICT:
         _VERDICT.append(_judge())
     return _VERDICT[0]
+
+
+def fast_matmul(dtype: torch.dtype, device: torch.device) -> str | None:
+    """The fast CPU matmul for weights of this dtype on this device: ``"skinny"`` (the few-row
+    kernel), ``"onednn"`` (prepacked weights) or None (``F.linear`` serves)."""
+    if skinny.usable(dtype, device):
+        return "skinny"
+    return "onednn" if onednn_usable(dtype, device) else None
 
 
 def _packed_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -94,24 +107,28 @@ def _joined_bias(weights: list[Tensor], biases: list[Tensor | None]) -> Tensor |
 class Projection:
     """``x @ cat(W_i).T + cat(b_i)`` for one or more linears reading the same input.
 
-    packed: prepack for oneDNN (callers check :func:`onednn_usable`); otherwise the linears'
-    own weights serve ``F.linear`` and nothing is copied.
+    fast: use :func:`fast_matmul` for the weights' dtype and device, kept in ``matmul``:
+    ``"skinny"`` (the joined weight serves the few-row kernel up to :data:`skinny.MAX_ROWS`
+    rows and ``F.linear`` above) or ``"onednn"`` (prepacked). Otherwise, or when neither is
+    usable, the linears' own weights serve ``F.linear`` and nothing is copied.
     """
 
-    def __init__(self, linears: Sequence[nn.Linear], packed: bool) -> None:
+    def __init__(self, linears: Sequence[nn.Linear], fast: bool) -> None:
         weights = [lin.weight.detach() for lin in linears]
         biases = [None if lin.bias is None else lin.bias.detach() for lin in linears]
         self.sizes = [w.shape[0] for w in weights]
-        self.packed = packed
+        self.matmul = fast_matmul(weights[0].dtype, weights[0].device) if fast else None
         self.weights = weights
         self.biases = biases
-        if packed:
-            joined = torch.cat(weights) if len(weights) > 1 else weights[0]
-            self.weights = [joined.to_mkldnn()]
+        if self.matmul is not None:
+            joined = torch.cat(weights) if len(weights) > 1 else weights[0].contiguous()
+            self.weights = [joined.to_mkldnn() if self.matmul == "onednn" else joined]
             self.biases = [_joined_bias(weights, biases)]
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.packed:
+        if self.matmul == "skinny" and x.numel() <= skinny.MAX_ROWS * x.shape[-1]:
+            return skinny.linear(x, self.weights[0], self.biases[0])
+        if self.matmul == "onednn":
             return _packed_linear(x, self.weights[0], self.biases[0])
         outs = [F.linear(x, w, b) for w, b in zip(self.weights, self.biases, strict=True)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)

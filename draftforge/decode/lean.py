@@ -4,7 +4,7 @@ window) over a static KV cache: the decoding engine's target when the model fits
 Why: at batch 1 on a CPU a transformers forward spends much of its time outside the
 arithmetic (cache objects, mask building, module calls), and its matmuls repack every weight
 on every call (``benchmarks/decode.py`` prints both paths' step times). This forward reads the
-HF model's own weights (matrices prepacked once by :mod:`draftforge.decode.fastlinear`, norms
+HF model's own weights (matrices served by :mod:`draftforge.decode.fastlinear`, norms
 and embedding as they are), calls the model's own rotary-embedding module (so every RoPE
 scaling type stays right), and keeps K/V of all layers in one preallocated tensor
 ``[layers, 2, Hkv, capacity, D]`` written in place; it grows by doubling when a sequence
@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from draftforge.decode.fastlinear import Projection, onednn_usable
+from draftforge.decode.fastlinear import Projection, fast_matmul
 from draftforge.target import capture_layers, decoder_layers, decoder_module
 
 _ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj"}
@@ -126,7 +126,7 @@ class _Layer:
     scaling: float
 
 
-def _layer(layer: nn.Module, packed: bool) -> _Layer:
+def _layer(layer: nn.Module, fast: bool) -> _Layer:
     attn, mlp = layer.self_attn, layer.mlp
     q_norm = getattr(attn, "q_norm", None)
     k_norm = getattr(attn, "k_norm", None)
@@ -135,10 +135,10 @@ def _layer(layer: nn.Module, packed: bool) -> _Layer:
         input_eps=_norm_eps(layer.input_layernorm) or 0.0,
         post_norm=layer.post_attention_layernorm.weight.detach(),
         post_eps=_norm_eps(layer.post_attention_layernorm) or 0.0,
-        qkv=Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed),
-        o=Projection([attn.o_proj], packed),
-        gate_up=Projection([mlp.gate_proj, mlp.up_proj], packed),
-        down=Projection([mlp.down_proj], packed),
+        qkv=Projection([attn.q_proj, attn.k_proj, attn.v_proj], fast),
+        o=Projection([attn.o_proj], fast),
+        gate_up=Projection([mlp.gate_proj, mlp.up_proj], fast),
+        down=Projection([mlp.down_proj], fast),
         act=mlp.act_fn,
         q_norm=None if q_norm is None else q_norm.weight.detach(),
         k_norm=None if k_norm is None else k_norm.weight.detach(),
@@ -147,18 +147,22 @@ def _layer(layer: nn.Module, packed: bool) -> _Layer:
     )
 
 
-# model -> packed? -> its layers and head as the lean forward reads them: every engine on one
-# model shares one prepacked copy of its matrices (a frozen target's weights do not change).
-_PREPARED: weakref.WeakKeyDictionary[nn.Module, dict[bool, tuple[list[_Layer], Projection]]]
-_PREPARED = weakref.WeakKeyDictionary()
+# model -> fast matmul -> its layers and head as the lean forward reads them: every engine on
+# one model shares one copy of its joined or prepacked matrices (a frozen target's weights do
+# not change).
+_PREPARED: weakref.WeakKeyDictionary[
+    nn.Module, dict[str | None, tuple[list[_Layer], Projection]]
+] = weakref.WeakKeyDictionary()
 
 
-def _prepared(model: nn.Module, packed: bool) -> tuple[list[_Layer], Projection]:
+def _prepared(model: nn.Module, fast: bool) -> tuple[list[_Layer], Projection]:
+    weight = model.get_input_embeddings().weight
     per_model = _PREPARED.setdefault(model, {})
-    if packed not in per_model:
-        layers = [_layer(layer, packed) for layer in decoder_layers(model)]
-        per_model[packed] = (layers, Projection([model.get_output_embeddings()], packed))
-    return per_model[packed]
+    key = fast_matmul(weight.dtype, weight.device) if fast else None
+    if key not in per_model:
+        layers = [_layer(layer, fast) for layer in decoder_layers(model)]
+        per_model[key] = (layers, Projection([model.get_output_embeddings()], fast))
+    return per_model[key]
 
 
 class LeanTarget:
@@ -170,7 +174,9 @@ class LeanTarget:
 
     ``compile``: run each layer's projections and MLP through ``torch.compile`` (one graph
     serves every layer; the cache writes and attention stay eager). Inductor cannot take
-    oneDNN-packed weights, so compiled layers use the model's weights with ``F.linear``.
+    oneDNN-packed weights or the few-row kernel, so compiled layers use the model's weights
+    with ``F.linear``. ``matmul`` says which matmul serves the projections (see
+    :mod:`draftforge.decode.fastlinear`; None: ``F.linear``).
     """
 
     name = "lean"
@@ -181,12 +187,12 @@ class LeanTarget:
         config = model.config.get_text_config()
         decoder = decoder_module(model)
         weight = model.get_input_embeddings().weight
-        self.packed = not compile and onednn_usable(weight.dtype, weight.device)
         self.compiled = compile
         if compile:
             self._project = torch.compile(self._project, dynamic=True)
             self._feed = torch.compile(self._feed, dynamic=True)
-        self.layers, self.head = _prepared(model, self.packed)
+        self.layers, self.head = _prepared(model, fast=not compile)
+        self.matmul = self.head.matmul
         self.embed = weight.detach()
         self.rotary = decoder.rotary_emb
         self.norm = decoder.norm.weight.detach()

@@ -1,0 +1,161 @@
+"""A matmul kernel for the few rows of batch-1 decoding on CPU (``skinny.c``), built on first use.
+
+Why: decoding a small model on a CPU is bound by reading its weights, so a verify forward of
+n <= 8 tokens should cost about one plain step. Neither of torch's CPU matmuls gets there at a
+few rows: MKL's sgemm repacks the weight on every call, and oneDNN with a prepacked weight
+(:mod:`draftforge.decode.fastlinear`) runs 2 to 8 rows at 1.5 to 2 times the cost of one row
+(``benchmarks/decode.py --matmul`` prints both). The kernel reads each weight row once and
+takes its dot products with all the rows while they sit in L1, so its cost hardly grows with
+the row count up to ``MAX_ROWS``; each output is summed in the same order for any row count.
+
+Building: the C source is compiled once per machine with the system's C compiler (``$CC``, else
+``cc``) and OpenMP into ``<cache>/kernels`` (the name hashes the source, the compiler's version
+and the CPU's flags, so a changed machine builds its own). It then runs on torch's own OpenMP
+threads: torch's Linux wheels ship GNU OpenMP under the soname the compiler links, and the
+loader reuses that copy. The kernel is used only after checks, once per process: the build
+succeeded, no second OpenMP runtime got loaded (two would fight over the cores), and a probe
+matches ``F.linear``. Otherwise decoding keeps the prepacked oneDNN matmuls, with a one-time
+warning saying why. ``DRAFTFORGE_SKINNY=0`` turns the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from draftforge.config import cache_root
+
+SOURCE = Path(__file__).with_name("skinny.c")
+MAX_ROWS = 8  # rows per pass over the weights (ROWS in skinny.c); more rows take more passes
+_OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
+_LIBRARY: list[ctypes.CDLL | None] = []  # filled once by `usable`
+
+
+def usable(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the kernel may serve weights of this dtype on this device (built on first ask)."""
+    if device.type != "cpu" or dtype != torch.float32:
+        return False
+    if os.environ.get("DRAFTFORGE_SKINNY", "1") == "0":
+        return False
+    if not _LIBRARY:
+        _LIBRARY.append(_load())
+    return _LIBRARY[0] is not None
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``F.linear(x, weight, bias)`` by the kernel; ``weight`` [out, in] and ``bias`` contiguous
+    float32 on CPU (callers check :func:`usable`)."""
+    library = _LIBRARY[0] if _LIBRARY else None
+    assert library is not None, "skinny.linear before skinny.usable said yes"
+    return _run(library, x, weight, bias)
+
+
+def _run(library: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    out = flat.new_empty(flat.shape[0], weight.shape[0])
+    library.skinny_linear(
+        flat.data_ptr(),
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        *flat.shape,
+        weight.shape[0],
+    )
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _cpu_flags() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+
+
+def library_path(compiler: str) -> Path:
+    """Where this machine's build of the kernel lives: keyed by source, compiler and CPU."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=30
+    ).stdout
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), version.encode(), _cpu_flags().encode()):
+        key.update(hashlib.sha256(part).digest())
+    return cache_root() / "kernels" / f"skinny-{platform.machine()}-{key.hexdigest()[:16]}.so"
+
+
+def build(compiler: str, target: Path) -> None:
+    """Compile the kernel into ``target``, atomically (ranks may build at the same time)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        built = Path(scratch) / target.name
+        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+        done = subprocess.run(
+            [*command, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+        os.replace(built, target)
+
+
+def _openmp_runtimes() -> set[str]:
+    """The OpenMP runtime files mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return set()
+    files = {line.split()[-1] for line in maps if "/" in line}
+    return {f for f in files if Path(f).name.startswith(_OPENMP_RUNTIMES)}
+
+
+def _load() -> ctypes.CDLL | None:
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    try:
+        if compiler is None:
+            raise RuntimeError("no C compiler found ($CC, else cc)")
+        path = library_path(compiler)
+        if not path.exists():
+            build(compiler, path)
+        before = _openmp_runtimes()
+        library = ctypes.CDLL(str(path))
+        extra = _openmp_runtimes() - before
+        if before and extra:
+            raise RuntimeError(f"it loaded a second OpenMP runtime ({', '.join(sorted(extra))})")
+        library.skinny_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+        library.skinny_linear.restype = None
+        problem = _probe(library)
+        if problem:
+            raise RuntimeError(problem)
+        return library
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        warnings.warn(
+            f"draftforge: decoding does not use its few-row matmul kernel ({err}). It uses "
+            "prepacked oneDNN matmuls instead: same results, verify forwards slower.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+
+
+def _probe(library: ctypes.CDLL) -> str | None:
+    """Why the kernel disagrees with F.linear on small cases, or None: row counts below,
+    at and above one pass, an input width that is no multiple of 8, with and without bias."""
+    gen = torch.Generator().manual_seed(0)
+    for rows, width, bias in ((1, 40, False), (8, 37, True), (11, 19, True)):
+        weight = torch.randn(29, width, generator=gen)
+        b = torch.randn(29, generator=gen) if bias else None
+        x = torch.randn(1, rows, width, generator=gen)
+        got, want = _run(library, x, weight, b), F.linear(x, weight, b)
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+            return f"its output differs from F.linear's on a probe of {rows} rows"
+    return None
