@@ -78,7 +78,7 @@ class VisionProcessor:
         kind = str(json.loads(settings.read_text()).get("image_processor_type", ""))
         if kind.startswith("Llama4"):
             return Llama4VisionProcessor.from_files(path, tokenizer)
-        if not kind.startswith("Qwen2VL"):
+        if kind and not kind.startswith("Qwen2VL"):
             raise ValueError(
                 f"{settings}: image_processor_type {kind!r} is not one draftforge reads "
                 "(Qwen2VLImageProcessor for Qwen2.5-VL and Qwen3-VL, Llama4ImageProcessor)"
