@@ -22,6 +22,13 @@ between engines and fail silently when mixed up:
   a top-level ``rope_theta`` and silently use 10000 without it, so both are written.
 - vLLM reads a missing ``norm_before_residual`` as True; our residual is the un-normalised
   hidden state, so the flag is always written, as False.
+- M-RoPE (a draft for a vision-language target such as Qwen2.5-VL): SGLang switches its draft
+  to the target's 3-row positions only when ``rope_scaling`` holds ``mrope_section``; vLLM
+  reads ``rope_parameters``, which under transformers 4 a ``rope_scaling`` replaces. So a
+  draft that rotates by M-RoPE writes its sections (and ``mrope_interleaved``, explicitly) in
+  both, with equal contents and ``rope_type`` default, the one type SGLang uses for it.
+  The sources behind each field are in docs/architecture.md ("Exports for vision-language
+  targets").
 """
 
 from __future__ import annotations
@@ -64,12 +71,21 @@ from draftforge.drafts import (
 )
 from draftforge.models.eagle3 import SGLANG_ARCH
 from draftforge.shards import FORMAT, MANIFEST
-from draftforge.target import TargetInfo, aux_problem, read_target_embedding, read_target_info
+from draftforge.target import (
+    TargetInfo,
+    aux_problem,
+    read_config,
+    read_target_embedding,
+    read_target_info,
+)
 
 FORMATS: tuple[str, ...] = ("sglang", "vllm", "draftforge")
 SPECULATORS_ARCH = "Eagle3Speculator"
 SPECULATORS_VERSION = "0.9.0"  # the speculators release whose config schema this writes
 DEFAULT_SPECULATIVE_TOKENS = 3
+# M-RoPE keys of a RoPE dict, as transformers, SGLang and vLLM spell them.
+MROPE_SECTION = "mrope_section"
+MROPE_INTERLEAVED = "mrope_interleaved"
 
 
 # ----------------------------------------------------------------------------- configs
@@ -78,6 +94,9 @@ DEFAULT_SPECULATIVE_TOKENS = 3
 def llama_fields(config: LlamaConfig, dtype: str) -> dict:
     """The Llama part of an export's config, in the spellings every reader understands."""
     rope = dict(config.rope_parameters)
+    if MROPE_SECTION in rope:
+        # Both engines read a missing flag as false; written, no reader has to guess.
+        rope[MROPE_INTERLEAVED] = bool(rope.get(MROPE_INTERLEAVED, False))
     fields = {
         "model_type": "llama",
         "hidden_size": config.hidden_size,
@@ -101,9 +120,45 @@ def llama_fields(config: LlamaConfig, dtype: str) -> dict:
         "torch_dtype": dtype,
         "dtype": dtype,
     }
-    if rope.get("rope_type", "default") != "default":
+    if rope.get("rope_type", "default") != "default" or MROPE_SECTION in rope:
         fields["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     return fields
+
+
+def target_mrope_section(target: TargetInfo) -> list[int] | None:
+    """The M-RoPE sections the target's language model rotates by, or ``None`` (1-D RoPE)."""
+    text = read_config(target.name_or_path, target.trust_remote_code).get_text_config()
+    rope = getattr(text, "rope_parameters", None) or {}
+    section = rope.get(MROPE_SECTION)
+    return list(section) if section is not None else None
+
+
+def mrope_problem(layer: dict, target_section: list[int] | None) -> str | None:
+    """Why the RoPE fields of an export's Llama ``layer`` would rotate a draft otherwise than it
+    was trained, under SGLang, vLLM or the target's positions; ``None`` when they are right."""
+    rope = layer.get("rope_parameters") or {}
+    section = rope.get(MROPE_SECTION)
+    if section != target_section:
+        return (
+            f"the draft rotates by mrope_section {section}, the target's language model by "
+            f"{target_section}: train the draft for this target"
+        )
+    if section is None:
+        return None
+    if rope.get("rope_type", "default") != "default":
+        return (
+            f"an M-RoPE draft with rope_type {rope['rope_type']!r}: SGLang rotates M-RoPE drafts "
+            "with rope_type default, so it would not rotate as the draft was trained"
+        )
+    scaling = layer.get("rope_scaling") or {}
+    expected = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if scaling != expected:
+        return (
+            f"rope_scaling {scaling} is not the draft's M-RoPE {expected}: SGLang reads M-RoPE "
+            "from rope_scaling alone (vLLM under transformers 4 prefers it to rope_parameters), "
+            "so it would rotate by 1-D positions"
+        )
+    return None
 
 
 # ----------------------------------------------------------------------------- checks
@@ -156,6 +211,9 @@ def check_export(fmt: str, config: dict, tensors: dict[str, Tensor], target: Tar
         )
     if not aux_key_ok:
         raise DraftError(f"{where}: the aux layer ids are not written")
+    rope_problem = mrope_problem(layer, target_mrope_section(target))
+    if rope_problem:
+        raise DraftError(f"{where}: {rope_problem}")
 
     dims = Dims.of(draft)
     expected = {names(k): s for k, s in tensor_shapes(dims).items()}

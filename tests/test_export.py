@@ -1,3 +1,4 @@
+import copy
 import json
 import random
 import re
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig
 
 from draftforge import checkpoint
 from draftforge.cli import main
@@ -30,7 +32,7 @@ from draftforge.export import (
 )
 from draftforge.models import build_draft
 from draftforge.target import load_target, read_target_info
-from draftforge.testing import TINY_VOCAB, save_tiny_target
+from draftforge.testing import TINY_VOCAB, save_tiny_target, tiny_vl_processor, tiny_vl_target
 
 AUX = [0, 2, 5]  # a user override (the default for 8 layers is [1, 3, 4])
 DRAFT_VOCAB = 100
@@ -58,14 +60,14 @@ def randomize(draft: torch.nn.Module, seed: int) -> None:
             p.copy_(1 + 0.2 * noise if p.dim() == 1 else 0.3 * noise)
 
 
-def save_run(root: Path, target_dir: Path, edit=lambda text: text) -> Path:
-    """A run directory with one checkpoint, laid out exactly as train() writes it; ``edit``
-    changes the run config's YAML text."""
+def save_run(root: Path, target_dir: Path, edit=lambda text: text, aux=AUX) -> Path:
+    """A run directory with one checkpoint, laid out exactly as train() writes it (the draft
+    built from the target's language-model config); ``edit`` changes the run config's YAML text."""
     cfg = load_config(
         None,
         [
             f"target.path={target_dir}",
-            f"target.aux_layers={AUX}",
+            f"target.aux_layers={aux}",
             f"target.cache_dir={root / 'cache'}",
             f"draft.draft_vocab_size={DRAFT_VOCAB}",
             f"output.dir={root}",
@@ -109,8 +111,9 @@ def env(tmp_path_factory):
     }
 
 
-def logits(draft, seed: int = 3) -> torch.Tensor:
-    """Draft logits on fixed inputs: one step with causal attention over 12 positions."""
+def logits(draft, seed: int = 3, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Draft logits on fixed inputs: one step with causal attention over 12 positions (``[1, 12]``
+    or M-RoPE's ``[3, 1, 12]``; 0..11 when not given)."""
     gen = torch.Generator().manual_seed(seed)
     aux = torch.randn(1, 12, 3 * draft.config.target_hidden_size, generator=gen)
     ids = torch.randint(0, TINY_VOCAB, (1, 12), generator=gen)
@@ -121,7 +124,8 @@ def logits(draft, seed: int = 3) -> torch.Tensor:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     with torch.no_grad():
-        hidden = draft.step(draft.fc(aux), ids, torch.arange(12)[None], attend)
+        where = torch.arange(12)[None] if positions is None else positions
+        hidden = draft.step(draft.fc(aux), ids, where, attend)
         return draft.logits(hidden)
 
 
@@ -301,6 +305,41 @@ def test_rope_theta_is_written_beside_rope_parameters(env):
         assert layer["rope_theta"] == ROPE["rope_theta"]
         assert layer["rope_parameters"] == ROPE
         assert layer["rope_scaling"] == {k: v for k, v in ROPE.items() if k != "rope_theta"}
+
+
+def test_text_only_exports_write_no_mrope_field(env):
+    # The M-RoPE fields are a VL draft's alone: a text-only export keeps exactly these keys.
+    layer_keys = {
+        "model_type",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "hidden_act",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "vocab_size",
+        "attention_bias",
+        "mlp_bias",
+        "tie_word_embeddings",
+        "rope_theta",
+        "rope_parameters",
+        "rope_scaling",
+        "torch_dtype",
+        "dtype",
+    }
+    sglang = config_of(env["out"]["sglang"])
+    assert set(sglang) == layer_keys | {
+        "architectures",
+        "draft_vocab_size",
+        "target_hidden_size",
+        "eagle_config",
+    }
+    assert set(config_of(env["out"]["vllm"])["transformer_layer_config"]) == layer_keys
+    for fmt in ("sglang", "vllm", "draftforge"):
+        assert not {k for k in all_keys(config_of(env["out"][fmt])) if "mrope" in k}
 
 
 def test_torch_dtype_is_written(env):
@@ -591,6 +630,7 @@ def test_export_after_real_training(tmp_path):
     out = tmp_path / "sglang"
     assert main(["export", str(run), "--format", "sglang", "--out", str(out)]) == 0
     target = load_target(TargetConfig(path=str(target_dir)))
+    assert "rope_scaling" not in config_of(out)  # default RoPE, no M-RoPE: nothing to scale
     exported = load_draft(out, target)
     trained = load_draft(run, target)
     assert exported.config.eagle_config == trained.config.eagle_config
@@ -598,3 +638,198 @@ def test_export_after_real_training(tmp_path):
     assert torch.allclose(
         logits(exported), logits(trained), atol=0.05 * logits(trained).abs().max()
     )
+
+
+# ----------------------------------------------------------------------------- vision-language targets
+
+VL_AUX = [0, 1, 2]  # the tiny Qwen2.5-VL's language model has 4 layers
+VL_SECTION = [2, 3, 3]  # its M-RoPE: the 8 frequency pairs of a 16-wide head over t, h, w
+VL_THETA = 10000.0
+# What every reader must end up with for a Qwen2.5-VL draft (contiguous sections, not
+# interleaved as Qwen3-VL's are).
+VL_ROPE = {
+    "rope_type": "default",
+    "rope_theta": VL_THETA,
+    "mrope_section": VL_SECTION,
+    "mrope_interleaved": False,
+}
+# 3-row positions of text, a 2 x 3 image grid and text again, as Qwen2.5-VL places them.
+VL_POSITIONS = torch.tensor(
+    [
+        [0, 1, 2, 3, 3, 3, 3, 3, 3, 6, 7, 8],
+        [0, 1, 2, 3, 3, 3, 4, 4, 4, 6, 7, 8],
+        [0, 1, 2, 3, 4, 5, 3, 4, 5, 6, 7, 8],
+    ]
+)[:, None]
+
+
+@pytest.fixture(scope="module")
+def vl_env(tmp_path_factory):
+    """A draft for the tiny Qwen2.5-VL target, built as train() builds it (from the language
+    model's config, so it rotates by M-RoPE), checkpointed and exported in every format."""
+    root = tmp_path_factory.mktemp("export_vl")
+    target_dir = root / "target"
+    tiny_vl_target().save_pretrained(target_dir)
+    processor = tiny_vl_processor()
+    processor.tokenizer.save_pretrained(target_dir)
+    processor.image_processor.save_pretrained(target_dir)
+    run = save_run(root / "run", target_dir, aux=VL_AUX)
+    target = load_target(TargetConfig(path=str(target_dir), aux_layers=VL_AUX))
+    out = {
+        fmt: export_checkpoint(run, fmt, root / f"out_{fmt}").out
+        for fmt in ("sglang", "vllm", "draftforge")
+    }
+    step_dir = run / "checkpoints" / f"step_{STEP:08d}"
+    return {"target_dir": target_dir, "step": step_dir, "target": target, "out": out}
+
+
+def _engine_rope_views(layer: dict) -> dict[str, dict]:
+    """The RoPE each reader builds the draft's rotary from, read the way its source reads
+    the Llama part of the config (docs/architecture.md, "Exports for vision-language targets")."""
+    scaling = layer.get("rope_scaling") or {}
+    return {
+        # llama_eagle3.py: M-RoPE iff rope_scaling holds mrope_section, rope_type forced to
+        # default; llama.py: theta from the top-level rope_theta (10000 when missing).
+        "sglang": {
+            **scaling,
+            "rope_type": "default" if "mrope_section" in scaling else scaling.get("rope_type"),
+            "rope_theta": layer.get("rope_theta", 10000.0),
+        },
+        # vLLM's patch_rope_parameters under transformers 4: a rope_scaling replaces
+        # rope_parameters, then rope_theta is patched in.
+        "vllm_transformers4": {
+            **(scaling or layer.get("rope_parameters") or {"rope_type": "default"}),
+            "rope_theta": layer.get("rope_theta"),
+        },
+        # Under transformers 5: the config's standardised rope_parameters.
+        "vllm_transformers5": dict(LlamaConfig.from_dict(copy.deepcopy(layer)).rope_parameters),
+    }
+
+
+def test_vl_draft_rotates_by_the_targets_mrope(vl_env):
+    draft = load_draft(vl_env["step"], vl_env["target"])
+    assert draft.mrope_section == VL_SECTION
+    # The draft's own rope fields before export: mrope_section in rope_parameters only.
+    assert draft.config.rope_parameters["mrope_section"] == VL_SECTION
+
+
+def test_vl_sglang_config_fields(vl_env):
+    c = config_of(vl_env["out"]["sglang"])
+    assert c["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert c["rope_scaling"] == {k: v for k, v in VL_ROPE.items() if k != "rope_theta"}
+    assert (c["rope_theta"], c["rope_parameters"]) == (VL_THETA, VL_ROPE)
+    assert (c["vocab_size"], c["draft_vocab_size"], c["target_hidden_size"]) == (
+        TINY_VOCAB,
+        DRAFT_VOCAB,
+        64,
+    )
+    assert c["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": VL_AUX}
+    # Nothing image-specific: the engines take image tokens and positions from the target.
+    assert not {k for k in all_keys(c) if "image" in k or "vision" in k}
+    assert "embed_tokens.weight" not in load_file(vl_env["out"]["sglang"] / WEIGHTS_FILE)
+
+
+def test_vl_vllm_config_fields(vl_env):
+    c = config_of(vl_env["out"]["vllm"])
+    layer = c["transformer_layer_config"]
+    assert layer["rope_scaling"] == {k: v for k, v in VL_ROPE.items() if k != "rope_theta"}
+    assert (layer["rope_theta"], layer["rope_parameters"]) == (VL_THETA, VL_ROPE)
+    assert c["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in VL_AUX]
+    assert (c["draft_vocab_size"], c["target_hidden_size"], c["norm_before_residual"]) == (
+        DRAFT_VOCAB,
+        64,
+        False,
+    )
+    assert c["speculators_config"]["verifier"] == {
+        "name_or_path": str(vl_env["target_dir"]),
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    }
+    assert not {k for k in all_keys(c) if "image" in k or "vision" in k}
+    # vLLM uses a draft's own embed_tokens when present: it is the language model's.
+    embedding = load_file(vl_env["out"]["vllm"] / WEIGHTS_FILE)["embed_tokens.weight"]
+    language_model = vl_env["target"].model.model.language_model
+    assert torch.equal(embedding, language_model.embed_tokens.weight.detach().bfloat16())
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm"])
+def test_vl_engines_read_the_drafts_mrope(vl_env, fmt):
+    c = config_of(vl_env["out"][fmt])
+    layer = c.get("transformer_layer_config", c)
+    for reader, rope in _engine_rope_views(layer).items():
+        assert rope == VL_ROPE, reader
+
+
+@pytest.mark.parametrize("fmt", ["sglang", "vllm", "draftforge"])
+def test_vl_exports_load_back_with_the_same_rotary(vl_env, fmt):
+    target = vl_env["target"]
+    original = load_draft(vl_env["step"], target)
+    exported = load_draft(vl_env["out"][fmt], None if fmt == "draftforge" else target)
+    assert exported.mrope_section == VL_SECTION
+    hidden = torch.zeros(1, 12, 64)
+    for mine, theirs in zip(
+        exported.rotary(hidden, VL_POSITIONS), original.rotary(hidden, VL_POSITIONS), strict=True
+    ):
+        assert torch.equal(mine, theirs)
+    text_rope = target.model.model.language_model.rotary_emb(hidden, VL_POSITIONS)
+    for mine, theirs in zip(exported.rotary(hidden, VL_POSITIONS), text_rope, strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+    # Logits at 3-row positions: exactly the checkpoint's draft at the export's precision,
+    # and not what the draft gives at 1-D positions (the rows matter).
+    expected = (
+        logits(original, positions=VL_POSITIONS)
+        if fmt == "draftforge"
+        else logits(reference(vl_env, round_embedding=fmt == "vllm"), positions=VL_POSITIONS)
+    )
+    assert torch.equal(logits(exported, positions=VL_POSITIONS), expected)
+    assert not torch.allclose(logits(exported, positions=VL_POSITIONS), logits(exported))
+
+
+def _vl_mutations() -> list[tuple[str, str, object]]:
+    def layer(c):
+        return c.get("transformer_layer_config", c)
+
+    return [
+        ("sglang", "would rotate by 1-D positions", lambda c: c.pop("rope_scaling")),
+        (
+            "vllm",
+            "would rotate by 1-D positions",
+            lambda c: layer(c)["rope_scaling"].pop("mrope_section"),
+        ),
+        (
+            "sglang",
+            "would rotate by 1-D positions",
+            lambda c: c["rope_scaling"].update(mrope_interleaved=True),
+        ),
+        (
+            "vllm",
+            "SGLang rotates M-RoPE drafts with rope_type default",
+            lambda c: layer(c)["rope_parameters"].update(rope_type="linear", factor=2.0),
+        ),
+        (
+            "sglang",
+            "the draft rotates by mrope_section None, the target's language model by [2, 3, 3]",
+            lambda c: [c.pop("rope_scaling"), c["rope_parameters"].pop("mrope_section")],
+        ),
+    ]
+
+
+@pytest.mark.parametrize(("fmt", "needle", "mutate"), _vl_mutations())
+def test_check_refuses_a_vl_export_that_would_rotate_otherwise(vl_env, fmt, needle, mutate):
+    state, _ = read_checkpoint(vl_env["step"])
+    info = read_target_info(str(vl_env["target_dir"]))
+    state.embedding = vl_env["target"].embed_weight().detach()
+    config, tensors = sglang_files(state) if fmt == "sglang" else vllm_files(state, info)
+    check_export(fmt, config, tensors, info)  # as written, it passes
+    mutate(config)
+    with pytest.raises(DraftError, match=re.escape(needle)):
+        check_export(fmt, config, tensors, info)
+
+
+def test_a_vl_draft_is_refused_for_a_text_target(vl_env, env, tmp_path, capsys):
+    args = ["export", str(vl_env["step"]), "--format", "sglang", "--out", str(tmp_path / "o")]
+    _fails_in_one_line(
+        capsys,
+        [*args, "--target", str(env["target_dir"])],
+        "the draft rotates by mrope_section [2, 3, 3], the target's language model by None",
+    )
+    assert not (tmp_path / "o").exists()
