@@ -145,7 +145,7 @@ def workdir(request, tmp_path_factory) -> Path:
     make_target, make_processor = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     model = make_target()
-    model.lm_head.weight.data *= 30
+    model.get_output_embeddings().weight.data *= 30
     model.save_pretrained(root / "target")
     processor = make_processor()
     processor.tokenizer.save_pretrained(root / "target")
@@ -157,7 +157,7 @@ def workdir(request, tmp_path_factory) -> Path:
 
 def test_the_draft_learns_an_image_task_online_from_the_checkpoint(workdir):
     out = workdir / "run"
-    settings = {"training.max_steps": 40, "training.log_every": 5, "data.eval_fraction": 0.0}
+    settings = {"training.max_steps": 30, "training.log_every": 5, "data.eval_fraction": 0.0}
     cfg = load_config(None, tiny_run_overrides(workdir, out, **settings))
     target = load_target(TargetConfig(path=str(workdir / "target"), aux_layers=[0, 1, 2]))
     dataset = prepare_vision_data(cfg, target).dataset
@@ -239,3 +239,35 @@ def test_llama4_canvases_and_sizes_follow_transformers_rules(max_patches):
             resized = rules["get_max_res_without_distortion"]((height, width), bound)
             resized = (max(resized[0], 1), max(resized[1], 1))
             assert tiles.layout(height, width) == (canvas, resized), (height, width)
+
+
+def test_an_image_processor_draftforge_cannot_read_is_named_with_its_file(tmp_path):
+    from draftforge.data.vision import VisionProcessor
+    from draftforge.testing import tiny_vl_tokenizer
+
+    settings = tmp_path / "preprocessor_config.json"
+    settings.write_text(json.dumps({"image_processor_type": "SiglipImageProcessor"}))
+    with pytest.raises(ValueError, match=f"{settings}: image_processor_type 'Siglip"):
+        VisionProcessor.from_checkpoint(str(tmp_path), tiny_vl_tokenizer())
+
+
+def test_llama4_tiles_cut_the_padded_canvas_row_by_row_then_the_whole_image(images):
+    import numpy as np
+    from PIL import Image
+
+    tiles = tiny_llama4_processor().image_processor
+    with Image.open(images[0][0]) as opened:  # 96 x 64: a grid of 2 x 3 tiles of 28
+        image = opened.convert("RGB")
+    pixels, (rows, cols) = tiles.tiles(image)
+    canvas, (height, width) = tiles.layout(image.height, image.width)
+    assert (rows, cols) == (canvas[0] // 28, canvas[1] // 28) and rows * cols > 1
+    padded = np.zeros((*canvas, 3), dtype=np.float32)
+    padded[:height, :width] = np.array(image.resize((width, height), Image.BILINEAR))
+    expected = torch.from_numpy(padded / 127.5 - 1).permute(2, 0, 1)
+    for k in range(rows * cols):
+        r, c = divmod(k, cols)
+        cell = expected[:, r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28]
+        assert torch.allclose(pixels[k], cell, atol=1e-2)  # normalised in bfloat16
+    whole = np.array(image.resize((28, 28), Image.BILINEAR), dtype=np.float32) / 127.5 - 1
+    assert torch.allclose(pixels[-1], torch.from_numpy(whole).permute(2, 0, 1), atol=1e-2)
+    assert pixels.shape[0] == rows * cols + 1
