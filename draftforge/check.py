@@ -101,6 +101,12 @@ class TargetFacts:
     def text(self) -> Any:
         return self.config.get_text_config()
 
+    @property
+    def model_config(self) -> Any:
+        """The config by the name a loaded target gives it (preparing data with images
+        reads it)."""
+        return self.config
+
     @classmethod
     def of(cls, target: TargetParts) -> TargetFacts:
         """From a loaded target (``train``, ``capture``)."""
@@ -321,8 +327,9 @@ def memory_findings(
         return []  # layout_findings says why
     try:
         params = count_target_params(facts.config)
-    except (ValueError, KeyError) as err:
-        return [Finding(False, f"memory not estimated: cannot build the target's shape ({err})")]
+    except (ValueError, KeyError) as err:  # a vision-language target's config, for one
+        why = str(err).splitlines()[0] if str(err) else repr(err)  # not the list of classes
+        return [Finding(False, f"memory not estimated: cannot build the target's shape ({why})")]
     tokens, weight_bytes = cfg.training.tokens_per_batch, facts.dtype.itemsize
     plan = layout_plan(
         facts.config,
@@ -450,7 +457,10 @@ def run_checks(
     ]
     if any(f.error for f in found):
         return found, prepared
-    if prepared is None:
+    if prepared is None and is_vision_config(facts.config):  # conversations with images
+        prepared = prepare_vision_data(cfg, facts)
+        log(prepared.summary(), flush=True)
+    elif prepared is None:
         prepared = prepare_data(cfg, facts.tokenizer, facts.vocab_size)
         log(prepared.summary(), flush=True)
     found += vocab_findings(cfg, prepared)

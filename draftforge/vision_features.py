@@ -16,17 +16,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
 
 from draftforge.config import Config, ConfigError, cache_root
 from draftforge.shards import ShardReader
-from draftforge.target import Target, TargetParts, is_vision_config
+from draftforge.target import Target, is_vision_config
 from draftforge.vision_target import (
     VisionFeatures,
-    rope_position_ids,
+    sample_positions,
     vision_batch,
     vision_features,
 )
@@ -36,13 +36,25 @@ if TYPE_CHECKING:
     from draftforge.data.vision import VisionSample
 
 
-def prepare_vision_data(cfg: Config, target: TargetParts) -> PrepareResult:
+class TargetFiles(Protocol):
+    """What preparing conversations with images reads of a target: a loaded one
+    (:class:`~draftforge.target.TargetParts`) or what ``draftforge check`` reads of its
+    files."""
+
+    path: str
+    tokenizer: Any
+    model_config: Any
+    vocab_size: int
+
+
+def prepare_vision_data(cfg: Config, target: TargetFiles) -> PrepareResult:
     """``data.path``'s conversations with images, through a VL target's processor, with
     the position ids its language model computes for each sample, and the draft vocabulary
     (what :func:`prepare_data` is for text conversations).
 
     The loaded target's processor and model are used; for training from a capture, which
-    loads the target's head only, the processor is built from the checkpoint's files and the
+    loads the target's head only, and for ``draftforge check``, which loads no weights, the
+    processor is built from the checkpoint's files and the
     positions come from the model class on the meta device (its ``get_rope_index`` reads
     the config only), though training then rotates by the positions the capture stored.
     """
@@ -62,7 +74,7 @@ def prepare_vision_data(cfg: Config, target: TargetParts) -> PrepareResult:
 
     def positions(sample: VisionSample) -> Tensor:
         batch = {k: v.to(device) for k, v in vision_batch([sample]).items()}
-        return rope_position_ids(model, batch)[:, 0].cpu()
+        return sample_positions(model, batch)
 
     # The draft vocabulary's folder, one per data, target, length and template variables
     # (the samples stay in memory: nothing else is cached yet); its name is the dataset's

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from draftforge.check import TargetFacts, run_checks
 from draftforge.config import TargetConfig, load_config
 from draftforge.features import prepare_vision_data
 from draftforge.offline import capture
@@ -176,6 +177,23 @@ def test_a_damaged_positioned_shard_is_captured_again(workdir, captured, tmp_pat
     for e in (*repaired["shards"], *manifest["shards"]):
         e.pop("sha256")
     assert repaired == manifest
+
+
+def test_check_prepares_a_vl_targets_data_as_capture_does(workdir, captured):
+    # draftforge check loads no weights: the processor comes from the checkpoint's files
+    cfg = _config(workdir, workdir / "unused", **{"data.mode": "offline"})
+    cpu = torch.device("cpu")
+    facts = TargetFacts.read(cfg.target, cpu)
+    found, prepared = run_checks(cfg, facts, None, world=1, device=cpu, stage="check")
+    assert not [f for f in found if f.error]
+    assert all("\n" not in f.message for f in found)  # each finding one line
+    manifest = json.loads((captured / MANIFEST).read_text())
+    assert prepared.dataset.key == manifest["settings"]["dataset_key"]
+    lengths = {}
+    for entry in manifest["shards"]:
+        for j, row in enumerate(entry["rows"]):
+            lengths[row] = entry["offsets"][j + 1] - entry["offsets"][j]
+    assert prepared.dataset.lengths() == [lengths[row] for row in range(len(lengths))]
 
 
 def test_a_text_capture_stores_no_positions(tmp_path):
