@@ -139,7 +139,7 @@ def test_qwen3_vl_positions_deepstack_and_the_drafts_interleaved_rotary(images):
     assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
-@pytest.fixture(scope="module", params=["qwen3_vl"])
+@pytest.fixture(scope="module", params=list(FAMILIES))
 def workdir(request, tmp_path_factory) -> Path:
     """A family's checkpoint folder (a confident head, as in write_tiny_run) and captions."""
     make_target, make_processor = FAMILIES[request.param]
