@@ -18,6 +18,7 @@ from draftforge.config import TargetConfig, load_config
 from draftforge.data.vision import IMAGE_TYPE, encode_vision_conversation
 from draftforge.features import prepare_vision_data
 from draftforge.models import build_draft
+from draftforge.offline import capture
 from draftforge.synthetic_images import write_synthetic_images
 from draftforge.target import load_target
 from draftforge.testing import (
@@ -155,18 +156,54 @@ def workdir(request, tmp_path_factory) -> Path:
     return root
 
 
-def test_the_draft_learns_an_image_task_online_from_the_checkpoint(workdir):
-    out = workdir / "run"
-    settings = {"training.max_steps": 30, "training.log_every": 5, "data.eval_fraction": 0.0}
-    cfg = load_config(None, tiny_run_overrides(workdir, out, **settings))
+def _config(workdir: Path, out: Path, **extra):
+    settings = {
+        "training.max_steps": 30,
+        "training.log_every": 5,
+        "data.eval_fraction": 0.0,
+        "data.features_dir": workdir / "features",
+        **extra,
+    }
+    return load_config(None, tiny_run_overrides(workdir, out, **settings))
+
+
+def _metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def online_run(workdir) -> Path:
+    """The family's draft trained online on the caption task, on one thread as the tests
+    (a module fixture runs before their per-test thread setting)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(_config(workdir, workdir / "online"))
+    finally:
+        torch.set_num_threads(threads)
+    return workdir / "online"
+
+
+def test_the_draft_learns_an_image_task_online_from_the_checkpoint(workdir, online_run):
     target = load_target(TargetConfig(path=str(workdir / "target"), aux_layers=[0, 1, 2]))
-    dataset = prepare_vision_data(cfg, target).dataset
+    dataset = prepare_vision_data(_config(workdir, workdir / "unused"), target).dataset
     for sample in dataset.samples:
         assert not sample.loss_mask[sample.mm_token_type_ids == IMAGE_TYPE].any()
-    train(cfg)
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = _metrics(online_run)
     first, last = rows[0], rows[-1]
     assert last["acc_0"] > first["acc_0"] + 0.15, (first["acc_0"], last["acc_0"])
+
+
+def test_offline_training_from_a_capture_reproduces_the_online_losses(workdir, online_run):
+    manifest = capture(_config(workdir, workdir / "unused"), progress=False).manifest
+    # positions are stored where they are not 0..n-1: Qwen3-VL's image rows, no Llama-4 row
+    stored = any("positions" in entry for entry in manifest["shards"])
+    assert stored == workdir.name.startswith("qwen3_vl")
+    train(_config(workdir, workdir / "offline", **{"data.mode": "offline"}))
+    online, offline = _metrics(online_run), _metrics(workdir / "offline")
+    assert [r["step"] for r in online] == [r["step"] for r in offline]
+    for x, y in zip(online, offline, strict=True):  # tests/test_offline.py's tolerance
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(y["loss"]) + 1e-6, (x, y)
 
 
 def test_llama4_images_tile_and_positions_are_plain(images):
