@@ -5,7 +5,8 @@ that makes the slice resumable.
 Every rank of the group runs the forwards (a tensor-parallel target needs them all); one
 rank, the group's writer, writes. A vision-language target runs one sample per forward, its
 images with it, and its shards keep the position ids its language model used where they are
-not ``0..n-1`` (:mod:`draftforge.shards`). Locks, resuming, merging and repair: :mod:`draftforge.offline`.
+not ``0..n-1`` (:mod:`draftforge.shards`). Locks, resuming, merging and repair:
+:mod:`draftforge.offline`.
 """
 
 from __future__ import annotations

@@ -12,15 +12,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from draftforge.capture_writer import progress_path
 from draftforge.check import TargetFacts, run_checks
 from draftforge.config import TargetConfig, load_config
-from draftforge.features import prepare_vision_data
 from draftforge.offline import capture
 from draftforge.shards import MANIFEST, ShardError, ShardReader
 from draftforge.synthetic_images import write_synthetic_images
 from draftforge.target import load_target
 from draftforge.testing import tiny_run_overrides, tiny_vl_processor, tiny_vl_target, write_tiny_run
 from draftforge.train import train
+from draftforge.vision_features import prepare_vision_data
 from draftforge.vision_target import rope_position_ids, vision_batch
 
 AUX = [2, 0, 1]  # not in order, and not the last layer (whose output is the final-norm state)
@@ -177,6 +178,31 @@ def test_a_damaged_positioned_shard_is_captured_again(workdir, captured, tmp_pat
     for e in (*repaired["shards"], *manifest["shards"]):
         e.pop("sha256")
     assert repaired == manifest
+
+
+def test_a_killed_capture_resumes_with_its_positions(workdir, captured, tmp_path):
+    # what a kill after the fourth shard leaves: those shards and a progress record of them
+    manifest = json.loads((captured / MANIFEST).read_text())
+    kept = manifest["shards"][:4]
+    assert any("positions" in e for e in kept) and any(
+        "positions" in e for e in manifest["shards"][4:]
+    )
+    features = tmp_path / "features"
+    features.mkdir()
+    for entry in kept:
+        (features / entry["file"]).write_bytes((captured / entry["file"]).read_bytes())
+    record = {key: manifest[key] for key in ("format", "version", "settings")}
+    progress = {**record, "done": False, "shards": kept}
+    progress_path(features, 0, 1).write_text(json.dumps(progress))
+    cfg = _config(workdir, tmp_path / "unused", **{"data.features_dir": features})
+    resumed = capture(cfg, progress=False)
+    assert resumed.tokens == manifest["tokens"] - sum(e["offsets"][-1] for e in kept)
+    again = json.loads((features / MANIFEST).read_text())
+    assert again["shards"][:4] == kept  # the finished shards as they were, positions and all
+    for e in (*again["shards"], *manifest["shards"]):
+        e.pop("sha256")
+    assert again["shards"] == manifest["shards"]
+    assert again["tensors"] == manifest["tensors"]
 
 
 def test_check_prepares_a_vl_targets_data_as_capture_does(workdir, captured):
