@@ -24,7 +24,13 @@ from draftforge.decode.evaluate import Prompt, encode_prompt, hf_generate, load_
 from draftforge.decode.image_prompts import builtin_image_prompts, encode_image_prompt
 from draftforge.decode.sampling import SamplingParams
 from draftforge.decode.tree import TreeShape
-from draftforge.decode.vision import ImageInputs, PromptPositions, prompt_positions
+from draftforge.decode.vision import (
+    ImageInputs,
+    PlainVisionTargetPath,
+    PromptPositions,
+    generate_inputs,
+    prompt_positions,
+)
 from draftforge.models import build_draft
 from draftforge.synthetic_images import bar_chart_image, shapes_image, text_image
 from draftforge.target import Target
@@ -46,6 +52,16 @@ NEW_TOKENS = 32
 SHAPES = [TreeShape(3, 1), TreeShape(3, 2, 6)]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_for_the_module():
+    """The module's fixtures decode too (the references): one thread from the start, for the
+    reason of conftest's ``one_thread``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def confident_vl_model(dtype: torch.dtype = torch.float64, make=tiny_vl_target) -> torch.nn.Module:
@@ -277,8 +293,8 @@ def test_bad_pairings_are_refused(target, prompts):
         SpecEngine(target, None, TreeShape(0), lean=True)
     processor = tiny_llama4_processor()
     llama4 = Target(tiny_llama4_target(), processor.tokenizer, [0, 1, 2], "l4", processor=processor)
-    with pytest.raises(DecodeError, match="1-D positions"):
-        SpecEngine(llama4, None, TreeShape(0))
+    with pytest.raises(DecodeError, match=r"images and go through its modules .* text-only"):
+        SpecEngine(llama4, None, TreeShape(0), lean=True)
     with pytest.raises(DecodeError, match="no mrope_section"):
         SpecEngine(target, _without_mrope(target), TreeShape(2))
     text = as_target(bigram_like_target("qwen2"))
@@ -386,3 +402,136 @@ def test_a_bad_image_names_its_file_and_line(workdir, capsys):
     args = ["eval", "--draft", str(workdir / "run"), "--prompts", str(path)]
     assert main(args) == 2
     assert f"{path}:2" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- Llama-4
+
+
+def confident_llama4_model() -> torch.nn.Module:
+    """The tiny Llama-4 (chunks of 16 tokens, MoE, a last layer without RoPE) in float64 with
+    a confident head, a next token that leans on the current one, and image states as large
+    as token embeddings (so the pictures change the output). It never outputs the image
+    token: the no-cache reference would read a generated one as a place for image states."""
+    model = tiny_llama4_target().double()
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(3.0)
+        model.get_output_embeddings().weight.mul_(10.0)
+        model.get_output_embeddings().weight[model.config.image_token_id] = 0.0
+        model.multi_modal_projector.linear_1.weight.mul_(100.0)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama4() -> Target:
+    processor = tiny_llama4_processor()
+    model = confident_llama4_model()
+    return Target(model, processor.tokenizer, [0, 1, 2], "tiny-llama4", processor=processor)
+
+
+@pytest.fixture(scope="module")
+def llama4_prompts(llama4, messages):
+    """Two images of different tile grids, and two images at once, through Llama-4's tiles;
+    every prompt is several attention chunks long."""
+    encoded = {k: encode_image_prompt(llama4.processor, m) for k, m in messages.items()}
+    grids = {tuple(inputs.image_grid_thw[0].tolist()) for _, inputs in encoded.values()}
+    assert len(grids) >= 2, grids
+    chunk = llama4.config.attention_chunk_size
+    assert all(len(ids) > 2 * chunk for ids, _ in encoded.values())
+    return encoded
+
+
+def no_cache_greedy(model, ids: list[int], inputs: ImageInputs, count: int) -> list[int]:
+    """The model's own greedy continuation: one whole forward (vision tower, projector,
+    language model and its chunk masks, no cache) per new token."""
+    sequence = torch.tensor([ids])
+    pixels = inputs.pixel_values.to(model.dtype)
+    with torch.no_grad(), generate_inputs(model, inputs):
+        for _ in range(count):
+            logits = model(input_ids=sequence, pixel_values=pixels, use_cache=False).logits
+            sequence = torch.cat([sequence, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return sequence[0, len(ids) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def llama4_references(llama4, llama4_prompts):
+    """The no-cache greedy loop, which transformers' generate (with its chunked caches)
+    agrees with."""
+    references = {}
+    for name, (ids, inputs) in llama4_prompts.items():
+        references[name] = no_cache_greedy(llama4.model, ids, inputs, NEW_TOKENS)
+        generated, _ = hf_generate(llama4, ids, NEW_TOKENS, SamplingParams(), frozenset(), inputs)
+        assert generated == references[name], name
+    return references
+
+
+@pytest.mark.parametrize("kind", ["oracle", "untrained"])
+def test_llama4_greedy_speculation_is_its_own_greedy_output(
+    llama4, llama4_prompts, llama4_references, kind
+):
+    """Chains and trees, past several attention chunks: exactly the model's own tokens."""
+    draft = oracle_draft(llama4) if kind == "oracle" else random_draft(llama4)
+    assert draft.mrope_section is None
+    lengths = []
+    names = list(llama4_prompts) if kind == "oracle" else ["two"]
+    for name in names:
+        ids, inputs = llama4_prompts[name]
+        for shape in SHAPES:
+            engine = SpecEngine(llama4, draft, shape)
+            assert engine.path.name == "hf" and "vision-language" in engine.path_note
+            gen = engine.generate(ids, NEW_TOKENS, stop_ids=(), images=inputs)
+            assert gen.tokens == llama4_references[name], f"{kind} {name} {shape}"
+            lengths.append(gen.acceptance_length)
+    mean = sum(lengths) / len(lengths)
+    if kind == "oracle":
+        assert mean > 1.5 and max(lengths) > 1.8, lengths
+    else:
+        assert mean < 1.2, lengths
+
+
+def test_llama4_chunks_and_images_decide_the_output(
+    llama4, llama4_prompts, llama4_references, monkeypatch
+):
+    """The exactness test can fail: chunked layers attending to the whole context, or a
+    blank picture of the same size, change the output."""
+    differ = 0
+    for name, (ids, inputs) in llama4_prompts.items():
+        blank = ImageInputs(
+            torch.zeros_like(inputs.pixel_values), inputs.image_grid_thw, inputs.mm_token_type_ids
+        )
+        gen = SpecEngine(llama4, None, TreeShape(0)).generate(ids, NEW_TOKENS, (), blank)
+        assert gen.tokens != llama4_references[name], name
+    real = PlainVisionTargetPath.masks
+
+    def unchunked(path, positions, tree):
+        masks = real(path, positions, tree)
+        return {kind: masks["full_attention"] for kind in masks}
+
+    monkeypatch.setattr(PlainVisionTargetPath, "masks", unchunked)
+    for name, (ids, inputs) in llama4_prompts.items():
+        gen = SpecEngine(llama4, None, TreeShape(0)).generate(ids, NEW_TOKENS, (), inputs)
+        differ += gen.tokens != llama4_references[name]
+    assert differ >= 2
+
+
+def test_eval_runs_a_llama4_checkpoint_on_its_image_prompts(tmp_path, capsys):
+    """A saved tiny Llama-4 (weights, tokenizer, tiling settings) and a draft run for it:
+    `draftforge eval` draws its image prompts and reports acceptance, exact at temperature 0
+    against the engine without a draft and transformers' generate."""
+    processor = tiny_llama4_processor()
+    model = confident_llama4_model().float()
+    model.save_pretrained(tmp_path / "target")
+    processor.tokenizer.save_pretrained(tmp_path / "target")
+    processor.image_processor.save_pretrained(tmp_path / "target")
+    target = Target(model, processor.tokenizer, [0, 1, 2], str(tmp_path / "target"))
+    save_draft(oracle_draft(target), tmp_path / "target", tmp_path / "run")
+    out = tmp_path / "report.json"
+    args = ["eval", "--draft", str(tmp_path / "run"), "--max-new-tokens", "12"]
+    assert main([*args, "--num-steps", "3", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    expected = [ident for ident, _ in builtin_image_prompts()]
+    assert [r["id"] for r in report["per_prompt"]] == expected
+    assert report["acceptance_length"] > 1.2
+    assert report["greedy_identical_prompts"] == {"baseline": 4, "generate": 4}
+    assert "vision-language" in report["target_path_note"]
+    assert "acceptance length" in capsys.readouterr().out

@@ -37,7 +37,7 @@ from draftforge.decode.image_prompts import (
 )
 from draftforge.decode.sampling import SamplingParams
 from draftforge.decode.tree import TreeShape
-from draftforge.decode.vision import ImageInputs
+from draftforge.decode.vision import ImageInputs, generate_inputs
 from draftforge.models.eagle3 import Eagle3Draft
 from draftforge.target import Target
 
@@ -216,12 +216,12 @@ def hf_generate(
     )
     inputs = torch.tensor([ids], device=target.device)
     start = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), generate_inputs(target.model, images) as image_kwargs:
         out = target.model.generate(
             inputs,
             attention_mask=torch.ones_like(inputs),
             generation_config=config,
-            **(images.generate_kwargs() if images is not None else {}),
+            **image_kwargs,
         )
     return out[0, len(ids) :].tolist(), time.perf_counter() - start
 

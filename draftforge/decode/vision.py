@@ -15,18 +15,27 @@ same positions it was trained on (``vision_target`` gives training the same ids)
 The target runs on transformers' forward: the lean static-cache forward serves text-only
 decoders (:mod:`draftforge.decode.lean`), and passing the position ids explicitly keeps the
 model's ``rope_deltas`` state out of every call.
+
+Llama-4 places every token at its sequence index, so its images only matter at the prefill,
+where the projected vision states replace the image tokens' embeddings; every forward after
+it is the language model's. Its chunked attention layers need a cache the engine can compact
+and masks that follow the chunks: :class:`PlainVisionTargetPath`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.paths import HFTargetPath
+from draftforge.target import capture_layers
 from draftforge.vision_target import rope_position_ids, uses_mrope
 
 
@@ -73,8 +82,9 @@ class PromptPositions:
 
 
 def prompt_positions(model: nn.Module, ids: Tensor, images: ImageInputs | None) -> PromptPositions:
-    """The positions the model gives a prompt (``ids`` [P]) with ``images``."""
-    if images is None or images.image_grid_thw.numel() == 0:
+    """The positions the model gives a prompt (``ids`` [P]) with ``images``: the sequence
+    indices for a target with 1-D positions (Llama-4)."""
+    if images is None or images.image_grid_thw.numel() == 0 or not uses_mrope(model):
         return PromptPositions.text(ids.device)
     batch = {
         "input_ids": ids[None],
@@ -117,20 +127,147 @@ class VisionTargetPath(HFTargetPath):
         return kwargs
 
 
+def plain_input_embeds(model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+    """What the language model of a target with 1-D positions (Llama-4) reads: the token
+    embeddings of ``input_ids`` [B, T], with the vision tower's states of ``pixel_values``
+    projected into the image tokens' places, the steps of the model's own forward (as
+    :func:`draftforge.vision_target._plain_features` takes them for training)."""
+    embeds = model.get_input_embeddings()(input_ids)
+    if pixel_values is None:
+        return embeds
+    vision = model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    states = vision.last_hidden_state
+    projected = model.multi_modal_projector(states.view(-1, states.size(-1)))
+    where = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=projected)
+    return embeds.masked_scatter(where, projected.to(embeds.dtype))
+
+
+class PlainVisionTargetPath(VisionTargetPath):
+    """A VL target with 1-D positions and chunked attention (Llama-4), on its own modules.
+
+    The prefill's embeddings carry the prompt's images (:func:`plain_input_embeds`, the
+    steps of the model's forward before its language model); every forward then runs the
+    language model with its head over the cache, each token at its sequence index. The
+    whole model's forward is not called: transformers 5.24's
+    ``Llama4ForConditionalGeneration.forward`` fails building its output (see
+    :func:`generate_inputs`).
+
+    A chunked layer's query at position p sees the keys at positions ``[C * (p // C), p]``
+    (C = ``attention_chunk_size``; transformers' ``chunked_overlay`` in masking_utils.py).
+    transformers keeps only the last C - 1 entries of such a layer
+    (``DynamicSlidingWindowLayer``), which a verify's compaction cannot address; here every
+    layer keeps every committed entry (a plain ``DynamicCache``, entry i at position i), and
+    each forward gets one mask per layer type: the tree (or causal) mask over cache and new
+    tokens, and for chunked layers the same mask restricted to each query's chunk. That is
+    exact at any context length.
+    """
+
+    def __init__(self, model: nn.Module, aux_layers: list[int]) -> None:
+        # Not HFTargetPath's constructor: it builds the config's cache, chunked layers
+        # included, and refuses them.
+        text = model.config.get_text_config()
+        unknown = set(text.layer_types) - {"full_attention", "chunked_attention"}
+        if unknown:
+            raise DecodeError(
+                f"{type(model).__name__} has {sorted(unknown)} layers; the engine serves "
+                "full and chunked attention in a target with 1-D positions"
+            )
+        self.vision_model = model
+        self.model = model.language_model  # the text model with its head
+        self.aux_layers = aux_layers
+        self.layer_types = set(text.layer_types)
+        self.chunk: int | None = getattr(text, "attention_chunk_size", None)
+        self.cache = DynamicCache()
+        self.positions = PromptPositions.text()
+        self.images = None
+
+    def reset(self) -> None:
+        self.cache = DynamicCache()
+        self.images = None
+
+    def masks(self, positions: Tensor, tree: Tensor | None) -> dict[str, Tensor]:
+        """Additive masks [1, 1, T, L + T] of new tokens at ``positions`` over the cache's L
+        entries and themselves, by layer type."""
+        count, length = positions.numel(), self.length
+        device = positions.device
+        inner = torch.ones(count, count, dtype=torch.bool, device=device).tril()
+        new = inner if tree is None else tree.to(device)
+        visible = torch.cat([new.new_ones(count, length), new], dim=1)
+        keys = torch.cat([torch.arange(length, device=device), positions])
+        dtype = self.model.dtype
+        masks = {}
+        for kind in self.layer_types:
+            seen = visible
+            if kind == "chunked_attention":
+                seen = visible & (keys[None] // self.chunk == positions[:, None] // self.chunk)
+            mask = torch.zeros(seen.shape, dtype=dtype, device=device)
+            masks[kind] = mask.masked_fill(~seen, torch.finfo(dtype).min)[None, None]
+        return masks
+
+    @torch.no_grad()
+    def forward(
+        self, ids: Tensor, positions: Tensor, tree: Tensor | None, last_only: bool, aux: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        pixels = None
+        if self.length == 0 and self.images is not None:
+            pixels = self.images.pixel_values.to(ids.device, self.model.dtype)
+        kwargs = {
+            "inputs_embeds": plain_input_embeds(self.vision_model, ids[None], pixels),
+            "position_ids": positions[None],
+            "attention_mask": self.masks(positions, tree),
+            "past_key_values": self.cache,
+            "use_cache": True,
+            "logits_to_keep": 1 if last_only else 0,
+        }
+        if not aux:
+            return self._call(kwargs), None
+        with capture_layers(self.model, self.aux_layers) as captured:
+            logits = self._call(kwargs)
+        return logits, torch.cat(captured, dim=-1)[0]
+
+
 def vision_target_path(
     model: nn.Module, aux_layers: list[int], lean: bool | None, compile: bool
 ) -> tuple[VisionTargetPath, str]:
     """The path of a VL target, and why it is not the lean one; ``lean=True`` or ``compile``
     (the lean forward's options) are refused with the reason."""
+    mrope = uses_mrope(model)
+    how = "M-RoPE positions go through transformers' forward" if mrope else "go through its modules"
     why = (
-        "a vision-language target: its prompt's images and M-RoPE positions go through "
-        "transformers' forward (the lean forward serves text-only decoders)"
+        f"a vision-language target: its prompt's images and {how} (the lean forward serves "
+        "text-only decoders)"
     )
     if lean or compile:
         raise DecodeError(f"{why}; drop --engine lean and --compile")
-    if not uses_mrope(model):
-        raise DecodeError(
-            f"{type(model).__name__}: speculative decoding of a vision-language target with "
-            "1-D positions (Llama-4) is not supported yet; Qwen2.5-VL and Qwen3-VL are"
-        )
+    if not mrope:
+        return PlainVisionTargetPath(model, aux_layers), why
     return VisionTargetPath(model, aux_layers), why
+
+
+@contextmanager
+def generate_inputs(model: nn.Module, images: ImageInputs | None) -> Iterator[dict[str, Tensor]]:
+    """The image arguments of ``model.generate`` for ``images`` (none without), and, for a
+    target with 1-D positions, its forward made callable while the block runs.
+
+    Why: transformers 5.24's ``Llama4ForConditionalGeneration.forward`` builds its output
+    from ``outputs.image_outputs`` of its language model, whose output
+    (``MoeCausalLMOutputWithPast``) has no such field, so every call fails after the logits
+    are computed; a hook on the language model gives its output that field (None, as the
+    model reads it when no image encoder output is kept)."""
+    if uses_mrope(model) or not hasattr(model, "language_model"):
+        yield {} if images is None else images.generate_kwargs()
+        return
+
+    def add_field(_module: nn.Module, _args: object, output: Any) -> None:
+        if not hasattr(output, "image_outputs"):
+            output.image_outputs = None
+
+    handle = model.language_model.register_forward_hook(add_field)
+    try:
+        yield (
+            {}
+            if images is None
+            else {"pixel_values": images.pixel_values.to(model.device, model.dtype)}
+        )
+    finally:
+        handle.remove()
