@@ -11,28 +11,53 @@ before a token. Those ids are computed once here, with the model's own ``get_rop
 passed to its forward (so the forward keeps no ``rope_deltas`` state from the call) and
 returned with the states, so training and decoding can give the draft the same positions.
 
-Qwen3-VL adds deepstack states of its vision tower into the first decoder layers' outputs at
-the image tokens, after each layer; the hooks, like ``output_hidden_states``, see each
-layer's own output. Llama-4 rotates by plain 1-D positions (``arange``); its forward runs
-step by step up to its language model's output (:func:`_plain_features`).
+Qwen3-VL adds deepstack states of its vision tower (one level per entry of
+``vision_config.deepstack_visual_indexes``) into the residual stream at the image tokens,
+level i right after decoder layer i. transformers' ``output_hidden_states`` records each
+layer's output before that addition (transformers 5.24, ``models/qwen3_vl/
+modeling_qwen3_vl.py``, ``Qwen3VLTextModel.forward`` and ``_deepstack_process``). The serving
+engines feed the draft the stream after it: each records an aux state as the input of layer
+i + 1 (the EAGLE-3 id plus one), and adds level i after layer i, before that record:
+
+- vLLM, ``vllm/model_executor/models/qwen3_vl.py`` @4f5768c7: ``Qwen3VLForConditionalGeneration``
+  implements ``SupportsEagle3``; ``Qwen3LLMModel.forward`` appends ``hidden_states +
+  residual`` before each layer of ``aux_hidden_state_layers`` and adds
+  ``deepstack_input_embeds_{i}`` to ``hidden_states`` after layer i.
+- SGLang, ``python/sglang/srt/models/qwen3_vl.py``: ``Qwen3LLMModel.forward`` appends
+  ``hidden_states + residual`` before each layer of ``layers_to_capture`` (the ids plus one,
+  ``set_eagle3_layers_to_capture``) and adds level i to ``hidden_states`` after layer i: at
+  sgl-project/sglang @005fa833 and @2409eacc (whose Qwen3-VL has no EAGLE-3 hook yet), and
+  by default in the forks amdpilot-org/sglang @5e1c7f38 and wow-look-at-my/sglang @d8f3d0ee,
+  which have the hook. Those forks add the level inside layer i + 1 instead, after the
+  record (transformers' order, leaving it out of the aux state), only for
+  ``rl_on_policy_target`` runs (``use_hf_deepstack_order``); kvcache-ai/sglang @721bb4ec
+  always did, and has no EAGLE-3 hook on Qwen3-VL.
+
+So for a target with deepstack, an aux state is the stream as the next layer reads it
+(:func:`capture_stream`); at text tokens, and after the last level, that is the layer's own
+output. The final hidden state (after all levels and the final norm) is the same everywhere.
+Llama-4 rotates by plain 1-D positions (``arange``); its forward runs step by step up to its
+language model's output (:func:`_plain_features`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from draftforge.data.vision import VisionSample
-from draftforge.target import TargetError, capture_layers, decoder_module
+from draftforge.target import TargetError, capture_layers, decoder_layers, decoder_module
 
 
 @dataclass
 class VisionFeatures:
     """What the draft learns from for one batch of VL samples."""
 
-    aux: Tensor  # [B, T, 3H]: the aux layers' outputs, concatenated in aux-layer order
+    aux: Tensor  # [B, T, 3H]: the aux layers' states (deepstack added), in aux-layer order
     final: Tensor  # [B, T, H]: the language model's final-norm hidden state
     position_ids: Tensor  # [3, B, T] M-RoPE ids or [B, T]: the positions the model used
 
@@ -94,16 +119,67 @@ def vision_batch(samples: list[VisionSample]) -> dict[str, Tensor]:
     return batch
 
 
+def deepstack_levels(model: nn.Module) -> int:
+    """How many decoder layers of the language model have deepstack visual states added
+    after them at the image tokens (Qwen3-VL: one per ``deepstack_visual_indexes`` entry of
+    its vision config); 0 for a target without deepstack."""
+    vision = getattr(model.config, "vision_config", None)
+    return len(getattr(vision, "deepstack_visual_indexes", None) or [])
+
+
+@contextmanager
+def capture_stream(decoder: nn.Module, layer_ids: list[int]) -> Iterator[list[Tensor]]:
+    """Collect, in ``layer_ids`` order, the residual stream after each given decoder layer as
+    the next layer reads it (its input, as the serving engines record aux states), or the
+    last layer's own output. That is the layer's output plus whatever the model adds between
+    the two layers: Qwen3-VL's deepstack states at the image tokens."""
+    layers = decoder_layers(decoder)
+    captured: list[Tensor | None] = [None] * len(layer_ids)
+
+    def next_input(slot: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured[slot] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def last_output(slot: int):
+        def hook(_module: nn.Module, _args: object, output: Tensor | tuple) -> None:
+            captured[slot] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    handles = []
+    for slot, layer in enumerate(layer_ids):
+        if layer + 1 < len(layers):
+            hook = next_input(slot)
+            handles.append(layers[layer + 1].register_forward_pre_hook(hook, with_kwargs=True))
+        else:
+            handles.append(layers[layer].register_forward_hook(last_output(slot)))
+    result: list[Tensor] = []
+    try:
+        yield result
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [layer_ids[s] for s, t in enumerate(captured) if t is None]
+    if missing:
+        raise TargetError(f"layers {missing} did not run during the forward")
+    result.extend(t for t in captured if t is not None)
+
+
 @torch.no_grad()
 def vision_features(
     model: nn.Module, aux_layers: list[int], batch: dict[str, Tensor]
 ) -> VisionFeatures:
     """Aux and final states of the language model and its position ids, from one forward of
-    the model without the output head (the vision tower runs inside it)."""
+    the model without the output head (the vision tower runs inside it). With deepstack
+    (Qwen3-VL), an aux state is the stream the next layer reads, deepstack states included,
+    as the serving engines give it to the draft (see the module's docstring)."""
     position_ids = rope_position_ids(model, batch)
     if not uses_mrope(model):
         return _plain_features(model, aux_layers, batch, position_ids)
-    with capture_layers(language_model(model), aux_layers) as captured:
+    capture = capture_stream if deepstack_levels(model) else capture_layers
+    with capture(language_model(model), aux_layers) as captured:
         out = model.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),

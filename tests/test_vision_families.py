@@ -2,9 +2,10 @@
 Qwen3-VL (interleaved M-RoPE, deepstack visual states added into its first decoder layers)
 and Llama-4 (tiled images, a mixture-of-experts language model with chunked attention and
 1-D positions). For each: the captured states are the language model's own ``output_hidden_states``
-(tolerance 0), the positions are the model's own, the loss mask covers no image token, the
-draft rotates as the language model does, and a draft learns an image-caption task online
-from the family's saved checkpoint."""
+(tolerance 0), with Qwen3-VL's deepstack states added where the serving engines read them, the
+positions are the model's own, the loss mask covers no image token, the draft rotates as the
+language model does, and a draft learns an image-caption task online from the family's saved
+checkpoint."""
 
 from __future__ import annotations
 
@@ -29,7 +30,12 @@ from draftforge.testing import (
     tiny_run_overrides,
 )
 from draftforge.train import train
-from draftforge.vision_target import language_model, vision_batch, vision_features
+from draftforge.vision_target import (
+    deepstack_levels,
+    language_model,
+    vision_batch,
+    vision_features,
+)
 
 AUX = [2, 0, 1]  # not in order, and not the last layer (its hidden_states entry is normed)
 FAMILIES = {
@@ -91,6 +97,25 @@ def _reference(family: str, model, batch: dict) -> tuple:
         return seen["out"].hidden_states
 
 
+def _with_deepstack(model, batch: dict, outputs: list) -> list:
+    """Layer outputs (``output_hidden_states`` 1..) with Qwen3-VL's deepstack states added at
+    the image tokens after the layers that take them: the stream the next layer reads, which
+    SGLang and vLLM record as aux states. The states come from the model's own vision tower
+    (``get_image_features``), added as transformers adds them (the image rows plus the
+    level's states in the stream's dtype)."""
+    with torch.no_grad():
+        vision = model.model.get_image_features(
+            batch["pixel_values"], batch["image_grid_thw"], return_dict=True
+        )
+    image = batch["mm_token_type_ids"] == IMAGE_TYPE
+    streams = list(outputs)
+    for level, per_image in enumerate(vision.deepstack_features):
+        stream = streams[level].clone()
+        stream[image] = stream[image] + torch.cat(per_image).to(stream.dtype)
+        streams[level] = stream
+    return streams
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_capture_equals_the_language_models_hidden_states(family, images):
     make_target, make_processor = FAMILIES[family]
@@ -105,14 +130,24 @@ def test_capture_equals_the_language_models_hidden_states(family, images):
     batch = vision_batch([sample, sample])
     features = vision_features(model, AUX, batch)
     reference = _reference(family, model, batch)
+    outputs = list(reference[1:-1])  # each layer's output but the last (its entry is normed)
+    streams = _with_deepstack(model, batch, outputs) if family == "qwen3_vl" else outputs
+    # Qwen3-VL's first two layers take deepstack states: at the image tokens only, and the
+    # capture must carry them (left out, it would equal output_hidden_states)
+    levels = deepstack_levels(model)
+    assert levels == (2 if family == "qwen3_vl" else 0) and levels < max(AUX) + 1
+    image = batch["mm_token_type_ids"] == IMAGE_TYPE
+    for layer, (stream, output) in enumerate(zip(streams, outputs, strict=True)):
+        changed = (stream != output).any(-1)
+        assert torch.equal(changed, image & (layer < levels))
     hidden = model.config.get_text_config().hidden_size
     for slot, layer in enumerate(AUX):
         piece = features.aux[..., slot * hidden : (slot + 1) * hidden]
-        assert torch.equal(piece, reference[layer + 1])
+        assert torch.equal(piece, streams[layer])
     assert torch.equal(features.final, reference[-1])
 
 
-def test_qwen3_vl_positions_deepstack_and_the_drafts_interleaved_rotary(images):
+def test_qwen3_vl_positions_and_the_drafts_interleaved_rotary(images):
     model, processor = tiny_qwen3_vl_target(), tiny_qwen3_vl_processor()
     sample = encode_vision_conversation(processor, _two_images(images))
     batch = vision_batch([sample])
@@ -125,13 +160,7 @@ def test_qwen3_vl_positions_deepstack_and_the_drafts_interleaved_rotary(images):
     )
     assert torch.equal(positions, ids)
     assert not torch.equal(positions[0], positions[1])  # an image's rows differ
-    # deepstack: layer 1 reads layer 0's output plus visual states, at image tokens only
     text = language_model(model)
-    seen = {}
-    text.layers[1].register_forward_pre_hook(lambda _m, args: seen.update(input=args[0]))
-    with_deepstack = vision_features(model, [0], batch).aux
-    added = (seen["input"] - with_deepstack).abs().sum(-1)[0] > 0
-    assert torch.equal(added, sample.mm_token_type_ids == IMAGE_TYPE)
     # the draft rotates by the same positions as the language model, interleaved rows too
     draft = build_draft("eagle3", model.config.get_text_config(), AUX, 64)
     assert draft.mrope_interleaved
