@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,7 @@ from draftforge.decode.errors import DecodeError
 from draftforge.decode.evaluate import Prompt, encode_prompt, hf_generate, load_prompts
 from draftforge.decode.image_prompts import builtin_image_prompts, encode_image_prompt
 from draftforge.decode.sampling import SamplingParams
-from draftforge.decode.tree import TreeShape
+from draftforge.decode.tree import TreeShape, ancestor_mask
 from draftforge.decode.vision import (
     ImageInputs,
     PlainVisionTargetPath,
@@ -535,3 +536,50 @@ def test_eval_runs_a_llama4_checkpoint_on_its_image_prompts(tmp_path, capsys):
     assert report["greedy_identical_prompts"] == {"baseline": 4, "generate": 4}
     assert "vision-language" in report["target_path_note"]
     assert "acceptance length" in capsys.readouterr().out
+
+
+def full_forward_logits(model, ids: list[int], inputs: ImageInputs) -> torch.Tensor:
+    """The model's own logits at the last of ``ids``: one whole forward, no cache."""
+    pixels = inputs.pixel_values.to(model.dtype)
+    with torch.no_grad(), generate_inputs(model, inputs):
+        return model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0, -1]
+
+
+def test_llama4_tree_nodes_see_their_chunk_at_their_own_positions(llama4_prompts, monkeypatch):
+    """A verify over a tree that crosses a chunk boundary: each node's logits equal the
+    model's own at the end of its path, with queries of the layers without RoPE scaled by
+    position (temperature tuning, which the real model starts at position 8191; here the
+    scale changes every position). Without the engine's per-node scaling (each node scaled
+    as if at the cache length plus its index) the nodes off the first branch differ."""
+    model = confident_llama4_model()
+    for layer in model.language_model.model.layers:
+        layer.self_attn.floor_scale, layer.self_attn.attn_scale = 1.0, 10.0
+    processor = tiny_llama4_processor()
+    target = Target(model, processor.tokenizer, [0, 1, 2], "tuned", processor=processor)
+    ids, inputs = llama4_prompts["two"]
+    chunk = target.config.attention_chunk_size
+    prompt = ids[: chunk * (len(ids) // chunk) - 1]  # the root is the chunk's last token
+    parents, tokens = [-1, 0, 0, 1, 2, 3], [5, 60, 61, 62, 63, 64]
+    depths = [0, 1, 1, 2, 2, 3]
+    expected = []
+    for node in range(len(parents)):
+        path = [node]
+        while parents[path[-1]] >= 0:
+            path.append(parents[path[-1]])
+        expected.append(
+            full_forward_logits(model, prompt + [tokens[k] for k in path[::-1]], inputs)
+        )
+
+    def verify() -> torch.Tensor:
+        engine = SpecEngine(target, None, TreeShape(0))
+        engine.path.begin(PromptPositions.text(), inputs)
+        engine.path.forward(torch.tensor(prompt), torch.arange(len(prompt)), None, True, False)
+        positions = len(prompt) + torch.tensor(depths)
+        mask = ancestor_mask(parents)
+        return engine.path.forward(torch.tensor(tokens), positions, mask, False, False)[0]
+
+    # Llama-4 rotates in float32 whatever the model's dtype: float32 rounding, not float64's
+    torch.testing.assert_close(verify(), torch.stack(expected), rtol=0, atol=1e-5)
+    monkeypatch.setattr(PlainVisionTargetPath, "tuned_queries", lambda *_: nullcontext())
+    error = (verify() - torch.stack(expected)).abs().amax(dim=-1)
+    assert error[:2].max() < 1e-5 and error[2:].min() > 1e-3, error

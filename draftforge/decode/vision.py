@@ -24,7 +24,7 @@ and masks that follow the chunks: :class:`PlainVisionTargetPath`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +35,7 @@ from transformers import DynamicCache
 
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.paths import HFTargetPath
-from draftforge.target import capture_layers
+from draftforge.target import capture_layers, decoder_layers
 from draftforge.vision_target import rope_position_ids, uses_mrope
 
 
@@ -180,6 +180,13 @@ class PlainVisionTargetPath(VisionTargetPath):
         self.cache = DynamicCache()
         self.positions = PromptPositions.text()
         self.images = None
+        # layers without RoPE whose queries scale with their position (see tuned_queries)
+        self.tuned = [
+            layer.self_attn
+            for layer in decoder_layers(self.model)
+            if getattr(layer.self_attn, "attn_temperature_tuning", False)
+            and not getattr(layer.self_attn, "use_rope", True)
+        ]
 
     def reset(self) -> None:
         self.cache = DynamicCache()
@@ -219,11 +226,45 @@ class PlainVisionTargetPath(VisionTargetPath):
             "use_cache": True,
             "logits_to_keep": 1 if last_only else 0,
         }
-        if not aux:
-            return self._call(kwargs), None
-        with capture_layers(self.model, self.aux_layers) as captured:
-            logits = self._call(kwargs)
+        with self.tuned_queries(positions):
+            if not aux:
+                return self._call(kwargs), None
+            with capture_layers(self.model, self.aux_layers) as captured:
+                logits = self._call(kwargs)
         return logits, torch.cat(captured, dim=-1)[0]
+
+    @contextmanager
+    def tuned_queries(self, positions: Tensor) -> Iterator[None]:
+        """Llama-4's layers without RoPE scale each query by its position (attention
+        temperature tuning, ``Llama4TextAttention.forward``), a position they take as the
+        cache's length plus the token's index among the new ones: right for a prefill or a
+        chain, not for a tree's nodes, which sit at their depth. While the block runs those
+        layers leave the scaling to a hook on their query projection that applies the
+        model's formula at ``positions``, with the same operations (so chains and prefills
+        are unchanged to the bit)."""
+        handles = []
+        try:
+            for attn in self.tuned:
+                steps = torch.floor((positions.float() + 1.0) / attn.floor_scale)
+                scales = torch.log1p(steps) * attn.attn_scale + 1.0
+                scales = scales[None, :, None]
+                handles.append(attn.q_proj.register_forward_hook(_scaled(scales)))
+                attn.attn_temperature_tuning = False
+            yield
+        finally:
+            for attn in self.tuned:
+                attn.attn_temperature_tuning = True
+            for handle in handles:
+                handle.remove()
+
+
+def _scaled(scales: Tensor) -> Callable[[nn.Module, object, Tensor], Tensor]:
+    """A forward hook multiplying a projection's output [1, T, D] by ``scales`` [1, T, 1]."""
+
+    def hook(_module: nn.Module, _args: object, output: Tensor) -> Tensor:
+        return (output * scales).to(output.dtype)
+
+    return hook
 
 
 def vision_target_path(
