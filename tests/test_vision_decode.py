@@ -1,8 +1,9 @@
-"""Speculative decoding and `draftforge eval` on a vision-language target: a tiny random
-Qwen2.5-VL with images drawn in code. Greedy speculation returns exactly the tokens of the
-model's own ``generate`` with the same image inputs (chains and trees, a draft that agrees
-often and an untrained one), the positions are the ones ``generate`` uses, the draft's
-cached steps equal its training unroll on 3-row positions, and eval runs end to end."""
+"""Speculative decoding and `draftforge eval` on vision-language targets: tiny random
+Qwen2.5-VL, Qwen3-VL and Llama-4 with images drawn in code. Greedy speculation returns exactly
+the tokens of the model's own ``generate`` with the same image inputs (chains and trees, a
+draft that agrees often and an untrained one; for Llama-4 also a no-cache loop of whole
+forwards, past several attention chunks), the positions are the ones ``generate`` uses, the
+draft's cached steps equal its training unroll on 3-row positions, and eval runs end to end."""
 
 from __future__ import annotations
 
