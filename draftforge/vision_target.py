@@ -42,8 +42,8 @@ language model's output (:func:`_plain_features`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +167,15 @@ def capture_stream(decoder: nn.Module, layer_ids: list[int]) -> Iterator[list[Te
     result.extend(t for t in captured if t is not None)
 
 
+def aux_capture(
+    model: nn.Module,
+) -> Callable[[nn.Module, list[int]], AbstractContextManager[list[Tensor]]]:
+    """How the aux states of ``model``'s forwards are collected, in training, capture and
+    decoding alike: :func:`capture_stream` for a target with deepstack (Qwen3-VL), each
+    layer's output (:func:`~draftforge.target.capture_layers`) for any other."""
+    return capture_stream if deepstack_levels(model) else capture_layers
+
+
 @torch.no_grad()
 def vision_features(
     model: nn.Module, aux_layers: list[int], batch: dict[str, Tensor]
@@ -178,8 +187,7 @@ def vision_features(
     position_ids = rope_position_ids(model, batch)
     if not uses_mrope(model):
         return _plain_features(model, aux_layers, batch, position_ids)
-    capture = capture_stream if deepstack_levels(model) else capture_layers
-    with capture(language_model(model), aux_layers) as captured:
+    with aux_capture(model)(language_model(model), aux_layers) as captured:
         out = model.model(
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),

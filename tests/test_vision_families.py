@@ -169,6 +169,22 @@ def test_qwen3_vl_positions_and_the_drafts_interleaved_rotary(images):
     assert all(torch.equal(a, b) for a, b in zip(mine, theirs, strict=True))
 
 
+def test_qwen3_vl_decoding_gives_the_draft_the_aux_states_training_used(images):
+    """The engine's prefill of an image prompt records the aux states training and capture
+    take from the same sequence, deepstack states included."""
+    from draftforge.decode.vision import ImageInputs, VisionTargetPath, prompt_positions
+
+    model, processor = tiny_qwen3_vl_target(), tiny_qwen3_vl_processor()
+    sample = encode_vision_conversation(processor, _two_images(images))
+    trained = vision_features(model, AUX, vision_batch([sample])).aux[0]
+    ids = sample.input_ids
+    inputs = ImageInputs(sample.pixel_values, sample.image_grid_thw, sample.mm_token_type_ids)
+    path = VisionTargetPath(model, AUX)
+    path.begin(prompt_positions(model, ids, inputs), inputs)
+    _, decoded = path.forward(ids, torch.arange(ids.numel()), None, last_only=False, aux=True)
+    assert torch.equal(decoded, trained)
+
+
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def workdir(request, tmp_path_factory) -> Path:
     """A family's checkpoint folder (a confident head, as in write_tiny_run) and captions."""

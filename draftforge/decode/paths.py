@@ -18,7 +18,7 @@ from transformers.cache_utils import DynamicLayer
 
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.lean import build_lean_target
-from draftforge.target import capture_layers
+from draftforge.vision_target import aux_capture
 
 
 class TargetPath(Protocol):
@@ -102,7 +102,7 @@ class HFTargetPath:
         kwargs = self._kwargs(ids, positions, mask, last_only)
         if not aux:
             return self._call(kwargs), None
-        with capture_layers(self.model, self.aux_layers) as captured:
+        with aux_capture(self.model)(self.model, self.aux_layers) as captured:
             logits = self._call(kwargs)
         return logits, torch.cat(captured, dim=-1)[0]
 
