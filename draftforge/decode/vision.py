@@ -156,10 +156,10 @@ class PlainVisionTargetPath(VisionTargetPath):
     (C = ``attention_chunk_size``; transformers' ``chunked_overlay`` in masking_utils.py).
     transformers keeps only the last C - 1 entries of such a layer
     (``DynamicSlidingWindowLayer``), which a verify's compaction cannot address; here every
-    layer keeps every committed entry (a plain ``DynamicCache``, entry i at position i), and
-    each forward gets one mask per layer type: the tree (or causal) mask over cache and new
-    tokens, and for chunked layers the same mask restricted to each query's chunk. That is
-    exact at any context length.
+    layer keeps every committed entry (a plain ``DynamicCache``, entry i at position i). A
+    prefill or a chain then gets transformers' own masks, which place keys and queries by
+    their index in that cache, here their position; a tree gets one mask per layer type
+    (:meth:`masks`). That is exact at any context length.
     """
 
     def __init__(self, model: nn.Module, aux_layers: list[int]) -> None:
@@ -193,8 +193,9 @@ class PlainVisionTargetPath(VisionTargetPath):
         self.images = None
 
     def masks(self, positions: Tensor, tree: Tensor | None) -> dict[str, Tensor]:
-        """Additive masks [1, 1, T, L + T] of new tokens at ``positions`` over the cache's L
-        entries and themselves, by layer type."""
+        """Additive masks [1, 1, T, L + T] of a tree's nodes at ``positions`` over the cache's
+        L entries and themselves, by layer type: each node sees the cache and its ancestors
+        (``tree``; None: causal), and in a chunked layer only those in its own chunk."""
         count, length = positions.numel(), self.length
         device = positions.device
         inner = torch.ones(count, count, dtype=torch.bool, device=device).tril()
@@ -221,7 +222,7 @@ class PlainVisionTargetPath(VisionTargetPath):
         kwargs = {
             "inputs_embeds": plain_input_embeds(self.vision_model, ids[None], pixels),
             "position_ids": positions[None],
-            "attention_mask": self.masks(positions, tree),
+            "attention_mask": None if tree is None else self.masks(positions, tree),
             "past_key_values": self.cache,
             "use_cache": True,
             "logits_to_keep": 1 if last_only else 0,
