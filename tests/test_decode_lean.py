@@ -187,7 +187,7 @@ def test_fast_projection_matches_f_linear(rows, matmul, monkeypatch):
 
 
 @pytest.mark.skipif(not SKINNY, reason="the few-row kernel did not build here")
-@pytest.mark.parametrize("width", [576, 37])
+@pytest.mark.parametrize("width", [576, 1536, 37])
 def test_skinny_kernel_rows_do_not_depend_on_their_company(width):
     """Each row's output is bitwise the same alone or among up to 19 rows (three passes), and
     equals F.linear's; widths with and without a tail beyond the 8-float vectors."""

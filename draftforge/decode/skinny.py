@@ -38,6 +38,9 @@ from draftforge.config import cache_root
 
 SOURCE = Path(__file__).with_name("skinny.c")
 MAX_ROWS = 8  # rows per pass over the weights (ROWS in skinny.c); more rows take more passes
+# No contraction of a * b + c into one fused multiply-add: the compiler would choose per code
+# path, and a token's sums must not depend on the row count.
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 _LIBRARY: list[ctypes.CDLL | None] = []  # filled once by `usable`
 
@@ -84,12 +87,18 @@ def _cpu_flags() -> str:
 
 
 def library_path(compiler: str) -> Path:
-    """Where this machine's build of the kernel lives: keyed by source, compiler and CPU."""
+    """Where this machine's build of the kernel lives: keyed by source, flags, compiler and
+    CPU."""
     version = subprocess.run(
         [compiler, "--version"], capture_output=True, text=True, timeout=30
     ).stdout
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), version.encode(), _cpu_flags().encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        " ".join(FLAGS).encode(),
+        version.encode(),
+        _cpu_flags().encode(),
+    ):
         key.update(hashlib.sha256(part).digest())
     return cache_root() / "kernels" / f"skinny-{platform.machine()}-{key.hexdigest()[:16]}.so"
 
@@ -99,7 +108,7 @@ def build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         built = Path(scratch) / target.name
-        command = [compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+        command = [compiler, *FLAGS]
         done = subprocess.run(
             [*command, str(SOURCE), "-o", str(built)], capture_output=True, text=True, timeout=300
         )
