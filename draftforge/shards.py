@@ -127,7 +127,7 @@ def capture_settings(cfg: Config, target: TargetParts, dataset: Any) -> dict[str
     storage = cfg.data.storage_dtype
     if storage == "auto":
         storage = target_dtype if target_dtype in STORAGE_DTYPES else "float32"
-    return {
+    settings = {
         "target_fingerprint": target_fingerprint(target.path),
         "target_dtype": target_dtype,
         "dataset_key": dataset.key,
@@ -135,6 +135,12 @@ def capture_settings(cfg: Config, target: TargetParts, dataset: Any) -> dict[str
         "hidden_size": target.hidden_size,
         "storage_dtype": storage,
     }
+    vision = getattr(target.model_config, "vision_config", None)
+    if getattr(vision, "deepstack_visual_indexes", None):
+        # Aux states as the next layer reads them, deepstack included (vision_target): a
+        # capture made before draftforge recorded them so is not this one.
+        settings["aux_states"] = "next layer's input"
+    return settings
 
 
 def features_dir(cfg: Config, settings: dict[str, Any]) -> Path:

@@ -244,6 +244,9 @@ def test_offline_training_from_a_capture_reproduces_the_online_losses(workdir, o
     # positions are stored where they are not 0..n-1: Qwen3-VL's image rows, no Llama-4 row
     stored = any("positions" in entry for entry in manifest["shards"])
     assert stored == workdir.name.startswith("qwen3_vl")
+    # only deepstack aux states are marked, so a capture from before they were is not reused
+    marked = manifest["settings"].get("aux_states") == "next layer's input"
+    assert marked == workdir.name.startswith("qwen3_vl")
     train(_config(workdir, workdir / "offline", **{"data.mode": "offline"}))
     online, offline = _metrics(online_run), _metrics(workdir / "offline")
     assert [r["step"] for r in online] == [r["step"] for r in offline]
