@@ -173,6 +173,19 @@ def test_a_missing_image_is_a_row_error(processor, images, tmp_path):
     assert err.value.reason == "bad_image"
 
 
+@pytest.mark.parametrize("size", [(9000, 8000), (20000, 10000)])  # ours, then Pillow's limit
+def test_a_too_large_image_is_a_row_error_before_it_is_decoded(processor, images, tmp_path, size):
+    from PIL import Image
+
+    huge = tmp_path / "huge.png"
+    Image.new("1", size).save(huge)  # one bit a pixel: small in memory and on disk
+    conversation = _conversation(images)
+    conversation[0]["content"][0]["image"] = str(huge)
+    with pytest.raises(RowError, match=r"huge\.png: (too large|Image size)") as err:
+        encode_vision_conversation(processor, conversation)
+    assert err.value.reason == "bad_image"
+
+
 def test_synthetic_images_are_deterministic_and_of_every_kind():
     first, again = synthetic_images(6, seed=3), synthetic_images(6, seed=3)
     assert [d.kind for d in first] == [*KINDS, *KINDS]

@@ -233,16 +233,31 @@ class _PartsTokenizer:
         return self._tokenizer.apply_chat_template(as_parts, **kwargs)
 
 
+# Pixels an image may have: decoded as RGB it takes 3 bytes a pixel before any processor
+# shrinks it (Qwen's keep at most ~12.8M), so larger files are refused before decoding.
+MAX_IMAGE_PIXELS = 64 * 2**20
+
+
 def load_images(paths: list[str]) -> list[Any]:
-    """The images at ``paths`` as RGB PIL images; a missing or unreadable file is a RowError."""
+    """The images at ``paths`` as RGB PIL images; a missing, unreadable or too large file
+    (over :data:`MAX_IMAGE_PIXELS`, read from its header) is a RowError."""
     image_mod = require_extra("PIL.Image", "vision", "conversations with images")
     images = []
     for path in paths:
         try:
             with image_mod.open(Path(path).expanduser()) as image:
-                images.append(image.convert("RGB"))
-        except (OSError, ValueError) as err:
+                width, height = image.size
+                pixels = width * height
+                if pixels <= MAX_IMAGE_PIXELS:
+                    images.append(image.convert("RGB"))
+        except (OSError, ValueError, image_mod.DecompressionBombError) as err:
             raise RowError("bad_image", f"{path}: {err}") from None
+        if pixels > MAX_IMAGE_PIXELS:
+            raise RowError(
+                "bad_image",
+                f"{path}: too large ({width} x {height} pixels, at most {MAX_IMAGE_PIXELS} "
+                "accepted); downscale it",
+            )
     return images
 
 
