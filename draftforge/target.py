@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import safe_open
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from draftforge import require_extra
 from draftforge.config import TargetConfig, cache_root
@@ -456,6 +457,17 @@ def capture_layers(model: nn.Module, layer_ids: list[int]) -> Iterator[list[Tens
         return hook
 
     handles = [layers[i].register_forward_hook(hook_for(s)) for s, i in enumerate(layer_ids)]
+    with collected(handles, captured, layer_ids) as result:
+        yield result
+
+
+@contextmanager
+def collected(
+    handles: list[RemovableHandle], captured: list[Tensor | None], layer_ids: list[int]
+) -> Iterator[list[Tensor]]:
+    """The list hooks' tensors land in (``captured``'s, in order, once the forward inside has
+    run); removes the hooks' ``handles`` on the way out, and names in a TargetError the layers
+    whose hooks never fired."""
     result: list[Tensor] = []
     try:
         yield result

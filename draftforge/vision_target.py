@@ -50,7 +50,13 @@ import torch
 from torch import Tensor, nn
 
 from draftforge.data.vision import VisionSample
-from draftforge.target import TargetError, capture_layers, decoder_layers, decoder_module
+from draftforge.target import (
+    TargetError,
+    capture_layers,
+    collected,
+    decoder_layers,
+    decoder_module,
+)
 
 
 @dataclass
@@ -155,16 +161,8 @@ def capture_stream(decoder: nn.Module, layer_ids: list[int]) -> Iterator[list[Te
             handles.append(layers[layer + 1].register_forward_pre_hook(hook, with_kwargs=True))
         else:
             handles.append(layers[layer].register_forward_hook(last_output(slot)))
-    result: list[Tensor] = []
-    try:
+    with collected(handles, captured, layer_ids) as result:
         yield result
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [layer_ids[s] for s, t in enumerate(captured) if t is None]
-    if missing:
-        raise TargetError(f"layers {missing} did not run during the forward")
-    result.extend(t for t in captured if t is not None)
 
 
 def aux_capture(
@@ -200,6 +198,21 @@ def vision_features(
     return VisionFeatures(torch.cat(captured, dim=-1), out.last_hidden_state, position_ids)
 
 
+def plain_input_embeds(model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
+    """What the language model of a target with 1-D positions (Llama-4) reads: the token
+    embeddings of ``input_ids`` [B, T], with the vision tower's states of ``pixel_values``
+    projected into the image tokens' places: the steps of the model's own forward before its
+    language model, for training (:func:`_plain_features`) and decoding alike."""
+    embeds = model.get_input_embeddings()(input_ids)
+    if pixel_values is None:
+        return embeds
+    vision = model.get_image_features(pixel_values=pixel_values, return_dict=True)
+    states = vision.last_hidden_state
+    projected = model.multi_modal_projector(states.view(-1, states.size(-1)))
+    where = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=projected)
+    return embeds.masked_scatter(where, projected.to(embeds.dtype))
+
+
 def _plain_features(
     model: nn.Module, aux_layers: list[int], batch: dict[str, Tensor], position_ids: Tensor
 ) -> VisionFeatures:
@@ -208,16 +221,7 @@ def _plain_features(
     embeddings, the vision tower's states projected into the image tokens), then its language
     model. Not the whole forward: transformers 5.24's ``Llama4ForConditionalGeneration``
     fails building its output (``image_outputs``) after the language model has run."""
-    input_ids = batch["input_ids"]
-    embeds = model.get_input_embeddings()(input_ids)
-    if batch.get("pixel_values") is not None:
-        vision = model.get_image_features(pixel_values=batch["pixel_values"], return_dict=True)
-        states = vision.last_hidden_state
-        projected = model.multi_modal_projector(states.view(-1, states.size(-1)))
-        where = model.get_placeholder_mask(
-            input_ids, inputs_embeds=embeds, image_features=projected
-        )
-        embeds = embeds.masked_scatter(where, projected.to(embeds.dtype))
+    embeds = plain_input_embeds(model, batch["input_ids"], batch.get("pixel_values"))
     decoder = language_model(model)
     with capture_layers(decoder, aux_layers) as captured:
         out = decoder(

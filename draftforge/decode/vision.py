@@ -36,7 +36,7 @@ from transformers import DynamicCache
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.paths import HFTargetPath
 from draftforge.target import capture_layers, decoder_layers
-from draftforge.vision_target import rope_position_ids, uses_mrope
+from draftforge.vision_target import plain_input_embeds, rope_position_ids, uses_mrope
 
 
 @dataclass
@@ -127,26 +127,12 @@ class VisionTargetPath(HFTargetPath):
         return kwargs
 
 
-def plain_input_embeds(model: nn.Module, input_ids: Tensor, pixel_values: Tensor | None) -> Tensor:
-    """What the language model of a target with 1-D positions (Llama-4) reads: the token
-    embeddings of ``input_ids`` [B, T], with the vision tower's states of ``pixel_values``
-    projected into the image tokens' places, the steps of the model's own forward (as
-    :func:`draftforge.vision_target._plain_features` takes them for training)."""
-    embeds = model.get_input_embeddings()(input_ids)
-    if pixel_values is None:
-        return embeds
-    vision = model.get_image_features(pixel_values=pixel_values, return_dict=True)
-    states = vision.last_hidden_state
-    projected = model.multi_modal_projector(states.view(-1, states.size(-1)))
-    where = model.get_placeholder_mask(input_ids, inputs_embeds=embeds, image_features=projected)
-    return embeds.masked_scatter(where, projected.to(embeds.dtype))
-
-
 class PlainVisionTargetPath(VisionTargetPath):
     """A VL target with 1-D positions and chunked attention (Llama-4), on its own modules.
 
-    The prefill's embeddings carry the prompt's images (:func:`plain_input_embeds`, the
-    steps of the model's forward before its language model); every forward then runs the
+    The prefill's embeddings carry the prompt's images
+    (:func:`~draftforge.vision_target.plain_input_embeds`, the steps of the model's forward
+    before its language model); every forward then runs the
     language model with its head over the cache, each token at its sequence index. The
     whole model's forward is not called: transformers 5.24's
     ``Llama4ForConditionalGeneration.forward`` fails building its output (see
