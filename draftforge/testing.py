@@ -117,10 +117,7 @@ def tiny_target(family: str = "llama", seed: int = 0, **overrides: Any) -> torch
 
     _, model_cls, _ = FAMILIES[family]
     config = tiny_config(family, **overrides)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = getattr(transformers, model_cls)(config)
-    return model.float().eval()
+    return _seeded(getattr(transformers, model_cls), config, seed)
 
 
 def tiny_tokenizer():  # noqa: ANN201 (a PreTrainedTokenizerFast)
@@ -194,40 +191,39 @@ def tiny_vl_processor() -> VisionProcessor:
     return VisionProcessor(tiny_vl_tokenizer(), image_processor, VL_CHATML_TEMPLATE)
 
 
-def tiny_vl_config(**text_overrides: Any):  # noqa: ANN201 (a Qwen2_5_VLConfig)
-    """A small Qwen2.5-VL config over the tiny VL tokenizer's ids. The vision tower is as
-    deep as the language model, so hooks found by depth alone would land on the wrong stack.
-    ``text_overrides`` change the language model's config."""
-    from transformers import Qwen2_5_VLConfig
-
+def _qwen_vl_config(
+    config_class: type, patch_size: int, mrope: dict[str, Any], **fields: Any
+) -> Any:
+    """A Qwen-VL config (2.5 or 3) over the tiny VL tokenizer's ids: M-RoPE splitting the 8
+    rotary frequency pairs of a 16-wide head over t, h, w (``mrope`` adds the family's
+    fields), a vision tower as deep as the language model (hooks found by depth alone would
+    land on the wrong stack); ``fields``: ``text`` and ``vision`` entries of the family."""
     tokenizer = tiny_vl_tokenizer()
     start, end, image, video = tokenizer.convert_tokens_to_ids(VL_SPECIAL_TOKENS)
     text = {
         **_COMMON,
-        # M-RoPE: the 8 rotary frequency pairs of a 16-wide head split over t, h, w.
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 10000.0,
             "mrope_section": [2, 3, 3],
+            **mrope,
         },
-        "bos_token_id": None,
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
-        **text_overrides,
+        **fields.get("text", {}),
     }
     vision = {
         "depth": text["num_hidden_layers"],
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_heads": 2,
-        "patch_size": 14,
+        "patch_size": patch_size,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
         "out_hidden_size": text["hidden_size"],
-        "window_size": 56,  # windows of 2 x 2 merged patches; blocks 1 and 3 attend fully
-        "fullatt_block_indexes": [1, 3],
+        **fields.get("vision", {}),
     }
-    return Qwen2_5_VLConfig(
+    return config_class(
         text_config=text,
         vision_config=vision,
         vision_start_token_id=start,
@@ -237,16 +233,31 @@ def tiny_vl_config(**text_overrides: Any):  # noqa: ANN201 (a Qwen2_5_VLConfig)
     )
 
 
+def _seeded(model_class: type, config: Any, seed: int) -> nn.Module:
+    """``model_class(config)`` in fp32 eval mode, its random weights fixed by ``seed``."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = model_class(config)
+    return model.float().eval()
+
+
+def tiny_vl_config(**text_overrides: Any):  # noqa: ANN201 (a Qwen2_5_VLConfig)
+    """A small Qwen2.5-VL config (:func:`_qwen_vl_config`); ``text_overrides`` change the
+    language model's config."""
+    from transformers import Qwen2_5_VLConfig
+
+    # windows of 2 x 2 merged patches; blocks 1 and 3 attend fully
+    vision = {"window_size": 56, "fullatt_block_indexes": [1, 3]}
+    text = {"bos_token_id": None, **text_overrides}
+    return _qwen_vl_config(Qwen2_5_VLConfig, 14, {}, text=text, vision=vision)
+
+
 def tiny_vl_target(seed: int = 0, **text_overrides: Any) -> nn.Module:
     """A tiny random Qwen2_5_VLForConditionalGeneration in fp32 eval mode, deterministic for
     a given seed."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    config = tiny_vl_config(**text_overrides)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    return model.float().eval()
+    return _seeded(Qwen2_5_VLForConditionalGeneration, tiny_vl_config(**text_overrides), seed)
 
 
 def tiny_qwen3_vl_processor() -> VisionProcessor:
@@ -274,43 +285,12 @@ def tiny_qwen3_vl_target(seed: int = 0) -> nn.Module:
     image tokens. The vision tower is as deep as the language model."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
-    tokenizer = tiny_vl_tokenizer()
-    start, end, image, video = tokenizer.convert_tokens_to_ids(VL_SPECIAL_TOKENS)
-    text = {
-        **_COMMON,
-        "rope_parameters": {
-            "rope_type": "default",
-            "rope_theta": 10000.0,
-            "mrope_section": [2, 3, 3],
-            "mrope_interleaved": True,
-        },
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
     vision = {
-        "depth": text["num_hidden_layers"],
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_heads": 2,
-        "patch_size": 16,
-        "spatial_merge_size": 2,
-        "temporal_patch_size": 2,
-        "out_hidden_size": text["hidden_size"],
         "num_position_embeddings": 64,  # an 8 x 8 grid of learned positions, interpolated
         "deepstack_visual_indexes": [0, 2],
     }
-    config = Qwen3VLConfig(
-        text_config=text,
-        vision_config=vision,
-        vision_start_token_id=start,
-        vision_end_token_id=end,
-        image_token_id=image,
-        video_token_id=video,
-    )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Qwen3VLForConditionalGeneration(config)
-    return model.float().eval()
+    config = _qwen_vl_config(Qwen3VLConfig, 16, {"mrope_interleaved": True}, vision=vision)
+    return _seeded(Qwen3VLForConditionalGeneration, config, seed)
 
 
 # Llama-4's image and chat tokens, in the tiny tokenizer after the ChatML specials.
@@ -391,10 +371,7 @@ def tiny_llama4_target(seed: int = 0) -> nn.Module:
         image_token_index=patch,
     )
     config.pad_token_id = tokenizer.pad_token_id
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = Llama4ForConditionalGeneration(config)
-    return model.float().eval()
+    return _seeded(Llama4ForConditionalGeneration, config, seed)
 
 
 WORDS = [
