@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from draftforge import checkpoint
+from draftforge.config import Config, dump_config
 from draftforge.data.vision import VisionProcessor
 from draftforge.models.eagle3 import Eagle3Draft, eagle3_config_for_target
 from draftforge.target import Target, decoder_module
@@ -484,6 +486,17 @@ def chi_square_p(counts: Tensor, probs: Tensor) -> float:
     if dof == 0:
         return 1.0
     return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), stat / 2))
+
+
+def save_draft(draft: nn.Module, target_dir: Path, run_dir: Path) -> Path:
+    """A training-checkpoint run directory holding ``draft`` for the target at ``target_dir``."""
+    cfg = Config()
+    cfg.target.path = str(target_dir)
+    weights = {k: v for k, v in draft.state_dict().items() if not k.startswith("embed_tokens.")}
+    extra = {"config.yaml": dump_config(cfg), "draft_config.json": draft.config.to_json_string()}
+    checkpoint.save_checkpoint(run_dir / "checkpoints", 10, weights, {}, extra)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    return run_dir
 
 
 def as_target(model: nn.Module, aux_layers: list[int] | None = None) -> Target:

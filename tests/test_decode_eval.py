@@ -6,9 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from draftforge import checkpoint
 from draftforge.cli import main
-from draftforge.config import Config, dump_config
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.evaluate import BUILTIN_PROMPTS, encode, load_prompts
 from draftforge.models import build_draft
@@ -16,6 +14,7 @@ from draftforge.testing import (
     as_target,
     bigram_like_target,
     oracle_draft,
+    save_draft,
     tiny_target,
     tiny_tokenizer,
 )
@@ -30,17 +29,6 @@ def save_target(model, directory: Path) -> Path:
     model.save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
-
-
-def save_draft(draft, target_dir: Path, run_dir: Path) -> Path:
-    """A training-checkpoint run directory holding ``draft`` for the target at ``target_dir``."""
-    cfg = Config()
-    cfg.target.path = str(target_dir)
-    weights = {k: v for k, v in draft.state_dict().items() if not k.startswith("embed_tokens.")}
-    extra = {"config.yaml": dump_config(cfg), "draft_config.json": draft.config.to_json_string()}
-    checkpoint.save_checkpoint(run_dir / "checkpoints", 10, weights, {}, extra)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    return run_dir
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from draftforge import checkpoint, ttt
+from draftforge import ttt
 from draftforge.cli import main
-from draftforge.config import Config, dump_config
 from draftforge.decode import engine as engine_module
 from draftforge.decode.drafter import Drafter
 from draftforge.decode.engine import SpecEngine
@@ -40,6 +39,7 @@ from draftforge.testing import (
     as_target,
     bigram_like_target,
     oracle_draft,
+    save_draft,
     tiny_llama4_processor,
     tiny_llama4_target,
     tiny_qwen3_vl_processor,
@@ -310,17 +310,6 @@ def _without_mrope(target: Target):
     draft = random_draft(target)
     draft.mrope_section = None
     return draft
-
-
-def save_draft(draft, target_dir: Path, run_dir: Path) -> Path:
-    """A training-checkpoint run directory holding ``draft`` for the target at ``target_dir``."""
-    cfg = Config()
-    cfg.target.path = str(target_dir)
-    weights = {k: v for k, v in draft.state_dict().items() if not k.startswith("embed_tokens.")}
-    extra = {"config.yaml": dump_config(cfg), "draft_config.json": draft.config.to_json_string()}
-    checkpoint.save_checkpoint(run_dir / "checkpoints", 10, weights, {}, extra)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    return run_dir
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
