@@ -154,6 +154,15 @@ def save_tiny_target(
     return directory
 
 
+def save_vl_checkpoint(model: nn.Module, processor: VisionProcessor, directory: Path) -> Path:
+    """Write a VL target as a checkpoint folder draftforge reads: weights, the processor's
+    tokenizer and its image-processor settings."""
+    model.save_pretrained(directory)
+    processor.tokenizer.save_pretrained(directory)
+    processor.image_processor.save_pretrained(directory)
+    return directory
+
+
 # Qwen2.5-VL's placeholder tokens, in the tiny tokenizer after the ChatML specials.
 VL_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # ChatML whose message content may be a list of parts: an image part is written the way

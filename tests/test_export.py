@@ -32,7 +32,13 @@ from draftforge.export import (
 )
 from draftforge.models import build_draft
 from draftforge.target import load_target, read_target_info
-from draftforge.testing import TINY_VOCAB, save_tiny_target, tiny_vl_processor, tiny_vl_target
+from draftforge.testing import (
+    TINY_VOCAB,
+    save_tiny_target,
+    save_vl_checkpoint,
+    tiny_vl_processor,
+    tiny_vl_target,
+)
 
 AUX = [0, 2, 5]  # a user override (the default for 8 layers is [1, 3, 4])
 DRAFT_VOCAB = 100
@@ -669,10 +675,8 @@ def vl_env(tmp_path_factory):
     model's config, so it rotates by M-RoPE), checkpointed and exported in every format."""
     root = tmp_path_factory.mktemp("export_vl")
     target_dir = root / "target"
-    tiny_vl_target().save_pretrained(target_dir)
     processor = tiny_vl_processor()
-    processor.tokenizer.save_pretrained(target_dir)
-    processor.image_processor.save_pretrained(target_dir)
+    save_vl_checkpoint(tiny_vl_target(), processor, target_dir)
     run = save_run(root / "run", target_dir, aux=VL_AUX)
     target = load_target(TargetConfig(path=str(target_dir), aux_layers=VL_AUX))
     out = {

@@ -40,6 +40,7 @@ from draftforge.testing import (
     bigram_like_target,
     oracle_draft,
     save_draft,
+    save_vl_checkpoint,
     tiny_llama4_processor,
     tiny_llama4_target,
     tiny_qwen3_vl_processor,
@@ -324,9 +325,7 @@ def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vl_eval")
     processor = tiny_vl_processor()
     model = confident_vl_model(torch.float32)
-    model.save_pretrained(root / "target")
-    processor.tokenizer.save_pretrained(root / "target")
-    processor.image_processor.save_pretrained(root / "target")
+    save_vl_checkpoint(model, processor, root / "target")
     target = Target(
         model, processor.tokenizer, [0, 1, 2], str(root / "target"), processor=processor
     )
@@ -512,9 +511,7 @@ def test_eval_runs_a_llama4_checkpoint_on_its_image_prompts(tmp_path, capsys):
     against the engine without a draft and transformers' generate."""
     processor = tiny_llama4_processor()
     model = confident_llama4_model().float()
-    model.save_pretrained(tmp_path / "target")
-    processor.tokenizer.save_pretrained(tmp_path / "target")
-    processor.image_processor.save_pretrained(tmp_path / "target")
+    save_vl_checkpoint(model, processor, tmp_path / "target")
     target = Target(model, processor.tokenizer, [0, 1, 2], str(tmp_path / "target"))
     save_draft(oracle_draft(target), tmp_path / "target", tmp_path / "run")
     out = tmp_path / "report.json"

@@ -23,6 +23,7 @@ from draftforge.offline import capture
 from draftforge.synthetic_images import write_synthetic_images
 from draftforge.target import load_target
 from draftforge.testing import (
+    save_vl_checkpoint,
     tiny_llama4_processor,
     tiny_llama4_target,
     tiny_qwen3_vl_processor,
@@ -192,10 +193,8 @@ def workdir(request, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp(request.param)
     model = make_target()
     model.get_output_embeddings().weight.data *= 30
-    model.save_pretrained(root / "target")
     processor = make_processor()
-    processor.tokenizer.save_pretrained(root / "target")
-    processor.image_processor.save_pretrained(root / "target")
+    save_vl_checkpoint(model, processor, root / "target")
     rows = _caption_rows(write_synthetic_images(root / "images", 24))
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root

@@ -19,7 +19,13 @@ from draftforge.offline import capture
 from draftforge.shards import MANIFEST, ShardError, ShardReader
 from draftforge.synthetic_images import write_synthetic_images
 from draftforge.target import load_target
-from draftforge.testing import tiny_run_overrides, tiny_vl_processor, tiny_vl_target, write_tiny_run
+from draftforge.testing import (
+    save_vl_checkpoint,
+    tiny_run_overrides,
+    tiny_vl_processor,
+    tiny_vl_target,
+    write_tiny_run,
+)
 from draftforge.train import train
 from draftforge.vision_features import prepare_vision_data
 from draftforge.vision_target import rope_position_ids, vision_batch
@@ -90,10 +96,8 @@ def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vl_offline")
     model = tiny_vl_target()
     model.lm_head.weight.data *= 30
-    model.save_pretrained(root / "target")
     processor = tiny_vl_processor()
-    processor.tokenizer.save_pretrained(root / "target")
-    processor.image_processor.save_pretrained(root / "target")
+    save_vl_checkpoint(model, processor, root / "target")
     rows = _rows(write_synthetic_images(root / "images", IMAGES))
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root

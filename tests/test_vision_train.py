@@ -18,7 +18,12 @@ from draftforge.features import collate, prepare_vision_data
 from draftforge.models import build_draft
 from draftforge.synthetic_images import synthetic_images, write_synthetic_images
 from draftforge.target import Target, decoder_layers, load_target
-from draftforge.testing import tiny_run_overrides, tiny_vl_processor, tiny_vl_target
+from draftforge.testing import (
+    save_vl_checkpoint,
+    tiny_run_overrides,
+    tiny_vl_processor,
+    tiny_vl_target,
+)
 from draftforge.train import train
 from draftforge.vision_target import rope_position_ids, vision_batch
 
@@ -61,10 +66,8 @@ def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("vl_train")
     model = tiny_vl_target()
     model.lm_head.weight.data *= 30
-    model.save_pretrained(root / "target")
     processor = tiny_vl_processor()
-    processor.tokenizer.save_pretrained(root / "target")
-    processor.image_processor.save_pretrained(root / "target")
+    save_vl_checkpoint(model, processor, root / "target")
     rows = _rows(write_synthetic_images(root / "images", IMAGES))
     rows.append(
         {
