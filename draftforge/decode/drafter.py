@@ -6,8 +6,8 @@ writes its speculative keys right after them, level by level, so a level attends
 slice of the cache with a mask (the committed part, its ancestors' speculative keys, itself).
 The next extension simply overwrites the speculative region.
 
-``lean=True`` computes the draft's decoder layer here from its weights, matrices prepacked as
-the lean target's are (:mod:`draftforge.decode.fastlinear`); ``lean=False`` runs the draft
+``lean=True`` computes the draft's decoder layer here from its weights, matrices served by the
+same fast matmul as the lean target's (:mod:`draftforge.decode.fastlinear`); ``lean=False`` runs the draft
 module's own ``step`` (the code training runs) with this cache as its attention.
 
 For a vision-language target with M-RoPE the draft rotates by the target's 3-row positions
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from draftforge.decode.fastlinear import Projection, onednn_usable
+from draftforge.decode.fastlinear import Projection
 from draftforge.decode.lean import rms_norm, rope_tables, rotate
 from draftforge.models.eagle3 import Eagle3Draft
 
@@ -53,16 +53,16 @@ class _Weights:
     eps: float
 
     @classmethod
-    def of(cls, draft: Eagle3Draft, packed: bool) -> _Weights:
+    def of(cls, draft: Eagle3Draft) -> _Weights:
         layer = draft.midlayer
         attn, mlp = layer.self_attn, layer.mlp
         return cls(
-            fc=Projection([draft.fc], packed),
-            qkv=Projection([attn.q_proj, attn.k_proj, attn.v_proj], packed),
-            o=Projection([attn.o_proj], packed),
-            gate_up=Projection([mlp.gate_proj, mlp.up_proj], packed),
-            down=Projection([mlp.down_proj], packed),
-            head=Projection([draft.lm_head], packed),
+            fc=Projection([draft.fc], fast=True),
+            qkv=Projection([attn.q_proj, attn.k_proj, attn.v_proj], fast=True),
+            o=Projection([attn.o_proj], fast=True),
+            gate_up=Projection([mlp.gate_proj, mlp.up_proj], fast=True),
+            down=Projection([mlp.down_proj], fast=True),
+            head=Projection([draft.lm_head], fast=True),
             input_norm=layer.input_layernorm.weight.detach(),
             hidden_norm=layer.hidden_norm.weight.detach(),
             post_norm=layer.post_attention_layernorm.weight.detach(),
@@ -77,14 +77,11 @@ class Drafter:
     def __init__(self, draft: Eagle3Draft, lean: bool, capacity: int = 256) -> None:
         self.draft = draft
         config = draft.config
-        weight = draft.fc.weight
-        self.weights = (
-            _Weights.of(draft, onednn_usable(weight.dtype, weight.device)) if lean else None
-        )
+        self.weights = _Weights.of(draft) if lean else None
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.kv = weight.new_empty(2, self.kv_heads, 0, self.head_dim)
+        self.kv = draft.fc.weight.new_empty(2, self.kv_heads, 0, self.head_dim)
         self.length = 0
         self.positions: PromptPositions | None = None
         self.reserve(capacity)
