@@ -22,16 +22,17 @@ import torch
 from safetensors.torch import save
 from torch import Tensor
 
-from draftforge.features import forward_groups, idle_forwards, target_forwards
+from draftforge.features import captured_argmax, forward_groups, idle_forwards, target_forwards
 from draftforge.shards import FORMAT, STORAGE_DTYPES, VERSION, atomic_write, bytes_per_token
 from draftforge.vision_features import vision_states
 
 if TYPE_CHECKING:
     from draftforge.target import Target
 
-# A captured sample: its dataset row, input ids, loss mask, aux and final hidden states, and
-# the position ids ``[R, n]`` its language model used (None where they are 0..n-1).
-Sample = tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor | None]
+# A captured sample: its dataset row, input ids, loss mask, aux and final hidden states, the
+# position ids ``[R, n]`` its language model used (None where they are 0..n-1) and the
+# target's full-vocabulary argmax at each token (int32).
+Sample = tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]
 
 
 def shard_prefix(slice_: int, slices: int) -> str:
@@ -72,28 +73,35 @@ def shard_samples(
     rows: Sequence[int],
     dtype: torch.dtype,
     budget: int,
+    chunk_mb: int,
     done: Callable[[int], object] = lambda _tokens: None,
 ) -> list[Sample]:
     """The features of dataset rows, in their order, in the storage dtype, on the CPU; the
-    target runs ``budget`` padded tokens per forward (``target.batch_tokens``), and ``done``
-    hears the tokens of each forward."""
+    target runs ``budget`` padded tokens per forward (``target.batch_tokens``), its head
+    ``chunk_mb`` of logits at a time (``target.teacher_chunk_mb``), and ``done`` hears the
+    tokens of each forward."""
     if getattr(target, "processor", None) is not None:
-        return vision_samples(target, dataset, rows, dtype, done)
+        return vision_samples(target, dataset, rows, dtype, chunk_mb, done)
     items = [dataset[row] for row in rows]
-    features: dict[int, tuple[Tensor, Tensor]] = {}
+    features: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
     for group, aux, last in target_forwards(target, [s["input_ids"] for s in items], budget):
         for b, i in enumerate(group):
             n = len(items[i]["input_ids"])
+            stored = last[b, :n].to(dtype)
             # Copies: a view would keep the whole padded batch alive until the shard is written.
             features[i] = (
                 aux[b, :n].to("cpu", dtype, copy=True),
-                last[b, :n].to("cpu", dtype, copy=True),
+                stored.to("cpu", copy=True),
+                captured_argmax(target, stored, chunk_mb).to("cpu", torch.int32),
             )
         done(sum(len(items[i]["input_ids"]) for i in group))
-    return [
-        (row, s["input_ids"].int(), s["loss_mask"].to(torch.uint8), *features[i], None)
-        for i, (row, s) in enumerate(zip(rows, items, strict=True))
-    ]
+    samples: list[Sample] = []
+    for i, (row, s) in enumerate(zip(rows, items, strict=True)):
+        aux, last, argmax = features[i]
+        samples.append(
+            (row, s["input_ids"].int(), s["loss_mask"].to(torch.uint8), aux, last, None, argmax)
+        )
+    return samples
 
 
 def vision_samples(
@@ -101,6 +109,7 @@ def vision_samples(
     dataset: Any,
     rows: Sequence[int],
     dtype: torch.dtype,
+    chunk_mb: int,
     done: Callable[[int], object],
 ) -> list[Sample]:
     """The features of a vision-language target's dataset rows, in their order: one sample
@@ -112,14 +121,16 @@ def vision_samples(
         found = vision_states(target, sample)
         positions = found.position_ids[:, 0].cpu()
         plain = torch.arange(positions.shape[-1]).expand_as(positions)
+        stored = found.final[0].to(dtype)
         samples.append(
             (
                 row,
                 sample.input_ids.int(),
                 sample.loss_mask.to(torch.uint8),
                 found.aux[0].to("cpu", dtype, copy=True),
-                found.final[0].to("cpu", dtype, copy=True),
+                stored.to("cpu", copy=True),
                 None if torch.equal(positions, plain) else positions,
+                captured_argmax(target, stored, chunk_mb).to("cpu", torch.int32),
             )
         )
         done(sample.input_ids.numel())
@@ -143,6 +154,7 @@ def encode_shard(samples: list[Sample]) -> tuple[bytes, list[int], list[int]]:
         "loss_mask": torch.cat([s[2] for s in samples]),
         "aux": torch.cat([s[3] for s in samples]),
         "hidden": torch.cat([s[4] for s in samples]),
+        "argmax": torch.cat([s[6] for s in samples]),
     }
     lines = position_rows(samples)
     if lines is not None:  # every sample's, 0..n-1 for those that sit there
@@ -183,15 +195,16 @@ class SliceWriter:
         dataset: Any,
         todo: list[list[int]],
         budget: int,
+        chunk_mb: int,
         idle: int,
         bar: Any,
     ) -> int:
         """Capture the shards of ``todo`` (rows each), ``budget`` padded tokens per target
-        forward, then run ``idle`` one-token forwards (an FSDP-sharded target's ranks run as
+        forward and ``chunk_mb`` of logits at a time in its head, then run ``idle`` one-token forwards (an FSDP-sharded target's ranks run as
         many forwards as the busiest), updating ``bar`` per forward; return the tokens
         captured."""
         for rows in todo:
-            samples = shard_samples(target, dataset, rows, self.dtype, budget, bar.update)
+            samples = shard_samples(target, dataset, rows, self.dtype, budget, chunk_mb, bar.update)
             if self.write:
                 self._flush(samples)
         idle_forwards(target, idle)
@@ -213,6 +226,7 @@ class SliceWriter:
                 "rows": rows,
                 "ids": [self.ids[row] for row in rows],
                 "offsets": offsets,
+                "argmax": True,
             }
         )
         lines = position_rows(samples)

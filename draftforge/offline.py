@@ -255,7 +255,7 @@ def _capture_slices(
         interval_s=cfg.output.progress_interval_s,
         disable=not progress or not layout.is_main,
     )
-    tokens = writer.run(target, dataset, todo, budget, idle, bar)
+    tokens = writer.run(target, dataset, todo, budget, cfg.target.teacher_chunk_mb, idle, bar)
     manifest = None
     if layout.is_main:
         _wait_for_slices(out, slices, layout.tp, log, cfg.parallel.timeout_minutes)
@@ -296,11 +296,18 @@ def _check_and_repair(
         if layout.is_main:
             print(f"{problem}; capturing it again", flush=True)
         entry = entries[name]
-        samples = shard_samples(target, dataset, entry["rows"], dtype, cfg.target.batch_tokens)
+        samples = shard_samples(
+            target,
+            dataset,
+            entry["rows"],
+            dtype,
+            cfg.target.batch_tokens,
+            cfg.target.teacher_chunk_mb,
+        )
         if layout.is_main:
             data, _, _ = encode_shard(samples)
             atomic_write(out / name, data)
-            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+            entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), argmax=True)
     if damaged and layout.is_main:
         manifest["bytes"] = sum(entry["bytes"] for entry in manifest["shards"])
         atomic_write(out / MANIFEST, json.dumps(manifest).encode())

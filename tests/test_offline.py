@@ -1,6 +1,8 @@
 """Offline mode: capture once, train from shards with the online run's losses; resumable,
 splittable capture; damaged or mismatched captures stop training before it starts."""
 
+import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save
 
 from draftforge import offline
 from draftforge.cli import main
@@ -22,7 +24,15 @@ from draftforge.config import load_config
 from draftforge.features import Position, collate, load_data, open_features
 from draftforge.offline import capture, rank_slice
 from draftforge.parallel import setup
-from draftforge.shards import MANIFEST, ShardError, ShardReader, bytes_per_token, features_dir
+from draftforge.shards import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    ShardError,
+    ShardReader,
+    bytes_per_token,
+    features_dir,
+)
 from draftforge.target import load_target
 from draftforge.testing import save_tiny_target, tiny_run_overrides, write_tiny_run
 from draftforge.train import train
@@ -106,7 +116,7 @@ def test_batched_capture_writes_the_shards_of_one_sample_forwards(workdir):
     assert max(len(e["rows"]) for e in entries) >= 8  # several samples per forward
     for entry in entries:
         x, y = load_file(alone / entry["file"]), load_file(batched / entry["file"])
-        for key in ("rows", "offsets", "input_ids", "loss_mask"):
+        for key in ("rows", "offsets", "input_ids", "loss_mask", "argmax"):
             assert torch.equal(x[key], y[key])
         for key in ("aux", "hidden"):
             torch.testing.assert_close(y[key], x[key], rtol=1e-5, atol=1e-5)
@@ -118,7 +128,7 @@ def test_manifest_describes_every_sample_once(workdir, captured):
     assert rows == list(range(manifest["samples"])) and manifest["samples"] == 120
     assert manifest["settings"]["aux_layers"] == [0, 1, 2]
     assert manifest["settings"]["storage_dtype"] == "float32"  # auto: the target's dtype
-    assert manifest["bytes_per_token"] == bytes_per_token(64, "float32") == 1029
+    assert manifest["bytes_per_token"] == bytes_per_token(64, "float32") == 1033
     assert manifest["bytes"] == sum(p.stat().st_size for p in captured.glob("shard-*"))
     shard = manifest["shards"][0]
     tensors = load_file(captured / shard["file"])
@@ -126,6 +136,40 @@ def test_manifest_describes_every_sample_once(workdir, captured):
     assert tensors["aux"].shape == (shard["offsets"][-1], 3 * 64)
     assert tensors["hidden"].shape == (shard["offsets"][-1], 64)
     assert not list(captured.glob("progress-*")) and not list(captured.glob(".tmp-*"))
+
+
+def test_capture_stores_the_targets_own_argmax(workdir, captured):
+    """The stored argmax is what the target's own forward predicts at every token."""
+    model = load_target(_config(workdir, workdir / "unused").target, "cpu").model
+    manifest = json.loads((captured / MANIFEST).read_text())
+    for shard in manifest["shards"][:3]:
+        assert shard["argmax"] is True
+        tensors = load_file(captured / shard["file"])
+        offsets = shard["offsets"]
+        for start, end in itertools.pairwise(offsets):
+            with torch.no_grad():
+                logits = model(tensors["input_ids"][start:end].long()[None]).logits[0]
+            assert torch.equal(tensors["argmax"][start:end], logits.argmax(-1).int())
+
+
+def test_a_capture_without_argmaxes_trains_as_before(workdir, captured, offline_losses):
+    """Shards captured before argmaxes were stored train with the whole head, to the same
+    losses; a capture that mixes both kinds does too."""
+    features, manifest = _copy(captured, "features_no_argmax")
+    for entry in manifest["shards"][::2]:  # every other shard as an older capture wrote it
+        tensors = load_file(features / entry["file"])
+        del tensors["argmax"]
+        data = save(tensors, metadata={"format": FORMAT, "version": str(VERSION)})
+        (features / entry["file"]).write_bytes(data)
+        entry.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+        del entry["argmax"]
+    (features / MANIFEST).write_text(json.dumps(manifest))
+    reader = ShardReader(features, manifest)
+    assert reader.argmax([manifest["shards"][0]["rows"][0]], [4]) is None
+    assert reader.argmax([manifest["shards"][1]["rows"][0]], [4]) is not None
+    out = workdir / "no_argmax_run"
+    train(_config(workdir, out, **{"data.mode": "offline", "data.features_dir": features}))
+    _assert_same_losses(_metrics(out), offline_losses)
 
 
 def _capture_cmd(workdir: Path, features: Path) -> list[str]:
@@ -277,7 +321,7 @@ def test_capture_refuses_when_the_disk_is_too_small(workdir, monkeypatch, capsys
     overrides = tiny_run_overrides(workdir, workdir / "unused", **{"data.features_dir": features})
     assert main(["capture", *overrides, "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "14,173 tokens x 1,029 bytes/token" in err and "1.0 MB free" in err, err
+    assert "14,173 tokens x 1,033 bytes/token" in err and "1.0 MB free" in err, err
     assert not list(features.glob("shard-*"))
 
 
