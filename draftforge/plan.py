@@ -14,7 +14,8 @@ split it). The rest is arithmetic, each term named in :class:`Estimate`'s parts:
 - ``forward``: a target forward's activations over its padded tokens and, under FSDP, the
   weights it gathers whole: the decoder's embedding and three layers' worth (the running one,
   its all-gather buffer while copied out, the next one prefetched); ``head``: the head
-  gathered whole on every rank when tensor parallelism split it;
+  gathered whole on every rank when tensor parallelism split it (online training's teacher,
+  and capture's stored argmax);
 - ``features``: what a step keeps per micro-batch (aux states, teacher probabilities), and
   ``teacher``: the chunks of full-vocabulary logits;
 - ``draft``: fp32 weights and two Adam moments of the draft's trainable part and its fp32
@@ -321,13 +322,15 @@ def steady_state(
     tokens = w.batch_tokens if stage == "capture" else min(w.batch_tokens, w.tokens)
     forward = _gathered(shape, split, w) + _forward(shape, split, w, tokens)
     if stage == "capture":
+        # The stored argmax comes from the whole head, a chunk of logits at a time.
         buffers = 3 * w.shard_mb * 2**20 if w.host_is_device else 0.0
         return _estimate(
             stage,
             split,
             runtime=runtime,
             target=target,
-            forward=forward,
+            head=_head(shape, split, w),
+            forward=max(forward, _teacher(shape, w)),
             buffers=buffers,
         )
     return _estimate(
