@@ -17,7 +17,7 @@ from draftforge.features import prepare_data
 from draftforge.offline import capture, rank_slice
 from draftforge.shards import MANIFEST, ShardReader
 from draftforge.target import load_tokenizer
-from draftforge.testing import tiny_run_overrides, write_tiny_run
+from draftforge.testing import save_tiny_target, tiny_run_overrides, write_tiny_run
 
 pytestmark = pytest.mark.dist
 
@@ -175,10 +175,14 @@ def test_a_stalled_rank_ends_the_capture_naming_it_and_a_rerun_resumes(
     assert all((features / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())
 
 
-def test_a_rank_with_nothing_to_capture_keeps_the_others_in_step(tmp_path):
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_a_rank_with_nothing_to_capture_keeps_the_others_in_step(tmp_path, tied):
     """One sample, two FSDP ranks: rank 1's slice is empty, yet it must take part in every
-    forward of rank 0's sharded target."""
+    forward of rank 0's sharded target and, when the head is tied to the sharded embedding,
+    in gathering the head for the stored argmax."""
     root = write_tiny_run(tmp_path, 1)
+    if tied:
+        save_tiny_target(root / "target", tie_word_embeddings=True)
     features = tmp_path / "features"
     layout = {"parallel.fsdp": "target", "parallel.timeout_minutes": 0.5}
     proc = subprocess.run(
