@@ -200,9 +200,9 @@ class SliceWriter:
         bar: Any,
     ) -> int:
         """Capture the shards of ``todo`` (rows each), ``budget`` padded tokens per target
-        forward and ``chunk_mb`` of logits at a time in its head, then run ``idle`` one-token forwards (an FSDP-sharded target's ranks run as
-        many forwards as the busiest), updating ``bar`` per forward; return the tokens
-        captured."""
+        forward and ``chunk_mb`` of logits at a time in its head, then run ``idle``
+        one-token forwards (an FSDP-sharded target's ranks run as many forwards as the
+        busiest), updating ``bar`` per forward; return the tokens captured."""
         for rows in todo:
             samples = shard_samples(target, dataset, rows, self.dtype, budget, chunk_mb, bar.update)
             if self.write:

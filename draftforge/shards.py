@@ -32,11 +32,12 @@ On disk (``data.features_dir``; empty: ``<target.cache_dir>/features/<hash of th
 - ``shard-r{rank}of{world}-{index}.safetensors``: consecutive samples of one rank's slice,
   concatenated along tokens: ``rows`` int64 [n] (dataset rows), ``offsets`` int64 [n + 1],
   ``input_ids`` int32 [N], ``loss_mask`` uint8 [N], ``aux`` [N, 3H] and ``hidden`` [N, H] in
-  the storage dtype, ``argmax`` int32 [N] (its manifest entry says ``"argmax": true``). About ``data.shard_mb`` each. A shard of a vision-language target
-  whose samples do not all sit at positions ``0..n-1`` also holds ``positions`` int32
-  ``[R, N]``: the position ids its language model used (``R = 3`` M-RoPE rows for Qwen-VL,
-  where an image's tokens take its grid's positions), every sample's, and its manifest entry
-  says ``"positions": R``. Training rotates the draft by them, as online (a text capture has
+  the storage dtype, ``argmax`` int32 [N] (its manifest entry says ``"argmax": true``).
+  About ``data.shard_mb`` each. A shard of a vision-language target whose samples do not
+  all sit at positions ``0..n-1`` also holds ``positions`` int32 ``[R, N]``: the position
+  ids its language model used (``R = 3`` M-RoPE rows for Qwen-VL, where an image's tokens
+  take its grid's positions), every sample's, and its manifest entry says
+  ``"positions": R``. Training rotates the draft by them, as online (a text capture has
   neither, and is what it always was).
 - ``manifest.json``: format and version, the settings of the capture, the tensors' dtypes and
   shapes, bytes per token, and per shard its file name, byte size, sha256, rows, sample ids
