@@ -428,6 +428,8 @@ def _merge(
         "aux": {"dtype": storage, "shape": ["tokens", 3 * hidden]},
         "hidden": {"dtype": storage, "shape": ["tokens", hidden]},
     }
+    if all(entry.get("argmax") for entry in shards):  # a repaired older shard may lack it
+        tensors["argmax"] = {"dtype": "int32", "shape": ["tokens"]}
     lines = next((entry["positions"] for entry in shards if "positions" in entry), None)
     if lines is not None:  # a VL target's: in the shards whose samples are not all at 0..n-1
         tensors["positions"] = {"dtype": "int32", "shape": [lines, "tokens"]}

@@ -169,7 +169,7 @@ def test_offline_capture_larger_than_the_disk_is_an_error(tmp_path: Path) -> Non
 
     (finding,) = disk_findings(cfg, facts, prepared(10**15))
     assert finding.error and finding.message.startswith("disk: the offline capture needs about")
-    assert "32,773 bytes/token, bfloat16" in finding.message
+    assert "32,777 bytes/token, bfloat16" in finding.message
     assert disk_findings(cfg, facts, prepared(1)) == []
     # A finished capture of this dataset is there: nothing more to write.
     features.mkdir()

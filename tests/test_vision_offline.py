@@ -35,7 +35,7 @@ IMAGES = 8
 TEXT_ROWS = 2  # conversations without an image: their positions are 0..n-1
 STEPS = 8
 # What a text capture's shards hold, as before vision-language targets.
-TEXT_TENSORS = {"rows", "offsets", "input_ids", "loss_mask", "aux", "hidden"}
+TEXT_TENSORS = {"rows", "offsets", "input_ids", "loss_mask", "aux", "hidden", "argmax"}
 # One sample per shard: shards of text rows store no positions, those of image rows do.
 RUN = {
     "target.aux_layers": "[2,0,1]",
@@ -237,6 +237,6 @@ def test_a_text_capture_stores_no_positions(tmp_path):
     assert manifest is not None and len(manifest["shards"]) > 1
     assert set(manifest["tensors"]) == TEXT_TENSORS
     for entry in manifest["shards"]:
-        assert set(entry) == {"file", "bytes", "sha256", "rows", "ids", "offsets"}
+        assert set(entry) == {"file", "bytes", "sha256", "rows", "ids", "offsets", "argmax"}
         assert set(load_file(tmp_path / "features" / entry["file"])) == TEXT_TENSORS
     assert ShardReader(tmp_path / "features", manifest).position_rows is None
