@@ -187,16 +187,17 @@ def test_fast_projection_matches_f_linear(rows, matmul, monkeypatch):
 
 
 @pytest.mark.skipif(not SKINNY, reason="the few-row kernel did not build here")
-@pytest.mark.parametrize("width", [576, 1536, 37])
+@pytest.mark.parametrize("width", [576, 1536, 37, 44])
 def test_skinny_kernel_rows_do_not_depend_on_their_company(width):
-    """Each row's output is bitwise the same alone or among up to 19 rows (three passes), and
-    equals F.linear's; widths with and without a tail beyond the 8-float vectors."""
+    """Each row's output is bitwise the same alone or among up to 19 rows (odd and even
+    counts), and equals F.linear's; widths with and without 8-float blocks beyond the 32-float
+    ones and a scalar tail."""
     gen = torch.Generator().manual_seed(width)
     weight, bias = torch.randn(301, width, generator=gen), torch.randn(301, generator=gen)
     x = torch.randn(19, width, generator=gen)
     together = skinny.linear(x, weight, bias)
     torch.testing.assert_close(together, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
-    for rows in (1, 3, 8):
+    for rows in (1, 2, 3, 8):
         for start in range(0, 19 - rows, 5):
             alone = skinny.linear(x[start : start + rows], weight, bias)
             assert torch.equal(alone, together[start : start + rows])

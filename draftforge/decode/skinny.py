@@ -4,8 +4,9 @@ Why: decoding a small model on a CPU is bound by reading its weights, so a verif
 n <= 8 tokens should cost about one plain step. Neither of torch's CPU matmuls gets there at a
 few rows: MKL's sgemm repacks the weight on every call, and oneDNN with a prepacked weight
 (:mod:`draftforge.decode.fastlinear`) runs 2 to 8 rows at 1.5 to 2 times the cost of one row
-(``benchmarks/decode.py --matmul`` prints both). The kernel reads each weight row once and
-takes its dot products with all the rows while they sit in L1, so its cost hardly grows with
+(``benchmarks/decode.py --matmul`` prints both). The kernel reads each weight row from memory
+once and takes its dot products with all the rows while it sits in L1, with enough independent
+multiply-adds in flight to keep up with memory even at one row, so its cost grows slowly with
 the row count up to ``MAX_ROWS``; each output is summed in the same order for any row count.
 
 Building: the C source is compiled once per machine with the system's C compiler (``$CC``, else
@@ -37,9 +38,10 @@ from torch import Tensor
 from draftforge.config import cache_root
 
 SOURCE = Path(__file__).with_name("skinny.c")
-MAX_ROWS = 8  # rows per pass over the weights (ROWS in skinny.c); more rows take more passes
-# No contraction of a * b + c into one fused multiply-add: the compiler would choose per code
-# path, and a token's sums must not depend on the row count.
+MAX_ROWS = 8  # rows the kernel serves; above that, F.linear (sgemm) computes faster
+# No implicit contraction of a * b + c into one fused multiply-add: the compiler would choose
+# per code path, and a token's sums must not depend on the row count (skinny.c calls the FMA
+# explicitly where the CPU has one).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 _OPENMP_RUNTIMES = ("libgomp", "libiomp", "libomp")
 _LIBRARY: list[ctypes.CDLL | None] = []  # filled once by `usable`
