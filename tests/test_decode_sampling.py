@@ -15,6 +15,7 @@ from draftforge.decode.errors import DecodeError
 from draftforge.decode.sampling import (
     SamplingParams,
     children_table,
+    greedy_walk,
     verify_tree,
     warp,
 )
@@ -133,6 +134,25 @@ def test_greedy_walk_follows_the_argmax():
     verdict = verify_tree(p, tokens, parents, None, greedy=True, generator=gen)
     assert verdict.path[0].tolist() == [2, 4]
     assert int(verdict.token[0]) == argmax[4]
+    assert greedy_walk(argmax, tokens[0].tolist(), parents) == ([2, 4], argmax[4])
+
+
+def test_greedy_walk_is_the_tree_walk_at_temperature_0():
+    """The engine's list walk equals verify_tree on one-hot targets: random trees (chains,
+    bushes, single roots), tokens drawn from a vocabulary of 3 so that siblings repeat tokens
+    and match often, logits with ties (the first argmax wins in both)."""
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(300):
+        size = int(torch.randint(1, 9, (1,), generator=gen))
+        parents = [-1] + [
+            int(torch.randint(0, node, (1,), generator=gen)) for node in range(1, size)
+        ]
+        logits = torch.randint(0, 3, (1, size, 3), generator=gen).float()  # ties are common
+        tokens = torch.randint(0, 3, (1, size), generator=gen)
+        verdict = verify_tree(warp(logits, SamplingParams()), tokens, parents, None, True, gen)
+        path, token = greedy_walk(logits[0].argmax(-1).tolist(), tokens[0].tolist(), parents)
+        assert path == verdict.path[0, : int(verdict.accepted[0])].tolist()
+        assert token == int(verdict.token[0])
 
 
 def test_warp_matches_transformers_processors():

@@ -13,8 +13,9 @@ One round, with N tokens committed (the last one, the root, not yet in the targe
 2. Verify. The target runs once over [root, nodes...] at positions N-1+depth with a 4D
    additive mask: every query sees the whole cache and its ancestors (a chain passes no mask
    and gets the ordinary causal one). Aux layers are captured by hooks in the same forward.
-3. Accept. :func:`~draftforge.decode.sampling.verify_tree` walks the tree (greedy or lossless
-   rejection sampling) and returns the accepted path and one more token.
+3. Accept. :func:`~draftforge.decode.sampling.verify_tree` walks the tree (lossless rejection
+   sampling; :func:`~draftforge.decode.sampling.greedy_walk`, the same walk on the argmaxes,
+   at temperature 0) and returns the accepted path and one more token.
 4. Compact. The target cache keeps its prefix plus the root and the accepted path, moved into
    place; the draft cache is extended with the real aux features of those same positions, so
    both caches again describe exactly the committed sequence.
@@ -42,7 +43,7 @@ from torch import Tensor
 from draftforge.decode.drafter import Drafter
 from draftforge.decode.errors import DecodeError
 from draftforge.decode.paths import choose_target_path
-from draftforge.decode.sampling import SamplingParams, sample, verify_tree, warp
+from draftforge.decode.sampling import SamplingParams, greedy_walk, sample, verify_tree, warp
 from draftforge.decode.tree import TreeShape, ancestor_mask, is_chain, select_nodes
 from draftforge.decode.vision import (
     ImageInputs,
@@ -271,20 +272,23 @@ class SpecEngine:
         positions = root_position + torch.tensor(tree.depths, device=device)
         mask = None if is_chain(tree.parents) else ancestor_mask(tree.parents).to(device)
         logits, aux = self.path.forward(ids, positions, mask, False, self.drafter is not None)
-        proposal = None if tree.proposal is None else tree.proposal[None]
-        verdict = verify_tree(
-            warp(logits, self.sampling)[None],
-            ids[None],
-            tree.parents,
-            proposal,
-            self.sampling.greedy,
-            self.generator,
-        )
-        accepted = int(verdict.accepted[0])
-        path = verdict.path[0, :accepted].tolist()
+        if self.sampling.greedy:
+            path, token = greedy_walk(logits.argmax(-1).tolist(), tree.tokens, tree.parents)
+        else:
+            proposal = None if tree.proposal is None else tree.proposal[None]
+            verdict = verify_tree(
+                warp(logits, self.sampling)[None],
+                ids[None],
+                tree.parents,
+                proposal,
+                False,
+                self.generator,
+            )
+            path = verdict.path[0, : int(verdict.accepted[0])].tolist()
+            token = int(verdict.token[0])
         keep = torch.tensor([0, *path], device=device)
         self.path.compact(prefix, keep)
-        return path, int(verdict.token[0]), None if aux is None else aux[keep]
+        return path, token, None if aux is None else aux[keep]
 
     # ------------------------------------------------------------------------- draft
 

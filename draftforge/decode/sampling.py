@@ -180,3 +180,24 @@ def verify_tree(
         walking &= moved
     accepted = (path >= 0).sum(-1)
     return Verdict(path=path, accepted=accepted, token=sample(residual, greedy, generator))
+
+
+def greedy_walk(best: list[int], tokens: list[int], parents: list[int]) -> tuple[list[int], int]:
+    """:func:`verify_tree` at temperature 0, on plain lists: the accepted path and the token
+    after it.
+
+    ``best[i]`` is the target's argmax at node i. From the root, the walk moves to the first
+    child (in order) whose token is the argmax at the current node, and stops where none is;
+    the token after it is the argmax there. No tensor work per node: a verify forward's
+    bookkeeping stays small next to the forward."""
+    children: list[list[int]] = [[] for _ in parents]
+    for node in range(1, len(parents)):
+        children[parents[node]].append(node)
+    path: list[int] = []
+    node = 0
+    while True:
+        step = next((c for c in children[node] if tokens[c] == best[node]), None)
+        if step is None:
+            return path, best[node]
+        path.append(step)
+        node = step
