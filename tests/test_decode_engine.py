@@ -241,6 +241,36 @@ def test_stops_at_eos_and_at_the_position_limit():
     assert gen.tokens == greedy_reference(target, long_ids, 7)[0]
 
 
+def test_an_engine_switched_to_a_shape_decodes_as_one_built_with_it():
+    """``use_shape`` (one engine for a whole sweep): after decoding with other shapes, the
+    switched engine emits, rounds and counts exactly what a fresh engine of that shape does,
+    greedy and sampled from the same seed; it refuses what it cannot draft."""
+    target = as_target(bigram_like_target("llama", seed=4))
+    draft = random_draft(target, seed=4)
+    ids = prompts(1, seed=4, vocab=target.vocab_size)[0]
+    sampled = SamplingParams(temperature=0.9)
+    for sampling in (SamplingParams(), sampled):
+        switched = SpecEngine(target, draft, TreeShape(4, 3, 10), sampling, seed=1)
+        switched.generate(ids, 30, stop_ids=())
+        for shape in (TreeShape(2, 1), TreeShape(3, 2, 5), TreeShape(1, 1)):
+            switched.use_shape(shape)
+            switched.generator.manual_seed(1)
+            got = switched.generate(ids, 40, stop_ids=())
+            want = SpecEngine(target, draft, shape, sampling, seed=1).generate(ids, 40, stop_ids=())
+            assert (got.tokens, got.rounds, got.attempts, got.accepts) == (
+                want.tokens,
+                want.rounds,
+                want.attempts,
+                want.accepts,
+            )
+    with pytest.raises(DecodeError, match="exceeds the draft vocabulary"):
+        switched.use_shape(TreeShape(2, 301))
+    with pytest.raises(DecodeError, match="built with a draft"):
+        switched.use_shape(TreeShape(0))
+    with pytest.raises(DecodeError, match="built with a draft"):
+        SpecEngine(target).use_shape(TreeShape(2, 1))
+
+
 def test_refuses_bad_prompts():
     target = as_target(bigram_like_target("llama", seed=7))
     engine = SpecEngine(target, oracle_draft(target))

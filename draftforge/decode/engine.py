@@ -148,11 +148,7 @@ class SpecEngine:
             check_compatible(self.draft.config, target)
             self.aux_layers = draft_aux_layers(self.draft.config) or target.aux_layers
             self.draft_ids = self.draft.draft_ids()
-            if self.shape.topk > self.draft_ids.numel():
-                raise DecodeError(
-                    f"topk {self.shape.topk} exceeds the draft vocabulary "
-                    f"({self.draft_ids.numel()} tokens)"
-                )
+            self._check_topk(self.shape)
             self.drafter = Drafter(self.draft, lean=lean is not False)
         if is_vision_config(target.model_config):
             self._check_vision_draft()
@@ -168,6 +164,23 @@ class SpecEngine:
         self.generator = torch.Generator(device=target.device).manual_seed(seed)
 
     # ------------------------------------------------------------------------- public
+
+    def use_shape(self, shape: TreeShape) -> None:
+        """Draft with ``shape`` from the next :meth:`generate` on: one engine (one copy of the
+        target's fast weights) serves a sweep. It must have been built drafting."""
+        if self.drafter is None or not shape.drafting:
+            raise DecodeError(
+                "use_shape switches between drafting shapes of an engine built with a draft; "
+                "decode without drafting with an engine built so (draft=None or num_steps=0)"
+            )
+        self._check_topk(shape)
+        self.shape = shape
+
+    def _check_topk(self, shape: TreeShape) -> None:
+        if shape.topk > self.draft_ids.numel():
+            raise DecodeError(
+                f"topk {shape.topk} exceeds the draft vocabulary ({self.draft_ids.numel()} tokens)"
+            )
 
     @torch.no_grad()
     def generate(

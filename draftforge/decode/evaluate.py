@@ -472,48 +472,50 @@ def sweep(
 ) -> tuple[float, list[SweepRow]]:
     """Baseline tokens/s (drafting off) and one row per draft shape, with its round cost.
 
+    Prompt by prompt, the baseline and then every shape decode it in turn, each from the same
+    seed: a machine whose speed drifts during the sweep slows them all alike, so each speedup
+    compares runs made side by side. Two engines serve it all (the baseline's and one that
+    switches shapes), so the target's fast weights are copied twice, not once per shape.
     ``lean``/``compile``: the target path (:class:`SpecEngine`). ``on_prompt`` is called after
     each prompt of each run: ``len(prompts) * (len(shapes) + 1)`` times in all."""
-
-    def run(drafter: Eagle3Draft | None, shape: TreeShape) -> dict[str, Any]:
-        return evaluate(
-            target,
-            drafter,
-            prompts,
-            shape,
-            sampling,
-            max_new_tokens,
-            seed=seed,
-            baseline=False,
-            generate=False,
-            lean=lean,
-            compile=compile,
-            log=lambda _: None,
-            on_prompt=on_prompt,
-        )
-
-    report = run(None, TreeShape(num_steps=0))
-    base = report["speculative"]["tokens_per_s"]
-    step_ms = report["costs"]["target_step_ms"]
-    note = report["target_path_note"]
-    log(f"target path: {report['target_path']}" + (f" ({note})" if note else ""))
-    log(f"baseline (no drafting): {base:.2f} tok/s, target step {step_ms:.1f} ms")
-    log(format_rows([]))
-    rows = []
+    if not shapes:
+        raise DecodeError("sweep: no draft shapes to run")
+    plain = SpecEngine(target, None, TreeShape(0), sampling, seed=seed, lean=lean, compile=compile)
+    engine = SpecEngine(target, draft, shapes[0], sampling, seed=seed, lean=lean, compile=compile)
+    note = f" ({engine.path_note})" if engine.path_note else ""
+    log(f"target path: {engine.path.name}{note}")
+    encoded, images, _ = _encode_all(target, prompts, engine.max_positions, max_new_tokens, log)
+    context = sorted(len(ids) for ids in encoded)[len(encoded) // 2] + max_new_tokens // 2
+    plain.generate(encoded[0], WARMUP_TOKENS, images=images[0])
+    step_ms = measure_costs(plain, context=context).target_step_ms
+    round_ms = []
     for shape in shapes:
-        report = run(draft, shape)
-        tps = report["speculative"]["tokens_per_s"]
-        costs = report["costs"]
-        row = SweepRow(
+        engine.use_shape(shape)
+        engine.generate(encoded[0], WARMUP_TOKENS, images=images[0])
+        round_ms.append(measure_costs(engine, context=context).round_ms(shape.draft_tokens))
+    base, totals = Totals(), [Totals() for _ in shapes]
+    for index, (ids, inputs) in enumerate(zip(encoded, images, strict=True)):
+        plain.generator.manual_seed(seed + index)
+        base.add(plain.generate(ids, max_new_tokens, images=inputs))
+        on_prompt()
+        for shape, total in zip(shapes, totals, strict=True):
+            engine.use_shape(shape)
+            engine.generator.manual_seed(seed + index)
+            total.add(engine.generate(ids, max_new_tokens, images=inputs))
+            on_prompt()
+    log(f"baseline (no drafting): {base.tokens_per_s:.2f} tok/s, target step {step_ms:.1f} ms")
+    rows = [
+        SweepRow(
             shape=shape,
-            acceptance_length=report["acceptance_length"],
-            tokens_per_s=tps,
-            speedup=_ratio(tps, base),
-            round_ms=costs["draft_round_ms"] + costs["verify_ms"][shape.draft_tokens],
+            acceptance_length=total.summary().get("acceptance_length"),
+            tokens_per_s=total.tokens_per_s,
+            speedup=_ratio(total.tokens_per_s, base.tokens_per_s),
+            round_ms=cost,
         )
-        rows.append(row)
-        log(format_rows([row], header=False))
-    return base, rows
+        for shape, total, cost in zip(shapes, totals, round_ms, strict=True)
+    ]
+    log(format_rows(rows))
+    return base.tokens_per_s, rows
 
 
 def format_rows(rows: Sequence[SweepRow], header: bool = True) -> str:
