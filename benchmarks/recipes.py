@@ -2,7 +2,8 @@
 
 Every candidate trains on the demo's data and capture (the first ``--conversations`` built-in
 conversations), for the number of optimizer steps it runs in ``--minutes`` of training time
-on this machine, then decodes the demo's held-out prompts greedily with chains of 2 and 4 steps.
+on this machine, then decodes the demo's held-out prompts greedily with chains of 1, 2 and
+4 steps.
 
 The step budget comes from each candidate's seconds per step, measured side by side in this
 run (candidates interleaved, so a busy machine slows them alike) and printed with the run's
@@ -58,13 +59,22 @@ LADDER: list[tuple[str, list[str]]] = [
             "training.lr=4e-3",
         ],
     ),
+    (
+        "4096 vocab, no unroll: ttt_steps 1 (the demo's)",
+        [
+            *BEFORE,
+            "draft.head_init=target",
+            "draft.draft_vocab_size=4096",
+            "training.ttt_steps=1",
+        ],
+    ),
 ]
 # Changes that cost nothing per step: each trains the steps of the ladder entry it names.
 VARIANTS: list[tuple[str, list[str], int]] = [
     ("4 + lr 8e-3", ["training.lr=8e-3"], 4),
 ]
 TIMED_STEPS = (3, 13)  # two short runs; their difference is 10 steps without setup
-CHAINS = (2, 4)
+CHAINS = (1, 2, 4)
 
 
 def candidate_config(
