@@ -499,8 +499,10 @@ def _assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
 
 
 def _wait_for(path: Path, proc: subprocess.Popen, what: str) -> None:
+    """Until ``path`` has content: metrics.jsonl is opened before training's SIGTERM handler is
+    set (on every rank), its first record is written after it."""
     deadline = time.time() + 300
-    while not path.exists():
+    while not (path.exists() and path.stat().st_size):
         assert proc.poll() is None and time.time() < deadline, f"the run ended before {what}"
         time.sleep(0.01)
 
