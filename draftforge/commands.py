@@ -374,6 +374,21 @@ def _int_list(text: str) -> list[int]:
         ) from None
 
 
+def _prob_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated probabilities, got {text!r}"
+        ) from None
+
+
+_MIN_PROB_HELP = (
+    "draft a node only while its cumulative draft probability is at least this (0: the "
+    "whole shape; draftforge's own, SGLang and vLLM always draft the whole shape)"
+)
+
+
 def _decoding_arguments(p: argparse.ArgumentParser) -> None:
     """The draft, target, prompts and sampling flags ``eval`` and ``bench`` share."""
     p.add_argument(
@@ -420,6 +435,7 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-steps", type=int, default=3, help="draft steps (tree depth) per round")
     p.add_argument("--topk", type=int, default=1, help="children per node; 1 = chain")
     p.add_argument("--num-draft-tokens", type=int, help="tree nodes verified, root included")
+    p.add_argument("--min-prob", type=float, default=0.0, help=_MIN_PROB_HELP)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--limit", type=int, help="use only the first N prompts")
     p.add_argument("--no-baseline", action="store_true", help="skip the no-drafting baseline")
@@ -432,6 +448,9 @@ def bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-steps", type=_int_list, default=[1, 2, 3, 4, 5], help="e.g. 1,2,3")
     p.add_argument("--topk", type=_int_list, default=[1], help="e.g. 1,4")
     p.add_argument("--num-draft-tokens", type=_int_list, help="tree sizes, e.g. 8,16")
+    p.add_argument(
+        "--min-prob", type=_prob_list, default=[0.0], help=f"e.g. 0,0.2: {_MIN_PROB_HELP}"
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--limit", type=int, default=8, help="prompts used (the first N)")
     p.add_argument("--out-dir", default="bench", help="where bench.json and bench.png go")
@@ -471,7 +490,7 @@ def _lean(args: argparse.Namespace) -> bool | None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    shape = TreeShape(args.num_steps, args.topk, args.num_draft_tokens)
+    shape = TreeShape(args.num_steps, args.topk, args.num_draft_tokens, args.min_prob)
     prompts = _prompts(args) if args.prompts else []  # a bad prompt file stops before loading
     target, draft = _load(args)
     prompts = prompts or _prompts(args, images=target.processor is not None)
@@ -510,7 +529,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     require_extra("matplotlib", "plot", "the bench plot (bench.png)")  # checked before the sweep
-    shapes = shapes_to_sweep(args.num_steps, args.topk, args.num_draft_tokens or [None])
+    shapes = shapes_to_sweep(
+        args.num_steps, args.topk, args.num_draft_tokens or [None], args.min_prob
+    )
     if not shapes:
         raise DecodeError("no valid (num_steps, topk, num_draft_tokens) combination to run")
     prompts = _prompts(args) if args.prompts else []
@@ -571,6 +592,12 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
         help="tokens generated per held-out prompt",
     )
     p.add_argument(
+        "--min-prob",
+        type=float,
+        default=defaults.min_prob,
+        help="every evaluated setting's min_prob: " + _MIN_PROB_HELP,
+    )
+    p.add_argument(
         "overrides",
         nargs="*",
         metavar="section.key=value",
@@ -586,6 +613,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise ConfigError(f"--conversations must be at least 10, got {args.conversations}")
     if args.eval_prompts < 1:
         raise ConfigError(f"--eval-prompts must be at least 1, got {args.eval_prompts}")
+    if not 0 <= args.min_prob < 1:
+        raise ConfigError(f"--min-prob must be in [0, 1), got {args.min_prob}")
     settings = DemoSettings(
         minutes=args.minutes,
         out=Path(args.out),
@@ -593,6 +622,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         conversations=args.conversations,
         eval_prompts=args.eval_prompts,
         max_new_tokens=args.max_new_tokens,
+        min_prob=args.min_prob,
         overrides=args.overrides,
     )
     return run_demo(settings)

@@ -37,6 +37,7 @@ prefix of it keeps the mix.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import shutil
@@ -94,6 +95,11 @@ class DemoSettings:
     # the evaluation does not use, it adds the most acceptance for its cost; deeper and wider
     # trees accept more and decode slower on 2 cores.
     tree: TreeShape = field(default_factory=lambda: TreeShape(2, 4, 5))
+    # Every setting drafts only tokens the draft gives at least this cumulative probability
+    # (TreeShape.min_prob): on 2 cores a verified token costs about a tenth of a step, which a
+    # token the draft is unsure of does not repay. Chosen on held-out prompts the evaluation
+    # does not use (benchmarks/min_prob.py).
+    min_prob: float = 0.2
     cache_dir: str = ""  # target.cache_dir; empty: the CLI's cache (config.cache_root)
     data: Path = DEMO_DATA  # gzipped JSONL conversations
     overrides: list[str] = field(default_factory=list)  # section.key=value, applied last
@@ -289,7 +295,8 @@ def run_demo(settings: DemoSettings) -> int:
             result = train(cfg, target, prepared)
             print(f"    {result.step} steps; checkpoint in {result.run_dir / 'checkpoints'}")
         prompts = heldout_prompts(settings.eval_prompts)
-        shapes = [TreeShape(s) for s in settings.chain_steps] + [settings.tree]
+        shapes = [TreeShape(s, min_prob=settings.min_prob) for s in settings.chain_steps]
+        shapes.append(dataclasses.replace(settings.tree, min_prob=settings.min_prob))
         with stages.run(
             "eval",
             f"{len(prompts)} held-out prompts x {settings.max_new_tokens} tokens, temperature 0: "
@@ -399,8 +406,10 @@ def _evaluate(
 
 def _label(shape: TreeShape) -> str:
     if shape.topk == 1:
-        return f"chain, {shape.num_steps} step{'s' * (shape.num_steps > 1)}"
-    return f"tree, {shape.num_steps} steps x topk {shape.topk}, {shape.draft_tokens} tokens"
+        label = f"chain, {shape.num_steps} step{'s' * (shape.num_steps > 1)}"
+    else:
+        label = f"tree, {shape.num_steps} steps x topk {shape.topk}, {shape.draft_tokens} tokens"
+    return label + (f", min_prob {shape.min_prob:g}" if shape.min_prob else "")
 
 
 def _report(
@@ -452,7 +461,12 @@ def _report(
         "",
         f"plot: {plot}",
         "",
-        "serve the draft (the target folder is the converted SmolLM2):",
+        "serve the draft (the target folder is the converted SmolLM2"
+        + (
+            "; SGLang and vLLM draft the whole shape, min_prob is draftforge's own):"
+            if best and best.shape.min_prob
+            else "):"
+        ),
     ]
     for result in exports.values():
         what, command = result.commands[0]  # the export's own engine

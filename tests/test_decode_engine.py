@@ -3,6 +3,8 @@ greedy output identical to the target's own, draft KV path identical to the trai
 losslessness end to end, bad inputs. float64 targets keep greedy comparisons free of rounding;
 float32 ones (with large logit margins) exercise the prepacked oneDNN matmuls."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -73,14 +75,26 @@ CASES = {
     "llama-oracle": (
         lambda: as_target(bigram_like_target("llama", seed=1)),
         lambda t: oracle_draft(t, vocab_subset(t, 300, 0)),
-        [TreeShape(4, 1), TreeShape(3, 2, 6), TreeShape(4, 3, 10), TreeShape(5, 4, 12)],
-        9,
+        [
+            TreeShape(4, 1),
+            TreeShape(3, 2, 6),
+            TreeShape(4, 3, 10),
+            TreeShape(5, 4, 12),
+            TreeShape(4, 3, 10, min_prob=0.3),
+        ],
+        10,
     ),
     "qwen2-oracle": (
         lambda: as_target(bigram_like_target("qwen2", seed=2)),
         lambda t: oracle_draft(t),
-        [TreeShape(3, 1), TreeShape(3, 2, 4), TreeShape(4, 3, 8), TreeShape(2, 3, 7)],
-        8,
+        [
+            TreeShape(3, 1),
+            TreeShape(3, 2, 4),
+            TreeShape(4, 3, 8),
+            TreeShape(2, 3, 7),
+            TreeShape(4, 1, min_prob=0.4),
+        ],
+        10,
     ),
     "qwen3-oracle-fp32": (
         lambda: as_target(bigram_like_target("qwen3", seed=8, dtype=torch.float32)),
@@ -192,6 +206,8 @@ def test_draft_cache_path_equals_the_training_unroll(lean, dtype):
         (TreeShape(2, 2, 4), SamplingParams(0.8, top_p=0.9), False, torch.float64),
         (TreeShape(2, 1), SamplingParams(temperature=1.0), True, torch.float32),
         (TreeShape(2, 2, 4), SamplingParams(0.8, top_p=0.9), True, torch.float32),
+        (TreeShape(2, 1, min_prob=0.3), SamplingParams(temperature=1.0), True, torch.float64),
+        (TreeShape(2, 2, 4, min_prob=0.3), SamplingParams(temperature=1.0), True, torch.float64),
     ],
 )
 def test_sampling_end_to_end_matches_target_distribution(shape, sampling, lean, dtype):
@@ -211,13 +227,16 @@ def test_sampling_end_to_end_matches_target_distribution(shape, sampling, lean, 
     engine = SpecEngine(target, draft, shape, sampling, seed=0, lean=lean)
     runs = 300
     counts = torch.zeros(8)
-    accepted = 0
+    accepted = drafted = 0
     for _ in range(runs):
         gen = engine.generate(prompt[0], 2, stop_ids=())
         counts[gen.tokens[1]] += 1
         accepted += gen.accepts[0] if gen.accepts else 0
+        drafted += gen.drafted
     assert chi_square_p(counts, exact) > 1e-3, (counts, exact * runs)
     assert 0 < accepted < runs  # both acceptance and rejection happened
+    if shape.min_prob:  # the floor held some drafts back and let others through
+        assert 0 < drafted < runs * (shape.draft_tokens - 1)
 
 
 def test_stops_at_eos_and_at_the_position_limit():
@@ -304,3 +323,121 @@ def test_refuses_drafts_that_do_not_fit_the_target(tmp_path):
     step = checkpoint.save_checkpoint(tmp_path / "checkpoints", 5, weights, {}, extra)
     with pytest.raises(DraftShapeError, match="hidden_size 32"):
         load_draft_for(step, target)
+
+
+def _path_of(node: int, tokens: list[int], parents: list[int]) -> tuple[int, ...]:
+    """A tree node named by its tokens from the root down (siblings differ in token)."""
+    path: list[int] = []
+    while node > 0:
+        path.append(tokens[node])
+        node = parents[node]
+    return tuple(reversed(path))
+
+
+@pytest.mark.parametrize("shape", [TreeShape(4, 1), TreeShape(4, 3, 10)], ids=["chain", "tree"])
+def test_min_prob_drafts_the_nodes_whose_draft_probability_reaches_it(shape):
+    """Every round, the engine drafts the whole shape too (min_prob 0, same state) and the
+    probability of each of its nodes is worked out: the product along its path of the draft's
+    softmax (chains: the top probability of each level's logits; trees: the candidates' scores
+    as drafted). The round's tree must be exactly the whole tree's nodes that reach min_prob."""
+    target = as_target(bigram_like_target("llama", seed=1))
+    draft = oracle_draft(target, vocab_subset(target, 300, 0))
+    floor = 0.3
+    engine = SpecEngine(target, draft, dataclasses.replace(shape, min_prob=floor))
+    cut_shape, drafted = engine.shape, []
+    real_tree, real_logits, real_assemble = (
+        engine._draft_tree,
+        engine.drafter.logits,
+        engine._assemble,
+    )
+    level_probs: list[float] = []
+    candidates: dict[tuple[int, ...], float] = {}
+
+    def logits(hidden):
+        out = real_logits(hidden)
+        level_probs.append(float(out.double().softmax(-1).max()))
+        return out
+
+    def assemble(root, tokens, scores, passed, parents, depths, proposals):
+        parent_of = torch.cat(parents).tolist()
+        for c in range(tokens.numel()):  # every candidate's path, from its ancestors' tokens
+            path, node = [], c
+            while node >= 0:
+                path.append(int(tokens[node]))
+                node = parent_of[node]
+            candidates[tuple(reversed(path))] = float(scores[c].exp())
+        return real_assemble(root, tokens, scores, passed, parents, depths, proposals)
+
+    def spy(hidden, root, base, depth):
+        level_probs.clear()
+        candidates.clear()
+        engine.shape = shape
+        whole = real_tree(hidden, root, base, depth)
+        engine.shape = cut_shape
+        got = real_tree(hidden, root, base, depth)
+        nodes = [_path_of(i, whole.tokens, whole.parents) for i in range(1, len(whole.tokens))]
+        if shape.topk == 1:
+            cumulative = torch.tensor(level_probs[: len(nodes)]).cumprod(0).tolist()
+            want = {n for n, p in zip(nodes, cumulative, strict=True) if p >= floor}
+        else:
+            want = {n for n in nodes if candidates[n] >= floor}
+        have = {_path_of(i, got.tokens, got.parents) for i in range(1, len(got.tokens))}
+        assert have == want
+        drafted.append(len(have))
+        return got
+
+    engine._draft_tree = spy
+    engine.drafter.logits = logits
+    engine._assemble = assemble
+    ids = prompts(2, seed=11, vocab=target.vocab_size)
+    for prompt in ids:
+        gen = engine.generate(prompt, 60, stop_ids=())
+        assert gen.tokens == greedy_reference(target, prompt[None], 60)[0]
+    assert len(set(drafted)) >= 3 and max(drafted) <= shape.draft_tokens - 1  # cut variously
+    assert 0 in drafted or shape.topk > 1  # rounds without drafting (in a tree of three, the
+    # oracle's best child always reaches 0.3)
+
+
+def test_min_prob_decides_a_sampled_level_before_its_token_is_drawn():
+    """A sampled chain's level is drafted when the probability of the tokens drawn above it
+    times the draft's top probability at it reaches min_prob: the drawn token's own
+    probability must not decide (the verify would then accept from another proposal than the
+    one it was drawn from). Worked out from the draft's logits at every level, every round."""
+    target = as_target(bigram_like_target("llama", seed=1))
+    draft = oracle_draft(target, vocab_subset(target, 300, 0))
+    floor = 0.3
+    shape = TreeShape(4, 1, min_prob=floor)
+    engine = SpecEngine(target, draft, shape, SamplingParams(temperature=1.0), seed=3)
+    real_tree, real_logits = engine._draft_tree, engine.drafter.logits
+    rows: list[torch.Tensor] = []  # the draft's probabilities at each level of the round
+    drafted: list[int] = []
+    cut_by_drawn = 0  # rounds where the drawn token's probability would have decided otherwise
+
+    def logits(hidden):
+        out = real_logits(hidden)
+        rows.append(out[0].double().softmax(-1))
+        return out
+
+    def spy(hidden, root, base, depth):
+        nonlocal cut_by_drawn
+        rows.clear()
+        got = real_tree(hidden, root, base, depth)
+        drawn = [int((draft.draft_ids() == t).nonzero()) for t in got.tokens[1:]]
+        above, want = 1.0, 0
+        for level, row in enumerate(rows):
+            if above * float(row.max()) < floor:
+                break
+            want += 1
+            if level < len(drawn):
+                cut_by_drawn += above * float(row[drawn[level]]) < floor
+                above *= float(row[drawn[level]])
+        assert len(got.tokens) - 1 == want
+        drafted.append(want)
+        return got
+
+    engine._draft_tree = spy
+    engine.drafter.logits = logits
+    for prompt in prompts(3, seed=12, vocab=target.vocab_size):
+        engine.generate(prompt, 60, stop_ids=())
+    assert cut_by_drawn > 0  # the two rules disagree on some rounds: this test tells them apart
+    assert len(set(drafted)) >= 3

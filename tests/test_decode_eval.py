@@ -99,10 +99,15 @@ def test_bench_writes_table_and_plot(workdir, capsys):
     out = workdir / "bench"
     args = ["bench", "--draft", str(workdir / "run"), "--num-steps", "1,2", "--topk", "1,2"]
     args += ["--temperature", "0.7", "--top-p", "0.9"]  # sampled chains, point-mass trees
+    args += ["--min-prob", "0,0.999"]  # a floor the untrained draft never reaches
     assert main([*args, "--max-new-tokens", "12", "--limit", "2", "--out-dir", str(out)]) == 0
     result = json.loads((out / "bench.json").read_text())
-    assert [(r["num_steps"], r["topk"]) for r in result["rows"]] == [(1, 1), (2, 1), (1, 2), (2, 2)]
+    shapes = [(1, 1), (2, 1), (1, 2), (2, 2)]
+    rows = [(r["num_steps"], r["topk"], r["min_prob"]) for r in result["rows"]]
+    assert rows == [(*s, 0.0) for s in shapes] + [(*s, 0.999) for s in shapes]
     assert all(r["acceptance_length"] >= 1 for r in result["rows"])
+    drafted = [r["drafted_per_round"] for r in result["rows"]]
+    assert drafted[:4] == [1, 2, 2, 4] and drafted[4:] == [0, 0, 0, 0]
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "speedup" in capsys.readouterr().out
 

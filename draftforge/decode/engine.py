@@ -9,7 +9,9 @@ One round, with N tokens committed (the last one, the root, not yet in the targe
    the committed cache, to its own ancestors' speculative keys and to itself: exactly the TTT
    pattern (step-0 keys causally, then the "diagonal"). Trees expand top-k per frontier node
    and keep top-k as the next frontier (SGLang), then keep the best num_draft_tokens - 1 nodes
-   by cumulative log-prob. Speculative draft keys live only for the round.
+   by cumulative log-prob; with ``shape.min_prob`` only nodes whose cumulative probability
+   reaches it, and drafting stops at a level without one. Speculative draft keys live only for
+   the round.
 2. Verify. The target runs once over [root, nodes...] at positions N-1+depth with a 4D
    additive mask: every query sees the whole cache and its ancestors (a chain passes no mask
    and gets the ordinary causal one). Aux layers are captured by hooks in the same forward.
@@ -32,6 +34,7 @@ both take the 3-row M-RoPE positions its language model uses.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -62,14 +65,16 @@ class Generation:
 
     tokens: new tokens (a stop token included when one ended the sequence); rounds: target
     verification forwards (the prefill is not one); verified: tokens those forwards produced,
-    before truncation at a stop token or the length limit; attempts[d] / accepts[d]: how often
-    verification reached a node at depth d with children, and accepted one of them.
+    before truncation at a stop token or the length limit; drafted: draft tokens they
+    verified (the roots not counted); attempts[d] / accepts[d]: how often verification
+    reached a node at depth d with children, and accepted one of them.
     """
 
     tokens: list[int]
     prompt_tokens: int
     rounds: int = 0
     verified: int = 0
+    drafted: int = 0
     attempts: list[int] = field(default_factory=list)
     accepts: list[int] = field(default_factory=list)
     seconds: float = 0.0
@@ -306,23 +311,30 @@ class SpecEngine:
     # ------------------------------------------------------------------------- draft
 
     def _draft_tree(self, hidden: Tensor | None, root: int, base: int, depth: int) -> DraftTree:
-        """Draft up to ``depth`` levels below ``root``; ``base`` is the last committed index."""
+        """Draft up to ``depth`` levels below ``root``; ``base`` is the last committed index.
+        Levels whose every gate falls below ``shape.min_prob`` end the drafting."""
         drafter = self.drafter
+        alone = DraftTree(tokens=[root], parents=[-1], depths=[0])
         if drafter is None or hidden is None or depth == 0:
-            return DraftTree(tokens=[root], parents=[-1], depths=[0])
+            return alone
         topk = self.shape.topk
+        floor = math.log(self.shape.min_prob) if self.shape.min_prob > 0 else -math.inf
         device = hidden.device
-        # Candidates, level by level: token (target id), cumulative score, parent (-1: root).
+        # Candidates, level by level: token (target id), cumulative score, gate, parent (-1: root).
         tokens: list[Tensor] = []
         scores: list[Tensor] = []
+        gates: list[Tensor] = []
         parents: list[Tensor] = []
         depths: list[Tensor] = []
         proposals: list[Tensor] = []  # sampled chains only
-        children, child_scores, q = self._children(
+        children, child_scores, gate, q = self._children(
             drafter.logits(hidden[None]), hidden.new_zeros(1)
         )
+        if float(gate.max()) < floor:
+            return alone
         tokens.append(children[0])
         scores.append(child_scores[0])
+        gates.append(gate[0])
         parents.append(torch.full((topk,), -1, device=device))
         depths.append(torch.ones(topk, dtype=torch.long, device=device))
         if q is not None:
@@ -338,9 +350,14 @@ class SpecEngine:
             out = drafter.tree_step(
                 frontier_hidden, all_tokens[frontier], base + level - 1, visible
             )
-            children, child_scores, q = self._children(drafter.logits(out), all_scores[frontier])
+            children, child_scores, gate, q = self._children(
+                drafter.logits(out), all_scores[frontier]
+            )
+            if float(gate.max()) < floor:
+                break
             tokens.append(children.flatten())
             scores.append(child_scores.flatten())
+            gates.append(gate.flatten())
             parents.append(frontier.repeat_interleave(topk))
             depths.append(torch.full((width * topk,), level, device=device))
             if q is not None:
@@ -353,40 +370,50 @@ class SpecEngine:
             count += width * topk
             all_tokens = torch.cat(tokens)
             all_scores = torch.cat(scores)
-        return self._assemble(root, all_tokens, all_scores, parents, depths, proposals)
+        passed = int((torch.cat(gates) >= floor).sum())
+        return self._assemble(root, all_tokens, all_scores, passed, parents, depths, proposals)
 
     def _children(
         self, logits: Tensor, base_scores: Tensor
-    ) -> tuple[Tensor, Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
         """Children of each of F nodes from their draft logits [F, Vd].
 
-        Returns target ids [F, k], cumulative scores [F, k] (parent score + draft log-prob)
-        and, for sampled chains, the proposal each child was drawn from over the target
-        vocab [F, V] (zero outside the draft vocab)."""
+        Returns target ids [F, k], cumulative scores [F, k] (parent score + draft log-prob),
+        gates [F, k] (what ``shape.min_prob`` is held against) and, for sampled chains, the
+        proposal each child was drawn from over the target vocab [F, V] (zero outside the
+        draft vocab). A deterministic child's gate is its score. A sampled child's is its
+        parent's score plus the draft's largest log-prob: whether it is drafted must not
+        depend on which token was drawn, or the verify would accept from a proposal other
+        than ``q``. Along any path gates never rise, so the nodes that pass hang together."""
         logp = torch.log_softmax(logits.float(), dim=-1)
         if self.shape.topk == 1 and not self.sampling.greedy:
             q_draft = warp(logits, self.sampling)
             picked = sample(q_draft, False, self.generator)[:, None]
             q = q_draft.new_zeros(q_draft.shape[0], self.target.vocab_size)
             q[:, self.draft_ids] = q_draft
+            gates = base_scores[:, None] + logp.max(dim=-1, keepdim=True).values
         else:
             picked = logp.topk(self.shape.topk, dim=-1).indices
             q = None
-        return self.draft_ids[picked], base_scores[:, None] + logp.gather(1, picked), q
+        scores = base_scores[:, None] + logp.gather(1, picked)
+        return self.draft_ids[picked], scores, scores if q is None else gates, q
 
     def _assemble(
         self,
         root: int,
         tokens: Tensor,
         scores: Tensor,
+        passed: int,
         parents: list[Tensor],
         depths: list[Tensor],
         proposals: list[Tensor],
     ) -> DraftTree:
-        """Keep the best candidates and renumber them as tree nodes 1..M under the root."""
+        """Keep the best candidates (at most the ``passed`` whose gates reach
+        ``shape.min_prob``: the best by score) and renumber them as tree nodes 1..M under the
+        root."""
         parent_of = torch.cat(parents).tolist()
         depth_of = torch.cat(depths)
-        budget = min(self.shape.draft_tokens - 1, tokens.numel())
+        budget = min(self.shape.draft_tokens - 1, tokens.numel(), passed)
         chosen = select_nodes(scores, depth_of, budget).tolist()
         node_of = {c: i + 1 for i, c in enumerate(chosen)}
         proposal = None
@@ -406,6 +433,7 @@ class SpecEngine:
     def _count(result: Generation, tree: DraftTree, path: list[int]) -> None:
         result.rounds += 1
         result.verified += len(path) + 1
+        result.drafted += len(tree.tokens) - 1
         has_children = {p for p in tree.parents if p >= 0}
         node = 0
         for depth in range(len(path) + 1):

@@ -160,6 +160,7 @@ class Totals:
     seconds: float = 0.0
     rounds: int = 0
     verified: int = 0
+    drafted: int = 0
     attempts: list[int] = field(default_factory=list)
     accepts: list[int] = field(default_factory=list)
 
@@ -168,6 +169,7 @@ class Totals:
         self.seconds += gen.seconds
         self.rounds += gen.rounds
         self.verified += gen.verified
+        self.drafted += gen.drafted
         if not self.attempts:
             self.attempts = [0] * len(gen.attempts)
             self.accepts = [0] * len(gen.accepts)
@@ -188,6 +190,7 @@ class Totals:
         if self.rounds:
             out["verify_forwards"] = self.rounds
             out["acceptance_length"] = self.verified / self.rounds
+            out["drafted_per_round"] = self.drafted / self.rounds
             out["accept_rate_per_position"] = [
                 took / tried if tried else None
                 for tried, took in zip(self.attempts, self.accepts, strict=True)
@@ -424,13 +427,16 @@ class SweepRow:
     tokens_per_s: float
     speedup: float | None
     round_ms: float | None = None
+    drafted: float | None = None  # draft tokens verified per round
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "num_steps": self.shape.num_steps,
             "topk": self.shape.topk,
             "num_draft_tokens": self.shape.draft_tokens,
+            "min_prob": self.shape.min_prob,
             "acceptance_length": self.acceptance_length,
+            "drafted_per_round": self.drafted,
             "tokens_per_s": self.tokens_per_s,
             "speedup": self.speedup,
             "round_ms": self.round_ms,
@@ -438,21 +444,25 @@ class SweepRow:
 
 
 def shapes_to_sweep(
-    steps: Sequence[int], topks: Sequence[int], draft_tokens: Sequence[int | None]
+    steps: Sequence[int],
+    topks: Sequence[int],
+    draft_tokens: Sequence[int | None],
+    min_probs: Sequence[float] = (0.0,),
 ) -> list[TreeShape]:
-    """Every valid (num_steps, topk, num_draft_tokens) combination, in sweep order.
+    """Every valid (num_steps, topk, num_draft_tokens, min_prob) combination, in sweep order.
 
     Chains verify num_steps + 1 tokens whatever the list says; tree settings that ask for more
     nodes than the tree drafts are left out."""
     shapes: list[TreeShape] = []
-    for topk in topks:
-        for n in draft_tokens if topk > 1 else [None]:
-            for s in steps:
-                if topk > 1 and n is not None and n > TreeShape(s, topk).candidates + 1:
-                    continue
-                shape = TreeShape(s, topk, n)
-                if shape not in shapes:
-                    shapes.append(shape)
+    for floor in min_probs:
+        for topk in topks:
+            for n in draft_tokens if topk > 1 else [None]:
+                for s in steps:
+                    if topk > 1 and n is not None and n > TreeShape(s, topk).candidates + 1:
+                        continue
+                    shape = TreeShape(s, topk, n, floor)
+                    if shape not in shapes:
+                        shapes.append(shape)
     return shapes
 
 
@@ -511,6 +521,7 @@ def sweep(
             tokens_per_s=total.tokens_per_s,
             speedup=_ratio(total.tokens_per_s, base.tokens_per_s),
             round_ms=cost,
+            drafted=total.summary().get("drafted_per_round"),
         )
         for shape, total, cost in zip(shapes, totals, round_ms, strict=True)
     ]
@@ -519,18 +530,22 @@ def sweep(
 
 
 def format_rows(rows: Sequence[SweepRow], header: bool = True) -> str:
-    """A fixed-width table of sweep rows (the header alone for no rows)."""
+    """A fixed-width table of sweep rows (the header alone for no rows): ``tokens`` is the
+    shape's verify size, ``drafted`` the draft tokens verified per round on average (fewer
+    under ``p_min``, the shape's min_prob)."""
     lines = [
-        f"{'steps':>5} {'topk':>4} {'tokens':>6} {'AL':>6} {'tok/s':>8} {'speedup':>7} "
-        f"{'round ms':>8}"
+        f"{'steps':>5} {'topk':>4} {'tokens':>6} {'p_min':>5} {'drafted':>7} {'AL':>6} "
+        f"{'tok/s':>8} {'speedup':>7} {'round ms':>8}"
     ]
     for r in rows:
         al = "-" if r.acceptance_length is None else f"{r.acceptance_length:.3f}"
+        drafted = "-" if r.drafted is None else f"{r.drafted:.2f}"
         speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
         round_ms = "-" if r.round_ms is None else f"{r.round_ms:.1f}"
         lines.append(
-            f"{r.shape.num_steps:>5} {r.shape.topk:>4} {r.shape.draft_tokens:>6} {al:>6} "
-            f"{r.tokens_per_s:>8.2f} {speedup:>7} {round_ms:>8}"
+            f"{r.shape.num_steps:>5} {r.shape.topk:>4} {r.shape.draft_tokens:>6} "
+            f"{r.shape.min_prob:>5.2g} {drafted:>7} {al:>6} {r.tokens_per_s:>8.2f} "
+            f"{speedup:>7} {round_ms:>8}"
         )
     return "\n".join(lines if header else lines[1:])
 
@@ -549,6 +564,8 @@ def plot_sweep(rows: Sequence[SweepRow], path: str | Path, title: str = "") -> P
         label = "chain" if r.shape.topk == 1 else f"topk {r.shape.topk}"
         if r.shape.topk > 1 and r.shape.num_draft_tokens is not None:
             label += f", {r.shape.num_draft_tokens} tokens"
+        if r.shape.min_prob:
+            label += f", p >= {r.shape.min_prob:g}"
         groups.setdefault(label, []).append(r)
     for label, group in groups.items():
         group = sorted(group, key=lambda r: r.shape.num_steps)

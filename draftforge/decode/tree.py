@@ -19,17 +19,26 @@ class TreeShape:
     num_draft_tokens: tree nodes verified per round, the root included; trees keep the best
         num_draft_tokens - 1 candidates by cumulative draft log-prob. Default: num_steps + 1
         for a chain, 1 + num_steps * topk (at most every candidate) for a tree.
+    min_prob: draftforge's own, not SGLang's: the shape is an upper bound, and a node is
+        drafted only when its cumulative draft probability (the product of the draft's
+        probabilities along its path) is at least min_prob. Drafting stops at the first level
+        with no such node; a round without one verifies the root alone, a plain step. Where a
+        verified token costs a good part of a step (a CPU), this keeps the tokens the draft
+        is unsure of out of the verify. 0 drafts the whole shape.
     """
 
     num_steps: int = 3
     topk: int = 1
     num_draft_tokens: int | None = None
+    min_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.num_steps < 0:
             raise DecodeError(f"num_steps must be >= 0, got {self.num_steps}")
         if self.topk < 1:
             raise DecodeError(f"topk must be >= 1, got {self.topk}")
+        if not 0.0 <= self.min_prob < 1.0:
+            raise DecodeError(f"min_prob must be in [0, 1), got {self.min_prob}")
         n = self.num_draft_tokens
         if n is None:
             return
