@@ -299,13 +299,16 @@ def _settings(
     }
 
 
+def _typical_context(encoded: Sequence[list[int]], max_new_tokens: int) -> int:
+    """The cache length costs are measured at: the median prompt plus half the new tokens."""
+    return sorted(len(ids) for ids in encoded)[len(encoded) // 2] + max_new_tokens // 2
+
+
 def _log_costs(
     engine: SpecEngine, encoded: Sequence[list[int]], max_new_tokens: int, log: Log
 ) -> DecodeCosts:
-    """The engine's cost model at a typical cache length of this run (median prompt plus half
-    the new tokens), logged line by line."""
-    context = sorted(len(ids) for ids in encoded)[len(encoded) // 2] + max_new_tokens // 2
-    measured = measure_costs(engine, context=context)
+    """The engine's cost model at a typical cache length of this run, logged line by line."""
+    measured = measure_costs(engine, context=_typical_context(encoded, max_new_tokens))
     for line in measured.lines():
         log(line)
     return measured
@@ -495,7 +498,7 @@ def sweep(
     note = f" ({engine.path_note})" if engine.path_note else ""
     log(f"target path: {engine.path.name}{note}")
     encoded, images, _ = _encode_all(target, prompts, engine.max_positions, max_new_tokens, log)
-    context = sorted(len(ids) for ids in encoded)[len(encoded) // 2] + max_new_tokens // 2
+    context = _typical_context(encoded, max_new_tokens)
     plain.generate(encoded[0], WARMUP_TOKENS, images=images[0])
     step_ms = measure_costs(plain, context=context).target_step_ms
     round_ms = []
