@@ -14,6 +14,7 @@ from draftforge import MissingExtraError, __version__, commands
 from draftforge.checkpoint import CheckpointError
 from draftforge.config import ConfigError, describe_options
 from draftforge.data import DataError
+from draftforge.decode import commands as decode_commands
 from draftforge.decode.errors import DecodeError
 from draftforge.drafts import DraftError
 from draftforge.models.eagle3 import DraftShapeError
@@ -148,14 +149,14 @@ COMMANDS: tuple[Command, ...] = (
         "eval",
         "speculative decoding on a prompt set: acceptance length, per-position acceptance, "
         "tokens/s against no drafting and HF generate; JSON report",
-        commands.eval_arguments,
-        commands.cmd_eval,
+        decode_commands.eval_arguments,
+        decode_commands.cmd_eval,
     ),
     Command(
         "bench",
         "sweep num_steps (and topk / num_draft_tokens): table, JSON and a PNG plot",
-        commands.bench_arguments,
-        commands.cmd_bench,
+        decode_commands.bench_arguments,
+        decode_commands.cmd_bench,
     ),
     Command(
         "demo",

@@ -10,7 +10,8 @@ on their own model:
 3. capture: the target's features for them, to disk once (offline mode);
 4. train: an EAGLE-3 draft from the capture for ``minutes`` of training time;
 5. eval: speculative decoding on built-in held-out prompts at temperature 0, chain drafts
-   of 1..3 steps and one tree, against decoding without a draft;
+   of 1..3 steps and one tree under one drafting floor (``min_prob``), against decoding
+   without a draft;
 6. export: SGLang and vLLM folders;
 7. report: ``report.txt``, ``report.json`` and ``report.png`` in the output folder.
 
