@@ -100,7 +100,7 @@ class DemoSettings:
     # (TreeShape.min_prob): on 2 cores a verified token costs about a tenth of a step, which a
     # token the draft is unsure of does not repay. Chosen on held-out prompts the evaluation
     # does not use (benchmarks/min_prob.py).
-    min_prob: float = 0.2
+    min_prob: float = 0.15
     cache_dir: str = ""  # target.cache_dir; empty: the CLI's cache (config.cache_root)
     data: Path = DEMO_DATA  # gzipped JSONL conversations
     overrides: list[str] = field(default_factory=list)  # section.key=value, applied last
