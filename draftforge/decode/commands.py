@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -28,23 +30,25 @@ from draftforge.models.eagle3 import DraftShapeError, Eagle3Draft
 from draftforge.parallel import default_device
 from draftforge.target import Target, aux_problem, load_target, read_target_info
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
+T = TypeVar("T")
 
 
-def _prob_list(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated probabilities, got {text!r}"
-        ) from None
+def _list_of(convert: Callable[[str], T], what: str) -> Callable[[str], list[T]]:
+    """An argparse type for comma-separated values (``what`` names them in the error)."""
+
+    def parse(text: str) -> list[T]:
+        try:
+            return [convert(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, got {text!r}"
+            ) from None
+
+    return parse
+
+
+_int_list = _list_of(int, "integers")
+_prob_list = _list_of(float, "probabilities")
 
 
 MIN_PROB_HELP = (
