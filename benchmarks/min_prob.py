@@ -13,14 +13,12 @@ rate. A floor of 0 drafts every setting's whole shape.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
 from draftforge.config import load_config
 from draftforge.decode.evaluate import sweep
 from draftforge.decode.sampling import SamplingParams
-from draftforge.decode.tree import TreeShape
 from draftforge.demo import DemoSettings, heldout_prompts
 from draftforge.drafts import load_draft_for
 from draftforge.machine import matmul_gflops
@@ -36,15 +34,10 @@ def main() -> None:
     args = parser.parse_args()
     first, end = (int(x) for x in args.prompts.split(":"))
     floors = [float(x) for x in args.min_prob.split(",")]
-    demo = DemoSettings()
     cfg = load_config(f"{args.draft}/config.yaml", [])
     target = load_target(cfg.target, "cpu")
     draft = load_draft_for(args.draft, target)
-    shapes = [
-        dataclasses.replace(shape, min_prob=floor)
-        for floor in floors
-        for shape in [*(TreeShape(s) for s in demo.chain_steps), demo.tree]
-    ]
+    shapes = [shape for floor in floors for shape in DemoSettings(min_prob=floor).shapes()]
     print(f"fp32 matmul {matmul_gflops():.0f} GFLOP/s, {torch.get_num_threads()} threads")
     print(f"held-out prompts {first}..{end - 1}, {args.max_new_tokens} tokens, temperature 0")
     sweep(

@@ -105,6 +105,11 @@ class DemoSettings:
     data: Path = DEMO_DATA  # gzipped JSONL conversations
     overrides: list[str] = field(default_factory=list)  # section.key=value, applied last
 
+    def shapes(self) -> list[TreeShape]:
+        """The settings the evaluation decodes: the chains, then the tree, at ``min_prob``."""
+        chains = [TreeShape(s, min_prob=self.min_prob) for s in self.chain_steps]
+        return [*chains, dataclasses.replace(self.tree, min_prob=self.min_prob)]
+
 
 def training_config(settings: DemoSettings, data_path: Path) -> Config:
     """The run config: offline mode on the demo data, stopped by the time budget."""
@@ -296,8 +301,7 @@ def run_demo(settings: DemoSettings) -> int:
             result = train(cfg, target, prepared)
             print(f"    {result.step} steps; checkpoint in {result.run_dir / 'checkpoints'}")
         prompts = heldout_prompts(settings.eval_prompts)
-        shapes = [TreeShape(s, min_prob=settings.min_prob) for s in settings.chain_steps]
-        shapes.append(dataclasses.replace(settings.tree, min_prob=settings.min_prob))
+        shapes = settings.shapes()
         with stages.run(
             "eval",
             f"{len(prompts)} held-out prompts x {settings.max_new_tokens} tokens, temperature 0: "

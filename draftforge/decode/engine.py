@@ -318,7 +318,8 @@ class SpecEngine:
         if drafter is None or hidden is None or depth == 0:
             return alone
         topk = self.shape.topk
-        floor = math.log(self.shape.min_prob) if self.shape.min_prob > 0 else -math.inf
+        gated = self.shape.min_prob > 0  # else no gate is read: every candidate passes
+        floor = math.log(self.shape.min_prob) if gated else -math.inf
         device = hidden.device
         # Candidates, level by level: token (target id), cumulative score, gate, parent (-1: root).
         tokens: list[Tensor] = []
@@ -330,7 +331,7 @@ class SpecEngine:
         children, child_scores, gate, q = self._children(
             drafter.logits(hidden[None]), hidden.new_zeros(1)
         )
-        if float(gate.max()) < floor:
+        if gated and float(gate.max()) < floor:
             return alone
         tokens.append(children[0])
         scores.append(child_scores[0])
@@ -353,7 +354,7 @@ class SpecEngine:
             children, child_scores, gate, q = self._children(
                 drafter.logits(out), all_scores[frontier]
             )
-            if float(gate.max()) < floor:
+            if gated and float(gate.max()) < floor:
                 break
             tokens.append(children.flatten())
             scores.append(child_scores.flatten())
@@ -370,7 +371,7 @@ class SpecEngine:
             count += width * topk
             all_tokens = torch.cat(tokens)
             all_scores = torch.cat(scores)
-        passed = int((torch.cat(gates) >= floor).sum())
+        passed = int((torch.cat(gates) >= floor).sum()) if gated else all_tokens.numel()
         return self._assemble(root, all_tokens, all_scores, passed, parents, depths, proposals)
 
     def _children(
