@@ -2,8 +2,9 @@
 
 Every candidate trains on the demo's data and capture (the first ``--conversations`` built-in
 conversations), for the number of optimizer steps it runs in ``--minutes`` of training time
-on this machine, then decodes the demo's held-out prompts greedily with chains of 1, 2 and
-4 steps.
+on this machine. Each is scored by its held-out split's acc_0 at the end, and by greedy
+decoding with chains of 1, 2 and 3 steps on held-out prompts the demo's report does not use
+(``--prompts FIRST:END``, by default the 13th to the 36th).
 
 The step budget comes from each candidate's seconds per step, measured side by side in this
 run (candidates interleaved, so a busy machine slows them alike) and printed with the run's
@@ -11,7 +12,8 @@ fp32 matmul rate; VARIANTS change nothing that costs time and take the steps of 
 entry they name. The budgeted runs themselves are step-bounded, not time-bounded, so they can
 run ``--parallel`` at a time (threads split between them) without changing their result.
 
-    python benchmarks/recipes.py [--minutes 10] [--parallel 2] [--only 1,3,...] [--out DIR]
+    python benchmarks/recipes.py [--minutes 9] [--parallel 2] [--only 1,3,...] [--out DIR]
+        [--prompts 12:36]
 """
 
 from __future__ import annotations
@@ -33,48 +35,22 @@ from draftforge.demo import DEMO_DATA, DemoSettings, heldout_prompts, training_c
 from draftforge.machine import matmul_gflops
 from draftforge.metrics import read_records
 
-# The demo's recipe before this study (its settings spelled out, since the demo's defaults are
-# now the study's choice), then one change at a time on top of the previous one.
-BEFORE = ["draft.head_init=random", "draft.draft_vocab_size=8192", "training.ttt_steps=5"]
+# The demo's recipe as it is, then one change at a time to it. Muon's Newton-Schulz iterations
+# cost a fixed time per optimizer step (about 0.2 s for the demo's draft on 2 cores, near a
+# whole 512-token step), so it is also tried with four micro-batches per step; the AdamW run
+# at that batch tells what the batch alone does.
 LADDER: list[tuple[str, list[str]]] = [
-    ("demo recipe before", BEFORE),
-    ("+ head from target", [*BEFORE, "draft.head_init=target"]),
-    ("+ ttt_steps 3", [*BEFORE, "draft.head_init=target", "training.ttt_steps=3"]),
-    (
-        "+ draft vocab 4096",
-        [
-            *BEFORE,
-            "draft.head_init=target",
-            "training.ttt_steps=3",
-            "draft.draft_vocab_size=4096",
-        ],
-    ),
-    (
-        "+ lr 4e-3",
-        [
-            *BEFORE,
-            "draft.head_init=target",
-            "training.ttt_steps=3",
-            "draft.draft_vocab_size=4096",
-            "training.lr=4e-3",
-        ],
-    ),
-    (
-        "4096 vocab, no unroll: ttt_steps 1 (the demo's)",
-        [
-            *BEFORE,
-            "draft.head_init=target",
-            "draft.draft_vocab_size=4096",
-            "training.ttt_steps=1",
-        ],
-    ),
+    ("demo recipe (AdamW)", []),
+    ("Muon", ["training.optimizer=muon"]),
+    ("Muon, 4 micro-batches", ["training.optimizer=muon", "training.micro_batches_per_step=4"]),
+    ("AdamW, 4 micro-batches", ["training.micro_batches_per_step=4"]),
 ]
 # Changes that cost nothing per step: each trains the steps of the ladder entry it names.
 VARIANTS: list[tuple[str, list[str], int]] = [
-    ("4 + lr 8e-3", ["training.lr=8e-3"], 4),
+    ("Muon + lr 4e-3", ["training.lr=4e-3"], 2),
 ]
 TIMED_STEPS = (3, 13)  # two short runs; their difference is 10 steps without setup
-CHAINS = (1, 2, 4)
+CHAINS = (1, 2, 3)
 
 
 def candidate_config(
@@ -84,7 +60,7 @@ def candidate_config(
     extra = [
         "training.time_limit_minutes=0",
         f"training.max_steps={steps}",
-        "training.eval_every=0",
+        f"training.eval_every={steps}",  # once, at the end
         "training.save_every=0",
         f"output.dir={out}",
     ]
@@ -105,7 +81,7 @@ def train_once(cfg: Config) -> float:
     return time.perf_counter() - start
 
 
-def evaluate_run(cfg: Config, prompts: int, tokens: int) -> dict[str, float]:
+def evaluate_run(cfg: Config, prompts: str, tokens: int) -> dict[str, float]:
     """Greedy acceptance length of chains of CHAINS steps on the held-out prompts."""
     from draftforge.decode.evaluate import evaluate
     from draftforge.decode.sampling import SamplingParams
@@ -115,12 +91,13 @@ def evaluate_run(cfg: Config, prompts: int, tokens: int) -> dict[str, float]:
 
     target = load_target(cfg.target, "cpu")
     draft = load_draft_for(cfg.output.dir, target)
+    first, end = (int(x) for x in prompts.split(":"))
     result = {}
     for steps in CHAINS:
         report = evaluate(
             target,
             draft,
-            heldout_prompts(prompts),
+            heldout_prompts(end)[first:end],
             TreeShape(steps),
             SamplingParams(temperature=0.0),
             tokens,
@@ -140,8 +117,13 @@ def worker(path: Path) -> None:
         Path(spec["root"]), spec["conversations"], spec["changes"], out / "run", spec["steps"]
     )
     seconds = train_once(cfg)
-    last = split_records(read_records(out / "run" / "metrics.jsonl"))[0][-1]
-    result = {"train_seconds": seconds, "loss": last["loss"], "acc_0": last["acc_0"]}
+    train, held_out = split_records(read_records(out / "run" / "metrics.jsonl"))
+    result = {
+        "train_seconds": seconds,
+        "loss": train[-1]["loss"],
+        "acc_0": train[-1]["acc_0"],
+        "eval_acc_0": held_out[-1]["acc_0"],
+    }
     result.update(evaluate_run(cfg, spec["prompts"], spec["tokens"]))
     (out / "result.json").write_text(json.dumps(result, indent=1))
 
@@ -160,9 +142,9 @@ def prepare(root: Path, conversations: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--minutes", type=float, default=DemoSettings.minutes)
     parser.add_argument("--conversations", type=int, default=800)
-    parser.add_argument("--prompts", type=int, default=12)
+    parser.add_argument("--prompts", default="12:36", help="held-out prompts, FIRST:END")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--only", help="comma-separated candidate numbers (1-based)")
@@ -230,17 +212,18 @@ def main() -> None:
     for p in procs:
         p.wait()
 
-    print(f"\n{'candidate':<22} {'s/step':>7} {'steps':>6} {'loss':>7} {'acc_0':>6}", end="")
+    print(f"\n{'candidate':<24} {'s/step':>7} {'steps':>6} {'loss':>7} {'acc_0':>6}", end="")
+    print(f" {'eval acc_0':>10}", end="")
     print("".join(f" {'AL ch' + str(c):>8}" for c in CHAINS))
     for spec in specs:
         path = Path(spec["out"]) / "result.json"
         if not path.is_file():
-            print(f"{spec['name']:<22} failed: see {Path(spec['out']) / 'log.txt'}")
+            print(f"{spec['name']:<24} failed: see {Path(spec['out']) / 'log.txt'}")
             continue
         r = json.loads(path.read_text())
         print(
-            f"{spec['name']:<22} {step_s[spec['name']]:>7.3f} {spec['steps']:>6} "
-            f"{r['loss']:>7.3f} {r['acc_0']:>6.3f}"
+            f"{spec['name']:<24} {step_s[spec['name']]:>7.3f} {spec['steps']:>6} "
+            f"{r['loss']:>7.3f} {r['acc_0']:>6.3f} {r['eval_acc_0']:>10.3f}"
             + "".join(f" {r[f'al_chain_{c}']:>8.3f}" for c in CHAINS)
         )
 

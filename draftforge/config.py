@@ -138,7 +138,7 @@ class TrainingConfig:
 
     ttt_steps: int = opt(7, "training-time-test unroll steps K")
     loss_decay: float = opt(0.8, "weight of step k's loss is loss_decay**k")
-    lr: float = opt(1e-4, "peak learning rate (AdamW)")
+    lr: float = opt(1e-4, "peak learning rate")
     betas: list[float] = opt([0.9, 0.95], "AdamW betas")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     warmup_steps: int = opt(50, "linear warmup steps before the cosine decay")
@@ -166,8 +166,11 @@ class TrainingConfig:
         "data-parallel size, each rank accumulating its share; so a run gives the same result "
         "on any number of GPUs; 0 = one per rank",
     )
-    optimizer: Literal["adamw", "sgd"] = opt(
-        "adamw", "optimizer (sgd: plain, for exactness checks)"
+    optimizer: Literal["adamw", "muon", "sgd"] = opt(
+        "adamw",
+        "optimizer. muon: Muon for the draft's hidden matrices (fc and the decoder layer's), "
+        "with its update scaled to AdamW's so training.lr serves both, and AdamW for the rest "
+        "(head, norms). sgd: plain, for exactness checks",
     )
     grad_clip: float = opt(0.5, "max gradient norm")
     precision: Literal["auto", "fp32", "bf16"] = opt(

@@ -15,7 +15,7 @@ import dataclasses
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +54,7 @@ from draftforge.features import (
 from draftforge.metrics import StepStats, Trackers, eval_line, summarize, window_metrics
 from draftforge.models import build_draft
 from draftforge.models.eagle3 import TTTOutput
+from draftforge.optim import build_optimizers
 from draftforge.parallel import Layout
 from draftforge.progress import Progress, progress_bar
 from draftforge.schedule import Clock, lr_factor
@@ -98,7 +99,7 @@ def global_counts(batches: list[MicroBatch], steps: int, layout: Layout) -> Tens
 def train_step(
     draft: nn.Module,
     batches: list[tuple[MicroBatch, Features]],
-    optimizer: torch.optim.Optimizer,
+    optimizers: Sequence[torch.optim.Optimizer],
     cfg: Config,
     layout: Layout,
 ) -> StepStats | None:
@@ -135,8 +136,9 @@ def train_step(
             "the loss or its gradient is NaN/inf: lower training.lr, check the data for "
             "empty or extreme samples, or use training.precision=fp32"
         ) from None
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     for total in (loss_sum, ce_sums, correct):
         parallel.all_reduce_sum(total, layout)
     tokens = sum(b.input_ids.shape[1] for b, _ in batches) * layout.dp
@@ -236,22 +238,18 @@ class Run:
         tc = cfg.training
         self.cfg, self.draft, self.layout = cfg, draft, layout
         self.total_steps = total_steps  # max_steps, or fewer when training.epochs ends sooner
-        params = [p for p in draft.parameters() if p.requires_grad]
-        if tc.optimizer == "sgd":
-            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=tc.lr, weight_decay=tc.weight_decay
-            )
-        else:
-            self.optimizer = torch.optim.AdamW(
-                params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay
-            )
+        self.optimizers = build_optimizers(draft, tc)
         self.clock = Clock(tc.time_limit_minutes * 60, 0.0, layout)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer,
-            lambda s: lr_factor(
-                s, tc.warmup_steps, total_steps, tc.min_lr_ratio, self.clock.fraction
-            ),
-        )
+        # One schedule per optimizer, all alike: they share the steps, the clock and the lr.
+        self.schedulers = [
+            torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                lambda s: lr_factor(
+                    s, tc.warmup_steps, total_steps, tc.min_lr_ratio, self.clock.fraction
+                ),
+            )
+            for optimizer in self.optimizers
+        ]
         self.step, self.skipped, self.position = 0, 0, Position()
         self.saved_at = -1  # the step of the newest checkpoint, -1 before there is one
         self.root = Path(cfg.output.dir) / "checkpoints"
@@ -269,15 +267,16 @@ class Run:
         if state["optimizer"]["state"]:  # plain SGD keeps none (and torch cannot load "none")
             set_optimizer_state_dict(
                 self.draft,
-                self.optimizer,
+                self.optimizers,
                 state["optimizer"],
                 options=StateDictOptions(full_state_dict=True),
             )
-        self.scheduler.load_state_dict(state["scheduler"])
-        for group, lr in zip(
-            self.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
-        ):
-            group["lr"] = lr  # the rate the next step uses
+        for scheduler in self.schedulers:
+            scheduler.load_state_dict(state["scheduler"])
+            for group, lr in zip(
+                scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True
+            ):
+                group["lr"] = lr  # the rate the next step uses
         torch.set_rng_state(state["rng"])
         self.step, self.skipped = state["step"], state["skipped"]
         self.clock.spent_s = state.get("train_seconds", 0.0)
@@ -289,7 +288,7 @@ class Run:
         self.saved_at = self.step
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = get_model_state_dict(self.draft, options=full)
-        optimizer_state = get_optimizer_state_dict(self.draft, self.optimizer, options=full)
+        optimizer_state = get_optimizer_state_dict(self.draft, self.optimizers, options=full)
         if self.layout.is_main:
             state = {
                 "step": self.step,
@@ -297,7 +296,7 @@ class Run:
                 "epoch": self.position.epoch,
                 "index": self.position.index,
                 "optimizer": optimizer_state,
-                "scheduler": self.scheduler.state_dict(),
+                "scheduler": self.schedulers[0].state_dict(),  # all alike
                 "rng": torch.get_rng_state(),
                 "train_seconds": self.clock.spent_s,
             }
@@ -529,20 +528,21 @@ def _loop(
             raise Terminated(run.step)
         next_position, mine, feats = next(steps)
         stats = train_step(
-            run.draft, list(zip(mine, feats, strict=True)), run.optimizer, run.cfg, run.layout
+            run.draft, list(zip(mine, feats, strict=True)), run.optimizers, run.cfg, run.layout
         )
         run.position = Position(next_position.epoch, next_position.index + 1)
         if stats is None:
             run.skipped += 1
             continue
         run.clock.tick()
-        run.scheduler.step()
+        for scheduler in run.schedulers:
+            scheduler.step()
         run.step += 1
         bar.update(min(round(run.clock.spent_s), bar.total) - bar.n if run.clock.limit_s else 1)
         window.append(stats)
         if run.step % tc.log_every == 0 or run.done:
             elapsed = time.perf_counter() - window_start
-            lr = run.scheduler.get_last_lr()[0]
+            lr = run.schedulers[0].get_last_lr()[0]
             metrics = window_metrics(window, elapsed, lr, run.skipped)
             trackers.log("train", run.step, metrics)
             shown = {

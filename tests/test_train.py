@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from draftforge.cli import main
 from draftforge.config import ConfigError, load_config
 from draftforge.features import collate, epoch_plan, online_features, pack, split_eval
 from draftforge.models import build_draft
+from draftforge.optim import build_optimizers
 from draftforge.parallel import setup
 from draftforge.schedule import lr_factor
 from draftforge.target import load_target
@@ -36,11 +39,15 @@ def _metrics(run: Path, split: str = "train") -> list[dict]:
     return [r for r in rows if r["split"] == split]
 
 
-def test_training_lowers_loss_and_raises_acc(workdir):
-    out = workdir / "run_learn"
-    cfg = load_config(
-        None, _overrides(workdir, out, **{"training.max_steps": 40, "training.eval_every": 40})
-    )
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_training_lowers_loss_and_raises_acc(workdir, optimizer):
+    out = workdir / f"run_learn_{optimizer}"
+    settings = {
+        "training.max_steps": 40,
+        "training.eval_every": 40,
+        "training.optimizer": optimizer,
+    }
+    cfg = load_config(None, _overrides(workdir, out, **settings))
     result = train(cfg)
     train_rows = _metrics(out)
     first, last = train_rows[0], train_rows[-1]
@@ -91,6 +98,46 @@ def test_resume_after_sigkill_is_bitwise_identical(workdir):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_muon_runs_on_the_hidden_matrices_and_adamw_on_the_rest(workdir):
+    cfg = load_config(None, _overrides(workdir, workdir / "unused"))
+    draft = build_draft("eagle3", load_target(cfg.target).config, [0, 1, 2], 320)
+    names = {p: n for n, p in draft.named_parameters()}
+    for key, expected in {"adamw": 1, "sgd": 1}.items():
+        optimizers = build_optimizers(draft, dataclasses.replace(cfg.training, optimizer=key))
+        assert len(optimizers) == expected
+    muon, adamw = build_optimizers(draft, dataclasses.replace(cfg.training, optimizer="muon"))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    on_muon = {names[p] for group in muon.param_groups for p in group["params"]}
+    on_adamw = {names[p] for group in adamw.param_groups for p in group["params"]}
+    assert on_muon == {
+        "fc.weight",
+        *(f"midlayer.self_attn.{m}_proj.weight" for m in "qkvo"),
+        *(f"midlayer.mlp.{m}_proj.weight" for m in ("gate", "up", "down")),
+    }
+    assert on_adamw == {n for n, p in draft.named_parameters() if p.requires_grad} - on_muon
+    assert "lm_head.weight" in on_adamw and "embed_tokens.weight" not in on_adamw
+
+
+def test_muon_resumes_bitwise(workdir, tmp_path):
+    """Both optimizers' states and both schedules are saved and restored."""
+    extra = {"training.optimizer": "muon", "training.max_steps": 8, "training.save_every": 4}
+    full = tmp_path / "full"
+    train(load_config(None, _overrides(workdir, full, **extra, **{"training.keep_checkpoints": 2})))
+    _, state = checkpoint.load_checkpoint(full / "checkpoints" / "step_00000004")
+    buffers = [s for s in state["optimizer"]["state"].values() if "momentum_buffer" in s]
+    assert len(buffers) == 8  # Muon's: fc and the decoder layer's 7 matrices
+    resumed = tmp_path / "resumed"
+    shutil.copytree(
+        full / "checkpoints" / "step_00000004", resumed / "checkpoints" / "step_00000004"
+    )
+    assert train(load_config(None, _overrides(workdir, resumed, **extra))).first_step == 4
+    final = f"checkpoints/step_00000008/{checkpoint.WEIGHTS}"
+    a, b = load_file(full / final), load_file(resumed / final)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
 def test_damaged_and_unfinished_checkpoints_are_never_picked(tmp_path):
     root = tmp_path / "ckpt"
     weights = {"w": torch.arange(6.0)}
@@ -124,11 +171,11 @@ def test_a_step_without_supervised_tokens_is_skipped(workdir, tmp_path):
     feats = online_features(target, batch, draft.draft_ids(), 64, 2048)
     optimizer = torch.optim.AdamW(draft.parameters(), lr=1.0)
     before = {k: v.clone() for k, v in draft.state_dict().items()}
-    assert train_step(draft, [(batch, feats)], optimizer, cfg, setup(cfg.parallel)) is None
+    assert train_step(draft, [(batch, feats)], [optimizer], cfg, setup(cfg.parallel)) is None
     assert all(torch.equal(before[k], v) for k, v in draft.state_dict().items())
     sample["loss_mask"][20:] = True
     batch = collate([sample], [0], 256)
-    stats = train_step(draft, [(batch, feats)], optimizer, cfg, setup(cfg.parallel))
+    stats = train_step(draft, [(batch, feats)], [optimizer], cfg, setup(cfg.parallel))
     assert stats is not None and stats.counts.tolist() == [10] * 7  # tokens 20..29
 
 

@@ -1,0 +1,36 @@
+"""The draft's optimizers: AdamW, plain SGD, or Muon for its hidden matrices with AdamW beside.
+
+Muon (``torch.optim.Muon``) orthogonalises each 2-D weight's momentum with a Newton-Schulz
+iteration. It is meant for hidden matrices only, so under ``training.optimizer=muon`` the
+draft's fused-feature projection and its decoder layer's matrices get Muon, and everything
+else (the output head, the norms) gets AdamW. Muon's update is scaled to AdamW's RMS
+(``adjust_lr_fn="match_rms_adamw"``), so one ``training.lr`` and one schedule serve both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from draftforge.config import TrainingConfig
+
+# Parameters that are matrices but not hidden ones: Muon is not meant for input and output
+# layers (the frozen embedding has no gradient and is never optimised).
+NOT_HIDDEN = ("lm_head.", "embed_tokens.")
+
+
+def build_optimizers(draft: nn.Module, tc: TrainingConfig) -> list[torch.optim.Optimizer]:
+    """The optimizers of ``draft``'s trainable parameters, as ``tc.optimizer`` says (one,
+    or Muon and AdamW for ``muon``); each covers a fixed set of parameters, in module order."""
+    named = [(n, p) for n, p in draft.named_parameters() if p.requires_grad]
+    if tc.optimizer == "sgd":
+        return [torch.optim.SGD([p for _, p in named], lr=tc.lr, weight_decay=tc.weight_decay)]
+    adamw = {"lr": tc.lr, "betas": tuple(tc.betas), "weight_decay": tc.weight_decay}
+    if tc.optimizer == "adamw":
+        return [torch.optim.AdamW([p for _, p in named], **adamw)]
+    hidden = [p for n, p in named if p.ndim == 2 and not n.startswith(NOT_HIDDEN)]
+    rest = [p for n, p in named if not (p.ndim == 2 and not n.startswith(NOT_HIDDEN))]
+    muon = torch.optim.Muon(
+        hidden, lr=tc.lr, weight_decay=tc.weight_decay, adjust_lr_fn="match_rms_adamw"
+    )
+    return [muon, torch.optim.AdamW(rest, **adamw)]
