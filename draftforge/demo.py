@@ -127,15 +127,20 @@ def training_config(settings: DemoSettings, data_path: Path) -> Config:
         # 1.7x the steps of 8192 in that time and learns more from them. No unroll (1 TTT step):
         # on 2 cores only a chain of 1 pays, and in 9 minutes 1 step trains 2.9x the steps of 3,
         # for a held-out acc_0 of 0.42 instead of 0.35 (deeper chains accept about as much).
+        # Muon for the hidden matrices, with 4 micro-batches of 512 tokens a step (its
+        # iterations cost about 0.2 s a step): in the same 9 minutes a held-out acc_0 of 0.44
+        # against AdamW's 0.41 at 512 tokens a step, and chains that accept more.
         "draft.draft_vocab_size": 4096,
         "training.ttt_steps": 1,
+        "training.optimizer": "muon",
         "training.lr": 2e-3,
         "training.warmup_steps": 20,
         "training.tokens_per_batch": 512,
+        "training.micro_batches_per_step": 4,
         "training.max_steps": 1_000_000,  # the time limit ends training
         "training.time_limit_minutes": settings.minutes,
-        "training.log_every": 10,
-        "training.eval_every": 100,
+        "training.log_every": 5,
+        "training.eval_every": 50,
         "training.save_every": SAVE_EVERY,
         "training.keep_checkpoints": 1,
         "output.dir": settings.out / "run",
