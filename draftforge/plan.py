@@ -19,7 +19,9 @@ split it). The rest is arithmetic, each term named in :class:`Estimate`'s parts:
 - ``features``: what a step keeps per micro-batch (aux states, teacher probabilities), and
   ``teacher``: the chunks of full-vocabulary logits;
 - ``draft``: fp32 weights and two Adam moments of the draft's trainable part and its fp32
-  frozen embedding (FSDP: a 1/dp share, and the weights gathered whole for the step);
+  frozen embedding (FSDP: a 1/dp share, and the weights gathered whole for the step); Muon
+  keeps one moment of the hidden matrices, so under ``training.optimizer=muon`` this bounds
+  the draft from above;
 - ``activations``: the largest transient of a step: the target's forward, the teacher, or
   the draft's TTT unroll (:func:`ttt_activation_bytes`, with bf16 weight copies under
   autocast and waiting gradients) or its whole gradients at the end of a backward;
