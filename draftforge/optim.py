@@ -9,10 +9,13 @@ else (the output head, the norms) gets AdamW. Muon's update is scaled to AdamW's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+import yaml
 from torch import nn
 
-from draftforge.config import TrainingConfig
+from draftforge.config import ConfigError, TrainingConfig
 
 # Parameters that are matrices but not hidden ones: Muon is not meant for input and output
 # layers (the frozen embedding has no gradient and is never optimised).
@@ -34,3 +37,17 @@ def build_optimizers(draft: nn.Module, tc: TrainingConfig) -> list[torch.optim.O
         hidden, lr=tc.lr, weight_decay=tc.weight_decay, adjust_lr_fn="match_rms_adamw"
     )
     return [muon, torch.optim.AdamW(rest, **adamw)]
+
+
+def check_same_optimizer(step_dir: Path, tc: TrainingConfig) -> None:
+    """Refuse to resume ``step_dir`` with another optimizer: its state would not fit."""
+    try:
+        saved = yaml.safe_load((step_dir / "config.yaml").read_text())["training"]["optimizer"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return  # no record to hold the run against: loading the state will tell
+    if saved != tc.optimizer:
+        raise ConfigError(
+            f"{step_dir} was trained with training.optimizer={saved} and this run says "
+            f"{tc.optimizer}: add training.optimizer={saved} to resume it, or "
+            "training.resume=never (or another output.dir) to train a new draft"
+        )

@@ -54,7 +54,7 @@ from draftforge.features import (
 from draftforge.metrics import StepStats, Trackers, eval_line, summarize, window_metrics
 from draftforge.models import build_draft
 from draftforge.models.eagle3 import TTTOutput
-from draftforge.optim import build_optimizers
+from draftforge.optim import build_optimizers, check_same_optimizer
 from draftforge.parallel import Layout
 from draftforge.progress import Progress, progress_bar
 from draftforge.schedule import Clock, lr_factor
@@ -259,6 +259,7 @@ class Run:
         return self.step >= self.total_steps or self.clock.out_of_time
 
     def resume(self, path: Path) -> None:
+        check_same_optimizer(path, self.cfg.training)
         weights, state = checkpoint.load_checkpoint(path)
         # Full (unsharded) state dicts: a checkpoint resumes on any world size.
         set_model_state_dict(

@@ -138,6 +138,18 @@ def test_muon_resumes_bitwise(workdir, tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_resuming_with_another_optimizer_names_the_one_it_was_trained_with(workdir, tmp_path):
+    out = tmp_path / "run"
+    train(load_config(None, _overrides(workdir, out, **{"training.max_steps": 2})))
+    saved = out / "checkpoints" / "step_00000002"
+    before = {f.name: f.read_bytes() for f in saved.iterdir()}
+    muon = {"training.max_steps": 4, "training.optimizer": "muon"}
+    with pytest.raises(ConfigError, match=r"trained with training\.optimizer=adamw .* says muon"):
+        train(load_config(None, _overrides(workdir, out, **muon)))
+    assert {f.name: f.read_bytes() for f in saved.iterdir()} == before
+    assert checkpoint.list_checkpoints(out / "checkpoints") == [saved]
+
+
 def test_damaged_and_unfinished_checkpoints_are_never_picked(tmp_path):
     root = tmp_path / "ckpt"
     weights = {"w": torch.arange(6.0)}
