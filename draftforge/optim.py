@@ -31,12 +31,14 @@ def build_optimizers(draft: nn.Module, tc: TrainingConfig) -> list[torch.optim.O
     adamw = {"lr": tc.lr, "betas": tuple(tc.betas), "weight_decay": tc.weight_decay}
     if tc.optimizer == "adamw":
         return [torch.optim.AdamW([p for _, p in named], **adamw)]
-    hidden = [p for n, p in named if p.ndim == 2 and not n.startswith(NOT_HIDDEN)]
-    rest = [p for n, p in named if not (p.ndim == 2 and not n.startswith(NOT_HIDDEN))]
+    hidden = {n for n, p in named if p.ndim == 2 and not n.startswith(NOT_HIDDEN)}
     muon = torch.optim.Muon(
-        hidden, lr=tc.lr, weight_decay=tc.weight_decay, adjust_lr_fn="match_rms_adamw"
+        [p for n, p in named if n in hidden],
+        lr=tc.lr,
+        weight_decay=tc.weight_decay,
+        adjust_lr_fn="match_rms_adamw",
     )
-    return [muon, torch.optim.AdamW(rest, **adamw)]
+    return [muon, torch.optim.AdamW([p for n, p in named if n not in hidden], **adamw)]
 
 
 def check_same_optimizer(step_dir: Path, tc: TrainingConfig) -> None:
