@@ -19,7 +19,7 @@ import torch
 from draftforge.config import load_config
 from draftforge.decode.evaluate import sweep
 from draftforge.decode.sampling import SamplingParams
-from draftforge.demo import DemoSettings, heldout_prompts
+from draftforge.demo import DemoSettings, heldout_span
 from draftforge.drafts import load_draft_for
 from draftforge.machine import matmul_gflops
 from draftforge.target import load_target
@@ -32,18 +32,17 @@ def main() -> None:
     parser.add_argument("--prompts", default="12:36", help="held-out prompts, FIRST:END")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     args = parser.parse_args()
-    first, end = (int(x) for x in args.prompts.split(":"))
     floors = [float(x) for x in args.min_prob.split(",")]
     cfg = load_config(f"{args.draft}/config.yaml", [])
     target = load_target(cfg.target, "cpu")
     draft = load_draft_for(args.draft, target)
     shapes = [shape for floor in floors for shape in DemoSettings(min_prob=floor).shapes()]
     print(f"fp32 matmul {matmul_gflops():.0f} GFLOP/s, {torch.get_num_threads()} threads")
-    print(f"held-out prompts {first}..{end - 1}, {args.max_new_tokens} tokens, temperature 0")
+    print(f"held-out prompts {args.prompts}, {args.max_new_tokens} tokens, temperature 0")
     sweep(
         target,
         draft,
-        heldout_prompts(end)[first:end],
+        heldout_span(args.prompts),
         shapes,
         SamplingParams(temperature=0.0),
         args.max_new_tokens,

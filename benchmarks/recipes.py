@@ -31,7 +31,7 @@ import torch
 
 from draftforge.config import Config
 from draftforge.curves import split_records
-from draftforge.demo import DEMO_DATA, DemoSettings, heldout_prompts, training_config, write_subset
+from draftforge.demo import DEMO_DATA, DemoSettings, heldout_span, training_config, write_subset
 from draftforge.machine import matmul_gflops
 from draftforge.metrics import read_records
 
@@ -95,13 +95,12 @@ def evaluate_run(cfg: Config, prompts: str, tokens: int) -> dict[str, float]:
 
     target = load_target(cfg.target, "cpu")
     draft = load_draft_for(cfg.output.dir, target)
-    first, end = (int(x) for x in prompts.split(":"))
     result = {}
     for steps in CHAINS:
         report = evaluate(
             target,
             draft,
-            heldout_prompts(end)[first:end],
+            heldout_span(prompts),
             TreeShape(steps),
             SamplingParams(temperature=0.0),
             tokens,

@@ -185,6 +185,13 @@ def heldout_prompts(count: int) -> list[Prompt]:
     ]
 
 
+def heldout_span(span: str) -> list[Prompt]:
+    """The built-in held-out prompts ``FIRST:END`` (0-based, END excluded), as the benchmarks
+    take them; the demo's own evaluation uses the first ``eval_prompts``."""
+    first, end = (int(x) for x in span.split(":"))
+    return heldout_prompts(end)[first:end]
+
+
 def _prepare_output(settings: DemoSettings) -> str:
     """Clear what this run must not reuse; say what it resumes."""
     out = settings.out
