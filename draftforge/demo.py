@@ -472,7 +472,8 @@ def _report(
             lines.append(
                 f"{what}: {_label(row.shape)}, acceptance length "
                 f"{row.acceptance_length or 1:.2f}, {row.tokens_per_s:.2f} tok/s, "
-                f"{row.speedup or 0:.2f}x the engine without a draft"
+                f"{row.speedup or 0:.2f}x the engine without a draft "
+                f"({row.decode_speedup or 0:.2f}x after each prompt's first token)"
             )
     lines += [
         "",

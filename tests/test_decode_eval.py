@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from draftforge.cli import main
+from draftforge.decode.engine import Generation
 from draftforge.decode.errors import DecodeError
-from draftforge.decode.evaluate import BUILTIN_PROMPTS, encode, load_prompts
+from draftforge.decode.evaluate import BUILTIN_PROMPTS, Totals, encode, load_prompts
 from draftforge.models import build_draft
 from draftforge.testing import (
     as_target,
@@ -68,15 +69,34 @@ def test_eval_reports_acceptance_and_speed(workdir, capsys):
     assert report["greedy_identical_prompts"] == {"baseline": 4, "generate": 4}
     assert report["truncated_prompts"] == ["long"]
     assert report["speculative"]["tokens_per_s"] > 0 and report["speedup_vs_baseline"] > 0
+    assert 0 < report["speculative"]["prefill_seconds"] < report["speculative"]["seconds"]
+    assert report["decode_speedup_vs_baseline"] > 0
     assert report["settings"]["num_draft_tokens"] == 5
     assert [r["id"] for r in report["per_prompt"]] == ["chat", "7", "3", "long"]
     printed = capsys.readouterr().out
     assert "acceptance length" in printed
     assert "greedy output identical to baseline on 4/4 prompts" in printed
+    assert "decoding phase alone (the prefill left out): speedup" in printed
     assert "greedy output identical to generate on 4/4 prompts" in printed
     # With neither reference run there is nothing to compare against, and nothing is said.
     assert main([*args, "--max-new-tokens", "8", "--no-baseline", "--no-generate"]) == 0
     assert "identical" not in capsys.readouterr().out
+
+
+def test_totals_leave_the_prefill_out_of_the_decoding_rate():
+    """The decoding rate counts the tokens after each sequence's first over the time after
+    its prefill; a sequence that ended at its first token adds only prefill."""
+    totals = Totals()
+    totals.add(
+        Generation(tokens=[5, 6, 7, 8, 9], prompt_tokens=3, seconds=2.0, prefill_seconds=0.5)
+    )
+    totals.add(Generation(tokens=[4], prompt_tokens=2, seconds=0.25, prefill_seconds=0.25))
+    assert totals.tokens_per_s == 6 / 2.25
+    assert totals.decode_tokens_per_s == 4 / 1.5
+    assert totals.summary()["prefill_seconds"] == 0.75
+    only_prefill = Totals()
+    only_prefill.add(Generation(tokens=[4], prompt_tokens=2, seconds=0.25, prefill_seconds=0.25))
+    assert only_prefill.decode_tokens_per_s == 0.0
 
 
 def test_eval_handles_prompts_that_end_at_once(workdir):
@@ -106,6 +126,7 @@ def test_bench_writes_table_and_plot(workdir, capsys):
     rows = [(r["num_steps"], r["topk"], r["min_prob"]) for r in result["rows"]]
     assert rows == [(*s, 0.0) for s in shapes] + [(*s, 0.999) for s in shapes]
     assert all(r["acceptance_length"] >= 1 for r in result["rows"])
+    assert all(r["decode_speedup"] > 0 for r in result["rows"])
     drafted = [r["drafted_per_round"] for r in result["rows"]]
     assert drafted[:4] == [1, 2, 2, 4] and drafted[4:] == [0, 0, 0, 0]
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"

@@ -181,11 +181,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"acceptance length {al:.3f}" if al is not None else "acceptance length: no rounds")
     rates = ", ".join("-" if r is None else f"{r:.3f}" for r in report["accept_rate_per_position"])
     print(f"accept rate per position: [{rates}]")
-    print(f"speculative: {speculative['tokens_per_s']:.2f} tok/s")
+    print(
+        f"speculative: {speculative['tokens_per_s']:.2f} tok/s "
+        f"({speculative['decode_tokens_per_s']:.2f} after each prompt's first token)"
+    )
     for name in ("baseline", "generate"):
         if name in report:
             speedup = report[f"speedup_vs_{name}"]
             print(f"{name}: {report[name]['tokens_per_s']:.2f} tok/s (speedup {speedup or 0:.2f}x)")
+    if "decode_speedup_vs_baseline" in report:
+        decode = report["decode_speedup_vs_baseline"] or 0
+        print(f"decoding phase alone (the prefill left out): speedup {decode:.2f}x the baseline")
     for name, same in report.get("greedy_identical_prompts", {}).items():
         print(f"greedy output identical to {name} on {same}/{len(prompts)} prompts")
     if args.out:

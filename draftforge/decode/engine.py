@@ -67,7 +67,9 @@ class Generation:
     verification forwards (the prefill is not one); verified: tokens those forwards produced,
     before truncation at a stop token or the length limit; drafted: draft tokens they
     verified (the roots not counted); attempts[d] / accepts[d]: how often verification
-    reached a node at depth d with children, and accepted one of them.
+    reached a node at depth d with children, and accepted one of them. seconds: the whole
+    call; prefill_seconds: its part up to the first new token (the target's prefill and the
+    draft's pass over the prompt), which drafting cannot shorten.
     """
 
     tokens: list[int]
@@ -78,6 +80,7 @@ class Generation:
     attempts: list[int] = field(default_factory=list)
     accepts: list[int] = field(default_factory=list)
     seconds: float = 0.0
+    prefill_seconds: float = 0.0
     stop: str = ""
 
     @property
@@ -227,6 +230,7 @@ class SpecEngine:
         hidden = None
         if self.drafter is not None:
             hidden = self.drafter.extend(aux, torch.tensor([*prompt[1:], token], device=device), 0)
+        result.prefill_seconds = time.perf_counter() - start
 
         result.stop = stop_reason(result.tokens, stops, max_new_tokens)
         while not result.stop:

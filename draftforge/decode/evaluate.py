@@ -158,6 +158,8 @@ class Totals:
 
     tokens: int = 0
     seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    sequences: int = 0
     rounds: int = 0
     verified: int = 0
     drafted: int = 0
@@ -167,6 +169,8 @@ class Totals:
     def add(self, gen: Generation) -> None:
         self.tokens += len(gen.tokens)
         self.seconds += gen.seconds
+        self.prefill_seconds += gen.prefill_seconds
+        self.sequences += 1
         self.rounds += gen.rounds
         self.verified += gen.verified
         self.drafted += gen.drafted
@@ -181,11 +185,20 @@ class Totals:
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens/s after each sequence's first token: the decoding phase alone, without the
+        prefill that comes before it (the same work with or without a draft)."""
+        seconds = self.seconds - self.prefill_seconds
+        return (self.tokens - self.sequences) / seconds if seconds > 0 else 0.0
+
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "tokens": self.tokens,
             "seconds": round(self.seconds, 4),
             "tokens_per_s": round(self.tokens_per_s, 3),
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
         }
         if self.rounds:
             out["verify_forwards"] = self.rounds
@@ -402,6 +415,9 @@ def evaluate(
     if baseline:
         report["baseline"] = base.summary()
         report["speedup_vs_baseline"] = _ratio(speculative.tokens_per_s, base.tokens_per_s)
+        report["decode_speedup_vs_baseline"] = _ratio(
+            speculative.decode_tokens_per_s, base.decode_tokens_per_s
+        )
     if generate:
         report["generate"] = hf.summary()
         report["speedup_vs_generate"] = _ratio(speculative.tokens_per_s, hf.tokens_per_s)
@@ -431,6 +447,7 @@ class SweepRow:
     speedup: float | None
     round_ms: float | None = None
     drafted: float | None = None  # draft tokens verified per round
+    decode_speedup: float | None = None  # the speedup after each prompt's first token
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -442,6 +459,7 @@ class SweepRow:
             "drafted_per_round": self.drafted,
             "tokens_per_s": self.tokens_per_s,
             "speedup": self.speedup,
+            "decode_speedup": self.decode_speedup,
             "round_ms": self.round_ms,
         }
 
@@ -516,7 +534,11 @@ def sweep(
             engine.generator.manual_seed(seed + index)
             total.add(engine.generate(ids, max_new_tokens, images=inputs))
             on_prompt()
-    log(f"baseline (no drafting): {base.tokens_per_s:.2f} tok/s, target step {step_ms:.1f} ms")
+    prefill = base.prefill_seconds / base.seconds if base.seconds > 0 else 0.0
+    log(
+        f"baseline (no drafting): {base.tokens_per_s:.2f} tok/s, target step {step_ms:.1f} ms, "
+        f"prefill {prefill:.0%} of its time"
+    )
     rows = [
         SweepRow(
             shape=shape,
@@ -525,6 +547,7 @@ def sweep(
             speedup=_ratio(total.tokens_per_s, base.tokens_per_s),
             round_ms=cost,
             drafted=total.summary().get("drafted_per_round"),
+            decode_speedup=_ratio(total.decode_tokens_per_s, base.decode_tokens_per_s),
         )
         for shape, total, cost in zip(shapes, totals, round_ms, strict=True)
     ]
@@ -538,17 +561,17 @@ def format_rows(rows: Sequence[SweepRow], header: bool = True) -> str:
     under ``p_min``, the shape's min_prob)."""
     lines = [
         f"{'steps':>5} {'topk':>4} {'tokens':>6} {'p_min':>5} {'drafted':>7} {'AL':>6} "
-        f"{'tok/s':>8} {'speedup':>7} {'round ms':>8}"
+        f"{'tok/s':>8} {'speedup':>7} {'decode':>7} {'round ms':>8}"
     ]
     for r in rows:
         al = "-" if r.acceptance_length is None else f"{r.acceptance_length:.3f}"
         drafted = "-" if r.drafted is None else f"{r.drafted:.2f}"
-        speedup = "-" if r.speedup is None else f"{r.speedup:.2f}x"
+        speedup, decode = ("-" if x is None else f"{x:.2f}x" for x in (r.speedup, r.decode_speedup))
         round_ms = "-" if r.round_ms is None else f"{r.round_ms:.1f}"
         lines.append(
             f"{r.shape.num_steps:>5} {r.shape.topk:>4} {r.shape.draft_tokens:>6} "
             f"{r.shape.min_prob:>5.2g} {drafted:>7} {al:>6} {r.tokens_per_s:>8.2f} "
-            f"{speedup:>7} {round_ms:>8}"
+            f"{speedup:>7} {decode:>7} {round_ms:>8}"
         )
     return "\n".join(lines if header else lines[1:])
 
