@@ -48,6 +48,8 @@ LADDER: list[tuple[str, list[str]]] = [
     ("AdamW, 4 micro-batches", ["training.optimizer=adamw"]),
     ("Muon, 4 mb, MLP 768", ["draft.intermediate_size=768"]),
     ("Muon, 4 mb, lr 1e-3", ["training.lr=1e-3"]),
+    ("Muon, 4 mb, TTT 2", ["training.ttt_steps=2"]),
+    ("Muon, 4 mb, TTT 2, MLP 768", ["training.ttt_steps=2", "draft.intermediate_size=768"]),
 ]
 # Changes that cost nothing per step: each trains the steps of the ladder entry it names.
 VARIANTS: list[tuple[str, list[str], int]] = [
@@ -188,7 +190,8 @@ def main() -> None:
     for i, (name, changes, seconds) in enumerate(runs):
         steps = round(args.minutes * 60 / seconds)
         out = args.out / f"candidate-{i + 1}"
-        out.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run: neither resumed nor reported stale
+        out.mkdir(parents=True)
         spec = {
             "name": name,
             "steps": steps,

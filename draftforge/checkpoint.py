@@ -19,7 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
+
+from draftforge.config import ConfigError
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 WEIGHTS = "draft.safetensors"
@@ -122,6 +125,33 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     """Verified weights and trainer state of one checkpoint."""
     verify(path)
     return load_file(path / WEIGHTS), torch.load(path / STATE, weights_only=True)
+
+
+def check_shapes(
+    path: Path, weights: dict[str, torch.Tensor], own: dict[str, Any], draft: dict[str, Any]
+) -> None:
+    """Refuse to resume ``path`` when its weights do not fit this run's draft (``own``: its
+    state dict; ``draft``: this run's draft settings): name the first misfit and the draft
+    settings the checkpoint was trained with that differ (its ``config.yaml``)."""
+    misfits = [
+        (name, list(w.shape), list(own[name].shape))
+        for name, w in weights.items()
+        if name in own and w.shape != own[name].shape
+    ]
+    if not misfits:
+        return
+    name, saved, here = misfits[0]
+    hint = ""
+    try:
+        was = yaml.safe_load((path / "config.yaml").read_text())["draft"]
+        hint = " ".join(f"draft.{k}={v}" for k, v in was.items() if draft.get(k) != v)
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError):
+        pass
+    raise ConfigError(
+        f"{path} holds a draft of another shape ({name} is {saved} there and {here} in this "
+        f"run): resume it with the settings it was trained with{f' ({hint})' if hint else ''}, "
+        "or training.resume=never (or another output.dir) to train a new draft"
+    )
 
 
 def rotate(root: Path, keep: int) -> None:

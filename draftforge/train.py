@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -261,6 +261,7 @@ class Run:
     def resume(self, path: Path) -> None:
         check_same_optimizer(path, self.cfg.training)
         weights, state = checkpoint.load_checkpoint(path)
+        checkpoint.check_shapes(path, weights, self.draft.state_dict(), asdict(self.cfg.draft))
         # Full (unsharded) state dicts: a checkpoint resumes on any world size.
         set_model_state_dict(
             self.draft, weights, options=StateDictOptions(full_state_dict=True, strict=False)

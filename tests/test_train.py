@@ -1,6 +1,7 @@
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -148,6 +149,20 @@ def test_resuming_with_another_optimizer_names_the_one_it_was_trained_with(workd
         train(load_config(None, _overrides(workdir, out, **muon)))
     assert {f.name: f.read_bytes() for f in saved.iterdir()} == before
     assert checkpoint.list_checkpoints(out / "checkpoints") == [saved]
+
+
+def test_resuming_a_draft_of_another_shape_names_the_setting_it_was_trained_with(workdir, tmp_path):
+    out = tmp_path / "run"
+    narrow = {"training.max_steps": 2, "draft.intermediate_size": 48}
+    train(load_config(None, _overrides(workdir, out, **narrow)))
+    saved = out / "checkpoints" / "step_00000002"
+    before = {f.name: f.read_bytes() for f in saved.iterdir()}
+    with pytest.raises(ConfigError) as err:
+        train(load_config(None, _overrides(workdir, out, **{"training.max_steps": 4})))
+    message = str(err.value)
+    assert re.search(r"holds a draft of another shape \(midlayer\.mlp\.\w+\.weight is \[", message)
+    assert "(draft.intermediate_size=48)" in message and "training.resume=never" in message
+    assert {f.name: f.read_bytes() for f in saved.iterdir()} == before
 
 
 def test_damaged_and_unfinished_checkpoints_are_never_picked(tmp_path):
