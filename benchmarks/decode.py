@@ -32,10 +32,10 @@ from draftforge.decode.evaluate import (
     Totals,
     encode,
     load_prompts,
-    sweep,
     time_generate,
 )
 from draftforge.decode.sampling import SamplingParams
+from draftforge.decode.sweep import sweep
 from draftforge.decode.tree import TreeShape
 from draftforge.drafts import load_draft_for
 from draftforge.machine import matmul_gflops

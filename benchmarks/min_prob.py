@@ -3,7 +3,7 @@
 Decodes held-out prompts the demo's evaluation does not use (by default the 13th to the 36th)
 greedily with a trained draft (the demo's run by default): the demo's chains and tree at each
 floor, interleaved prompt by prompt with the engine without a draft
-(:func:`draftforge.decode.evaluate.sweep`), and prints the table with this run's fp32 matmul
+(:func:`draftforge.decode.sweep.sweep`), and prints the table with this run's fp32 matmul
 rate. A floor of 0 drafts every setting's whole shape.
 
     python benchmarks/min_prob.py [--draft runs/demo/run] [--min-prob 0,0.1,0.2,0.3]
@@ -17,8 +17,8 @@ import argparse
 import torch
 
 from draftforge.config import load_config
-from draftforge.decode.evaluate import sweep
 from draftforge.decode.sampling import SamplingParams
+from draftforge.decode.sweep import sweep
 from draftforge.demo import DemoSettings, heldout_span
 from draftforge.drafts import load_draft_for
 from draftforge.machine import matmul_gflops

@@ -56,15 +56,9 @@ from draftforge.config import Config, load_config
 from draftforge.curves import plot_acc, plot_loss, split_records
 from draftforge.decode.costs import DecodeCosts, measure_costs
 from draftforge.decode.engine import SpecEngine, default_stop_ids
-from draftforge.decode.evaluate import (
-    Prompt,
-    SweepRow,
-    encode,
-    format_rows,
-    sweep,
-    time_generate,
-)
+from draftforge.decode.evaluate import Prompt, encode, time_generate
 from draftforge.decode.sampling import SamplingParams
+from draftforge.decode.sweep import SweepRow, format_rows, sweep
 from draftforge.decode.tree import TreeShape
 from draftforge.demo_prompts import build_heldout
 from draftforge.drafts import load_draft_for
@@ -439,8 +433,7 @@ def _report(
     num_prompts: int,
 ) -> dict[str, Any]:
     baseline, rows = evaluation.baseline, evaluation.rows
-    run_dir = Path(cfg.output.dir)
-    train_rows, eval_rows = split_records(read_records(run_dir / "metrics.jsonl"))
+    train_rows, eval_rows = split_records(read_records(Path(cfg.output.dir) / "metrics.jsonl"))
     best, chain = best_setting(rows), best_setting(rows, chains_only=True)
     plot = plot_report(train_rows, eval_rows, rows, baseline, settings.out / "report.png")
     last = train_rows[-1] if train_rows else {}

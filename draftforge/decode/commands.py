@@ -15,15 +15,9 @@ import torch
 from draftforge import require_extra
 from draftforge.config import TargetConfig
 from draftforge.decode.errors import DecodeError
-from draftforge.decode.evaluate import (
-    Prompt,
-    evaluate,
-    load_prompts,
-    plot_sweep,
-    shapes_to_sweep,
-    sweep,
-)
+from draftforge.decode.evaluate import Prompt, evaluate, load_prompts
 from draftforge.decode.sampling import SamplingParams
+from draftforge.decode.sweep import plot_sweep, shapes_to_sweep, sweep
 from draftforge.decode.tree import TreeShape
 from draftforge.drafts import draft_aux_layers, draft_for, read_draft, target_path_of
 from draftforge.models.eagle3 import DraftShapeError, Eagle3Draft
