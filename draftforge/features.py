@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from torch import Tensor
 
-from draftforge import parallel
+from draftforge import parallel, ttt
 from draftforge.config import Config, ConfigError, cache_root
 from draftforge.parallel import Layout
 from draftforge.shards import ShardReader, capture_settings, features_dir, verify
@@ -311,30 +311,42 @@ def online_features(
     pieces = batched_features(target, samples, batch_tokens)
     aux = torch.cat([a for a, _ in pieces])
     last = torch.cat([h for _, h in pieces])
-    return features_from_hidden(target, aux, last, draft_ids, chunk_mb)
+    return features_from_hidden(target, batch, aux, last, draft_ids, chunk_mb)
 
 
 def features_from_hidden(
     target: TargetParts,
+    batch: MicroBatch,
     aux: Tensor,
     last: Tensor,
     draft_ids: Tensor,
     chunk_mb: int,
     argmax: Tensor | None = None,
 ) -> Features:
-    """The teacher over the draft vocab from final hidden states [T, H] (target's lm_head);
-    its full-vocabulary argmax is computed unless given (a capture stores it)."""
+    """The teacher over the draft vocab from the batch's final hidden states [T, H] (target's
+    lm_head); its full-vocabulary argmax is computed unless given (a capture stores it).
+
+    Only the indices the loss reads (:func:`draftforge.ttt.teacher_rows`) get a teacher: the
+    others (prompts, a sample's last index) hold zeros, which no step reads.
+    """
     weight, bias = target.lm_head()
-    probs, argmax = teacher(
-        last.to(weight.dtype),
+    read = ttt.teacher_rows(batch.loss_mask, batch.segment_ids)[0].to(last.device)
+    probs, found = teacher(
+        last[read].to(weight.dtype),
         weight,
         draft_ids,
         lm_head_bias=bias,
         softcap=target.logit_softcap,
         chunk=chunk_tokens(weight.shape[0], chunk_mb),
-        argmax=argmax,
+        argmax=None if argmax is None else argmax[read],
     )
-    return Features(aux=aux[None].float(), teacher_probs=probs[None], teacher_argmax=argmax[None])
+    all_probs = probs.new_zeros(last.shape[0], probs.shape[1])
+    all_probs[read] = probs
+    all_argmax = found.new_zeros(last.shape[0])
+    all_argmax[read] = found
+    return Features(
+        aux=aux[None].float(), teacher_probs=all_probs[None], teacher_argmax=all_argmax[None]
+    )
 
 
 def captured_argmax(target: TargetParts, last: Tensor, chunk_mb: int) -> Tensor:
@@ -443,22 +455,25 @@ class OfflineFeatures:
             loaded.append((aux, last, argmax))
         return loaded
 
-    def _teacher(self, loaded: list[Loaded], draft_ids: Tensor) -> list[Features]:
+    def _teacher(
+        self, batches: list[MicroBatch], loaded: list[Loaded], draft_ids: Tensor
+    ) -> list[Features]:
         device = self.target.device
         return [
             features_from_hidden(
                 self.target,
+                batch,
                 aux.to(device, non_blocking=True),
                 last.to(device, non_blocking=True),
                 draft_ids,
                 self.chunk_mb,
                 None if argmax is None else argmax.to(device, torch.long),
             )
-            for aux, last, argmax in loaded
+            for batch, (aux, last, argmax) in zip(batches, loaded, strict=True)
         ]
 
     def features(self, batches: list[MicroBatch], draft_ids: Tensor) -> list[Features]:
-        return self._teacher(self._load(batches), draft_ids)
+        return self._teacher(batches, self._load(batches), draft_ids)
 
     def positioned(self, dataset: Any) -> Any:
         """The dataset training collates micro-batches from: ``dataset`` itself, or, when
@@ -505,7 +520,7 @@ class OfflineFeatures:
                 if isinstance(item, BaseException):
                     raise item
                 position, batches, loaded = item
-                yield position, batches, self._teacher(loaded, draft_ids)
+                yield position, batches, self._teacher(batches, loaded, draft_ids)
         finally:
             # The producer notices within 0.1 s (or after the read in flight): never leave it
             # running into interpreter shutdown, where a thread inside torch aborts the process.
@@ -535,7 +550,9 @@ class VisionOnlineFeatures:
             states = [self._sample_states(row) for row in batch.rows]
             aux = torch.cat([a for a, _ in states])
             last = torch.cat([h for _, h in states])
-            feats.append(features_from_hidden(self.target, aux, last, draft_ids, self.chunk_mb))
+            feats.append(
+                features_from_hidden(self.target, batch, aux, last, draft_ids, self.chunk_mb)
+            )
         return feats
 
     def steps(

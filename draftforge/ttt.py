@@ -30,6 +30,16 @@ def step_mask(loss_mask: Tensor, segment_ids: Tensor | None, k: int) -> Tensor:
     return mask
 
 
+def teacher_rows(loss_mask: Tensor, segment_ids: Tensor | None) -> Tensor:
+    """[B, T] bool: the indices whose teacher some step reads, at any TTT depth.
+
+    Step k at index i reads the teacher at p = i+1+k for the token at i+2+k (:func:`step_mask`):
+    that token is supervised and, samples being contiguous, p and p+1 lie in one sample. So
+    every such p has a supervised token after it in its sample, which is what this marks.
+    """
+    return step_mask(loss_mask, segment_ids, -1)
+
+
 def step_counts(loss_mask: Tensor, segment_ids: Tensor | None, steps: int) -> Tensor:
     """[K] int64: supervised indices per step, known from the data alone (no target needed).
 
@@ -61,17 +71,19 @@ def step_loss_terms(
     supervised indices (from :func:`step_mask`). Indices whose teacher argmax is outside the
     draft vocab add no loss (the draft cannot put mass there) but count as wrong: the draft
     would be rejected there when decoding. ``keep_grad``: see :func:`head_soft_cross_entropy`.
+
+    Only the supervised indices go through the head: the others (prompts, padding, the last
+    indices of a sample) would add nothing but its cost.
     """
-    weights = (mask & t2d[teacher_argmax]).to(torch.float32)
+    argmax = teacher_argmax[mask]
     ce_sum, draft_pred = head_soft_cross_entropy(
-        normed.flatten(0, 1),
+        normed[mask],
         head_weight,
-        teacher_probs.flatten(0, 1),
-        weights.flatten(),
+        teacher_probs[mask],
+        t2d[argmax].to(torch.float32),
         keep_grad=keep_grad,
     )
-    draft_pred = draft_pred.view(mask.shape)
-    correct = ((draft_pred + d2t[draft_pred] == teacher_argmax) & mask).sum()
+    correct = (draft_pred + d2t[draft_pred] == argmax).sum()
     return ce_sum, correct
 
 

@@ -167,6 +167,37 @@ def test_efficient_ttt_matches_naive_unroll(steps, packed, head_memory_mb):
     assert draft.embed_tokens.weight.grad is None
 
 
+@pytest.mark.parametrize("head_memory_mb", [0, 512])
+def test_a_batch_without_supervised_tokens_adds_nothing(head_memory_mb):
+    # A micro-batch of prompts only: the head sees no row, and every gradient is zero.
+    batch = _batch(packed=True)
+    batch["loss_mask"][:] = False
+    draft = _draft()
+    norms = ttt.step_counts(batch["loss_mask"], batch["segment_ids"], 3)
+    out = _efficient(draft, batch, 3, 0.8, norms, head_memory_mb=head_memory_mb)
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert out.correct.tolist() == [0, 0, 0] and out.ce_sums.tolist() == [0.0, 0.0, 0.0]
+    for name, p in draft.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and not p.grad.any(), name
+
+
+@pytest.mark.parametrize("steps", [1, 3, 7])
+def test_the_teacher_rows_are_all_the_loss_reads(steps):
+    # Teachers (and argmaxes) zeroed outside teacher_rows leave every step's loss and count
+    # as they were: no step reads a row the capture or the online path leaves out.
+    batch = _batch(packed=True)
+    rows = ttt.teacher_rows(batch["loss_mask"], batch["segment_ids"])
+    assert 0 < rows.sum() < rows.numel()
+    norms = ttt.step_counts(batch["loss_mask"], batch["segment_ids"], steps)
+    full = _efficient(_draft(), batch, steps, 0.8, norms)
+    batch["teacher_logits"] = batch["teacher_logits"].masked_fill(~rows[..., None], 0.0)
+    batch["teacher_argmax"] = batch["teacher_argmax"].masked_fill(~rows, 0)
+    cut = _efficient(_draft(), batch, steps, 0.8, norms)
+    assert torch.equal(cut.loss, full.loss) and torch.equal(cut.correct, full.correct)
+
+
 def test_fp32_matches_fp64_reference():
     batch64 = _batch(True)
     batch32 = {
