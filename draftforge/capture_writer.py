@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save
 from torch import Tensor
 
+from draftforge import ttt
 from draftforge.features import captured_argmax, forward_groups, idle_forwards, target_forwards
 from draftforge.shards import FORMAT, STORAGE_DTYPES, VERSION, atomic_write, bytes_per_token
 from draftforge.vision_features import vision_states
@@ -31,7 +32,8 @@ if TYPE_CHECKING:
 
 # A captured sample: its dataset row, input ids, loss mask, aux and final hidden states, the
 # position ids ``[R, n]`` its language model used (None where they are 0..n-1) and the
-# target's full-vocabulary argmax at each token (int32).
+# target's full-vocabulary argmax (int32) at each index a training step reads it
+# (:func:`draftforge.ttt.teacher_rows`), -1 at the others.
 Sample = tuple[int, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor]
 
 
@@ -92,7 +94,7 @@ def shard_samples(
             features[i] = (
                 aux[b, :n].to("cpu", dtype, copy=True),
                 stored.to("cpu", copy=True),
-                captured_argmax(target, stored, chunk_mb).to("cpu", torch.int32),
+                stored_argmax(target, stored, items[i]["loss_mask"], chunk_mb),
             )
         done(sum(len(items[i]["input_ids"]) for i in group))
     samples: list[Sample] = []
@@ -102,6 +104,18 @@ def shard_samples(
             (row, s["input_ids"].int(), s["loss_mask"].to(torch.uint8), aux, last, None, argmax)
         )
     return samples
+
+
+def stored_argmax(target: Target, stored: Tensor, loss_mask: Tensor, chunk_mb: int) -> Tensor:
+    """What a shard stores of one sample's target argmax: int32 [n] on the CPU, the
+    full-vocabulary argmax where a training step reads it (the teacher rows, those with a
+    supervised token after them), -1 elsewhere. Prompts cost no head rows at all: the head
+    is a fifth of a SmolLM2 forward, and a third of the demo's tokens are prompts."""
+    read = ttt.teacher_rows(loss_mask[None].bool(), None)[0]
+    argmax = torch.full((stored.shape[0],), -1, dtype=torch.int32)
+    found = captured_argmax(target, stored[read.to(stored.device)], chunk_mb)
+    argmax[read] = found.to("cpu", torch.int32)
+    return argmax
 
 
 def vision_samples(
@@ -130,7 +144,7 @@ def vision_samples(
                 found.aux[0].to("cpu", dtype, copy=True),
                 stored.to("cpu", copy=True),
                 None if torch.equal(positions, plain) else positions,
-                captured_argmax(target, stored, chunk_mb).to("cpu", torch.int32),
+                stored_argmax(target, stored, sample.loss_mask, chunk_mb),
             )
         )
         done(sample.input_ids.numel())

@@ -4,7 +4,8 @@ What is stored, and why the final hidden state
 ----------------------------------------------
 Per sample (one row of the prepared dataset): its input ids, loss mask, the aux hidden
 states ``[T, 3H]`` (the three aux layers, concatenated) and the target's final-norm hidden
-state ``[T, H]``, and the target's full-vocabulary argmax at each token. The teacher's
+state ``[T, H]``, and the target's full-vocabulary argmax at each token a training step
+reads it (-1 at the others: prompts, a sample's last token). The teacher's
 distribution is not stored: training recomputes it from the final hidden state with the
 draft vocabulary's rows of the target's ``lm_head`` (and final logit softcap), in chunks,
 exactly as the online trainer does. That is the cheapest exact representation:
@@ -18,8 +19,10 @@ exactly as the online trainer does. That is the cheapest exact representation:
 The argmax (which tokens the draft can be scored on: those whose target argmax is in its
 vocabulary) is the one part of the teacher that needs every row of the head. Storing it, 4
 bytes a token, spares training that head: for SmolLM2 and a 4096-token draft vocabulary the
-teacher's matmul is 12x smaller, about a quarter of a demo training step. A capture made
-before argmaxes were stored trains as it did, with the whole head.
+teacher's matmul is 12x smaller, about a quarter of a demo training step. The capture runs
+the whole head only on the rows training reads (:func:`draftforge.ttt.teacher_rows`, the
+same for every TTT depth). A capture made before argmaxes were stored trains as it did, with
+the whole head.
 
 Training from a capture therefore needs of the target only its ``lm_head`` (+ softcap), and
 what the draft itself is built from (config, tokenizer, input embedding). This module reads
@@ -32,7 +35,8 @@ On disk (``data.features_dir``; empty: ``<target.cache_dir>/features/<hash of th
 - ``shard-r{rank}of{world}-{index}.safetensors``: consecutive samples of one rank's slice,
   concatenated along tokens: ``rows`` int64 [n] (dataset rows), ``offsets`` int64 [n + 1],
   ``input_ids`` int32 [N], ``loss_mask`` uint8 [N], ``aux`` [N, 3H] and ``hidden`` [N, H] in
-  the storage dtype, ``argmax`` int32 [N] (its manifest entry says ``"argmax": true``).
+  the storage dtype, ``argmax`` int32 [N] (-1 where no step reads it; the manifest entry
+  says ``"argmax": true``).
   About ``data.shard_mb`` each. A shard of a vision-language target whose samples do not
   all sit at positions ``0..n-1`` also holds ``positions`` int32 ``[R, N]``: the position
   ids its language model used (``R = 3`` M-RoPE rows for Qwen-VL, where an image's tokens

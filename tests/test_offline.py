@@ -139,9 +139,11 @@ def test_manifest_describes_every_sample_once(workdir, captured):
 
 
 def test_capture_stores_the_targets_own_argmax(workdir, captured):
-    """The stored argmax is what the target's own forward predicts at every token."""
+    """The stored argmax is what the target's own forward predicts at every token with a
+    supervised token after it (the only ones training reads), and -1 at the others."""
     model = load_target(_config(workdir, workdir / "unused").target, "cpu").model
     manifest = json.loads((captured / MANIFEST).read_text())
+    kinds = set()
     for shard in manifest["shards"][:3]:
         assert shard["argmax"] is True
         tensors = load_file(captured / shard["file"])
@@ -149,7 +151,12 @@ def test_capture_stores_the_targets_own_argmax(workdir, captured):
         for start, end in itertools.pairwise(offsets):
             with torch.no_grad():
                 logits = model(tensors["input_ids"][start:end].long()[None]).logits[0]
-            assert torch.equal(tensors["argmax"][start:end], logits.argmax(-1).int())
+            read = torch.zeros(end - start, dtype=torch.bool)
+            read[:-1] = tensors["loss_mask"][start + 1 : end].bool()
+            expected = torch.where(read, logits.argmax(-1), -1).int()
+            assert torch.equal(tensors["argmax"][start:end], expected)
+            kinds.update(read.tolist())
+    assert kinds == {True, False}
 
 
 def test_a_capture_without_argmaxes_trains_as_before(workdir, captured, offline_losses):
