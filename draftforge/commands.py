@@ -12,7 +12,7 @@ from pathlib import Path
 from draftforge import require_extra
 from draftforge.config import ConfigError, dump_config, load_config
 from draftforge.decode.commands import MIN_PROB_HELP
-from draftforge.demo import DemoSettings, run_demo
+from draftforge.demo import DEMO_CONVERSATIONS, DemoSettings, run_demo
 from draftforge.export import DEFAULT_SPECULATIVE_TOKENS, FORMATS, export_checkpoint
 from draftforge.parallel import default_device
 
@@ -357,7 +357,7 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
         "--conversations",
         type=int,
         default=defaults.conversations,
-        help="built-in conversations to train on (the first N)",
+        help=f"built-in conversations to train on (the first N, at most {DEMO_CONVERSATIONS})",
     )
     p.add_argument(
         "--eval-prompts",
@@ -389,8 +389,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     require_extra("matplotlib", "plot", "the demo's report (report.png)")  # checked up front
     if args.minutes <= 0:
         raise ConfigError(f"--minutes must be positive, got {args.minutes}")
-    if args.conversations < 10:
-        raise ConfigError(f"--conversations must be at least 10, got {args.conversations}")
+    if not 10 <= args.conversations <= DEMO_CONVERSATIONS:
+        raise ConfigError(
+            f"--conversations must be from 10 to {DEMO_CONVERSATIONS} (the built-in set's "
+            f"size), got {args.conversations}"
+        )
     if args.eval_prompts < 1:
         raise ConfigError(f"--eval-prompts must be at least 1, got {args.eval_prompts}")
     if not 0 <= args.min_prob < 1:

@@ -8,7 +8,14 @@ from draftforge import checkpoint
 from draftforge import train as train_module
 from draftforge.cli import main
 from draftforge.decode.tree import TreeShape
-from draftforge.demo import DEMO_DATA, DemoSettings, heldout_prompts, run_demo, write_subset
+from draftforge.demo import (
+    DEMO_CONVERSATIONS,
+    DEMO_DATA,
+    DemoSettings,
+    heldout_prompts,
+    run_demo,
+    write_subset,
+)
 from draftforge.testing import write_tiny_run
 
 
@@ -149,7 +156,7 @@ def test_write_subset_keeps_the_file_when_the_rows_are_the_same(tmp_path):
 def test_builtin_demo_data_is_smollm2_answered_conversations():
     with gzip.open(DEMO_DATA, "rt") as f:
         rows = [json.loads(line) for line in f]
-    assert len(rows) >= 500
+    assert len(rows) == DEMO_CONVERSATIONS
     assert len({r["id"] for r in rows}) == len(rows)
     for row in rows:
         roles = [m["role"] for m in row["messages"]]
@@ -164,4 +171,6 @@ def test_demo_cli_rejects_bad_settings(capsys):
     assert main(["demo", "--minutes", "0"]) == 2
     assert "--minutes must be positive" in capsys.readouterr().err
     assert main(["demo", "--conversations", "3"]) == 2
-    assert "--conversations must be at least 10" in capsys.readouterr().err
+    assert "--conversations must be from 10 to 1536" in capsys.readouterr().err
+    assert main(["demo", "--conversations", "1537"]) == 2
+    assert "--conversations must be from 10 to 1536" in capsys.readouterr().err
