@@ -148,7 +148,7 @@ def prepare(root: Path, conversations: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=DemoSettings.minutes)
-    parser.add_argument("--conversations", type=int, default=DemoSettings().conversations)
+    parser.add_argument("--conversations", type=int, default=DemoSettings.conversations)
     parser.add_argument("--prompts", default="12:36", help="held-out prompts, FIRST:END")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--parallel", type=int, default=2)

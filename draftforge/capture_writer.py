@@ -22,7 +22,6 @@ import torch
 from safetensors.torch import save
 from torch import Tensor
 
-from draftforge import ttt
 from draftforge.features import captured_argmax, forward_groups, idle_forwards, target_forwards
 from draftforge.shards import FORMAT, STORAGE_DTYPES, VERSION, atomic_write, bytes_per_token
 from draftforge.vision_features import vision_states
@@ -94,7 +93,7 @@ def shard_samples(
             features[i] = (
                 aux[b, :n].to("cpu", dtype, copy=True),
                 stored.to("cpu", copy=True),
-                stored_argmax(target, stored, items[i]["loss_mask"], chunk_mb),
+                captured_argmax(target, stored, items[i]["loss_mask"], chunk_mb),
             )
         done(sum(len(items[i]["input_ids"]) for i in group))
     samples: list[Sample] = []
@@ -104,18 +103,6 @@ def shard_samples(
             (row, s["input_ids"].int(), s["loss_mask"].to(torch.uint8), aux, last, None, argmax)
         )
     return samples
-
-
-def stored_argmax(target: Target, stored: Tensor, loss_mask: Tensor, chunk_mb: int) -> Tensor:
-    """What a shard stores of one sample's target argmax: int32 [n] on the CPU, the
-    full-vocabulary argmax where a training step reads it (the teacher rows, those with a
-    supervised token after them), -1 elsewhere. Prompts cost no head rows at all: the head
-    is a fifth of a SmolLM2 forward, and a third of the demo's tokens are prompts."""
-    read = ttt.teacher_rows(loss_mask[None].bool(), None)[0]
-    argmax = torch.full((stored.shape[0],), -1, dtype=torch.int32)
-    found = captured_argmax(target, stored[read.to(stored.device)], chunk_mb)
-    argmax[read] = found.to("cpu", torch.int32)
-    return argmax
 
 
 def vision_samples(
@@ -144,7 +131,7 @@ def vision_samples(
                 found.aux[0].to("cpu", dtype, copy=True),
                 stored.to("cpu", copy=True),
                 None if torch.equal(positions, plain) else positions,
-                stored_argmax(target, stored, sample.loss_mask, chunk_mb),
+                captured_argmax(target, stored, sample.loss_mask, chunk_mb),
             )
         )
         done(sample.input_ids.numel())

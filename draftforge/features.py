@@ -349,18 +349,25 @@ def features_from_hidden(
     )
 
 
-def captured_argmax(target: TargetParts, last: Tensor, chunk_mb: int) -> Tensor:
-    """The target's full-vocabulary argmax at final states ``last`` [n, H] (as stored) that a
-    capture keeps, so that training from it computes only the draft vocabulary's rows of the
-    head: about ``V / Vd`` times less work for the teacher (12x for SmolLM2 and 4096)."""
+def captured_argmax(target: TargetParts, last: Tensor, loss_mask: Tensor, chunk_mb: int) -> Tensor:
+    """What a capture stores of one sample's target argmax, int32 [n] on the CPU: the
+    full-vocabulary argmax at final states ``last`` [n, H] (as stored) where a training step
+    reads it (:func:`draftforge.ttt.teacher_rows`: a supervised token follows), -1 elsewhere.
+    Training from it then computes only the draft vocabulary's rows of the head (``V / Vd``
+    times less teacher work: 12x for SmolLM2 and 4096), and prompts cost the capture no head
+    rows (the head is a fifth of a SmolLM2 forward, a third of the demo's tokens prompts)."""
     weight, bias = target.lm_head()
-    return full_argmax(
-        last.to(weight.device, weight.dtype),
+    read = ttt.teacher_rows(loss_mask[None], None)[0]
+    found = full_argmax(
+        last[read.to(last.device)].to(weight.device, weight.dtype),
         weight,
         lm_head_bias=bias,
         softcap=target.logit_softcap,
         chunk=chunk_tokens(weight.shape[0], chunk_mb),
     )
+    argmax = torch.full((last.shape[0],), -1, dtype=torch.int32)
+    argmax[read] = found.to("cpu", torch.int32)
+    return argmax
 
 
 class FeatureSource(Protocol):
