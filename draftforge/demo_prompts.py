@@ -22,7 +22,8 @@ hundred evaluation prompts, so the draft is never measured on a template it was 
 Building the demo data starts here:
 
     python -m draftforge.demo_prompts data/demo          # writes train.jsonl and heldout.jsonl
-    draftforge regenerate data/demo/train.jsonl --out data/demo/train_smollm2.jsonl
+    draftforge regenerate data/demo/train.jsonl target.path=smollm2 \
+        --out data/demo/train_smollm2.jsonl
     draftforge eval --draft runs/demo --prompts data/demo/heldout.jsonl
 
 Each JSONL row is {"id", "category", "family", "prompt"}: a prompt row every draftforge reader

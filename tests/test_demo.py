@@ -171,6 +171,6 @@ def test_demo_cli_rejects_bad_settings(capsys):
     assert main(["demo", "--minutes", "0"]) == 2
     assert "--minutes must be positive" in capsys.readouterr().err
     assert main(["demo", "--conversations", "3"]) == 2
-    assert "--conversations must be from 10 to 1536" in capsys.readouterr().err
-    assert main(["demo", "--conversations", "1537"]) == 2
-    assert "--conversations must be from 10 to 1536" in capsys.readouterr().err
+    assert f"--conversations must be from 10 to {DEMO_CONVERSATIONS}" in capsys.readouterr().err
+    assert main(["demo", "--conversations", str(DEMO_CONVERSATIONS + 1)]) == 2
+    assert f"--conversations must be from 10 to {DEMO_CONVERSATIONS}" in capsys.readouterr().err
