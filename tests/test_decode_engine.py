@@ -3,13 +3,16 @@ greedy output identical to the target's own, draft KV path identical to the trai
 losslessness end to end, bad inputs. float64 targets keep greedy comparisons free of rounding;
 float32 ones (with large logit margins) exercise the prepacked oneDNN matmuls."""
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+from torch import nn
 
 from draftforge import checkpoint, ttt
 from draftforge.config import Config, dump_config
+from draftforge.decode import skinny
 from draftforge.decode.drafter import Drafter
 from draftforge.decode.engine import SpecEngine
 from draftforge.decode.errors import DecodeError
@@ -30,6 +33,7 @@ from draftforge.ttt_attention import ttt_attention
 
 NEW_TOKENS = 200
 PROMPT_LEN = 16
+HALF = skinny.usable(torch.float16, torch.device("cpu"))  # the lean draft's float16 matrices
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -157,14 +161,33 @@ def test_greedy_output_is_the_targets_own(case, lean):
         assert any(k != list(range(len(k))) for k in compactions)
 
 
-@pytest.mark.parametrize("lean", [True, False], ids=["lean", "hf"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_draft_cache_path_equals_the_training_unroll(lean, dtype):
+@pytest.mark.parametrize(
+    ("lean", "dtype", "half"),
+    [
+        (True, torch.float64, False),
+        (True, torch.float32, False),
+        (False, torch.float64, False),
+        (False, torch.float32, False),
+        pytest.param(
+            True,
+            torch.float32,
+            True,
+            marks=pytest.mark.skipif(not HALF, reason="no float16 kernel here"),
+        ),
+    ],
+)
+def test_draft_cache_path_equals_the_training_unroll(lean, dtype, half):
     """Extend + tree steps with a KV cache give the hidden states TTT trains (alignment,
-    RoPE positions t + k, the diagonal), starting from a cache small enough to grow."""
+    RoPE positions t + k, the diagonal), starting from a cache small enough to grow. A
+    ``half`` drafter gives those of the same draft with its matrices rounded to float16."""
     model = bigram_like_target("llama", seed=4, embed_scale=1, head_scale=1, dtype=dtype)
     target = as_target(model)
-    draft = random_draft(target, seed=4)
+    served = random_draft(target, seed=4)
+    draft = copy.deepcopy(served)  # the reference
+    if half:
+        with torch.no_grad():
+            for linear in (m for m in draft.modules() if isinstance(m, nn.Linear)):
+                linear.weight.copy_(linear.weight.half())
     steps, committed = 3, 10
     gen = torch.Generator().manual_seed(4)
     ids = torch.randint(0, target.vocab_size, (1, committed + steps + 1), generator=gen)
@@ -185,7 +208,8 @@ def test_draft_cache_path_equals_the_training_unroll(lean, dtype):
             hidden = draft.step(hidden, ttt.shift_left(ids, 1 + k), positions + k, ttt_attend)
             expected.append(hidden[0, committed - 1])
 
-    drafter = Drafter(draft, lean=lean, capacity=4)
+    drafter = Drafter(served, lean=lean, capacity=4, half=half)
+    assert (drafter.weights is not None and drafter.weights.qkv.half) == half
     got = [drafter.extend(aux[0, :committed], ids[0, 1 : committed + 1], 0)]
     for k in range(1, steps):
         seen = torch.ones(1, k - 1, dtype=torch.bool)

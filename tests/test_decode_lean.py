@@ -27,6 +27,7 @@ KEEP = [0, 2, 4]  # the accepted path root -> node 2 -> node 4 (a second sibling
 CPU = torch.device("cpu")
 ONEDNN = onednn_usable(torch.float32, CPU)
 SKINNY = skinny.usable(torch.float32, CPU)
+HALF = skinny.usable(torch.float16, CPU)  # float16 weights: where the CPU converts them (F16C)
 
 
 def perturbed(family: str, dtype: torch.dtype) -> nn.Module:
@@ -187,22 +188,45 @@ def test_fast_projection_matches_f_linear(rows, matmul, monkeypatch):
 
 
 @pytest.mark.skipif(not SKINNY, reason="the few-row kernel did not build here")
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float32,
+        pytest.param(torch.float16, marks=pytest.mark.skipif(not HALF, reason="no F16C here")),
+    ],
+)
 @pytest.mark.parametrize("width", [576, 1536, 37, 44])
-def test_skinny_kernel_rows_do_not_depend_on_their_company(width):
+def test_skinny_kernel_rows_do_not_depend_on_their_company(width, dtype):
     """Each row's output is bitwise the same alone or among up to 19 rows (odd and even
-    counts), and equals F.linear's; widths with and without 8-float blocks beyond the 32-float
-    ones and a scalar tail."""
+    counts), and equals F.linear's with the weight as stored (float32, or float16 widened);
+    widths with and without 8-float blocks beyond the 32-float ones and a scalar tail."""
     gen = torch.Generator().manual_seed(width)
-    weight, bias = torch.randn(301, width, generator=gen), torch.randn(301, generator=gen)
+    weight = torch.randn(301, width, generator=gen).to(dtype)
+    bias = torch.randn(301, generator=gen)
     x = torch.randn(19, width, generator=gen)
+    exact = weight.float()
     together = skinny.linear(x, weight, bias)
-    torch.testing.assert_close(together, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(together, F.linear(x, exact, bias), rtol=1e-5, atol=1e-4)
     for rows in (1, 2, 3, 8):
         for start in range(0, 19 - rows, 5):
             alone = skinny.linear(x[start : start + rows], weight, bias)
             assert torch.equal(alone, together[start : start + rows])
     no_bias = skinny.linear(x[None, :4], weight, None)[0]  # 3-D input, no bias
-    torch.testing.assert_close(no_bias, F.linear(x[:4], weight), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(no_bias, F.linear(x[:4], exact), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not HALF, reason="the few-row kernel takes no float16 weights here")
+@pytest.mark.parametrize("rows", [1, skinny.MAX_ROWS, skinny.MAX_ROWS + 3])
+def test_half_projection_computes_with_float16_rounded_weights(rows):
+    """On the kernel's rows and on F.linear's above them alike, against the same linears with
+    their weights rounded to float16 and back."""
+    linears = random_linears(rows)
+    x = torch.randn(rows, 40, generator=torch.Generator().manual_seed(rows))
+    half = Projection(linears, fast=True, half=True)
+    assert half.half and half.weights[0].dtype == torch.float16
+    want = torch.cat([F.linear(x, lin.weight.half().float(), lin.bias) for lin in linears], -1)
+    torch.testing.assert_close(half(x), want.detach(), rtol=1e-5, atol=1e-5)
+    assert not Projection(linears, fast=False, half=True).half  # F.linear on the own weights
 
 
 def test_skinny_kernel_falls_back_with_a_warning_when_it_cannot_build(monkeypatch, tmp_path):

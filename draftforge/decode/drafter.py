@@ -8,7 +8,11 @@ The next extension simply overwrites the speculative region.
 
 ``lean=True`` computes the draft's decoder layer here from its weights, matrices served by the
 same fast matmul as the lean target's (:mod:`draftforge.decode.fastlinear`); ``lean=False`` runs the draft
-module's own ``step`` (the code training runs) with this cache as its attention.
+module's own ``step`` (the code training runs) with this cache as its attention. ``half``
+(lean, float32 on CPU where the few-row kernel reads float16) stores the draft's matrices in
+float16: between two target forwards its weights are no longer in the CPU's caches, so a draft
+step is bound by reading them, and half the bytes cost about half the time. Proposals move by
+the rounding; what decoding emits does not (the target verifies every token).
 
 For a vision-language target with M-RoPE the draft rotates by the target's 3-row positions
 (:meth:`Drafter.begin`): the prompt's rows, then ``index + delta`` on all rows, exactly the
@@ -23,7 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from draftforge.decode.fastlinear import Projection
 from draftforge.decode.lean import rms_norm, rope_tables, rotate
@@ -53,16 +57,20 @@ class _Weights:
     eps: float
 
     @classmethod
-    def of(cls, draft: Eagle3Draft) -> _Weights:
+    def of(cls, draft: Eagle3Draft, half: bool) -> _Weights:
         layer = draft.midlayer
         attn, mlp = layer.self_attn, layer.mlp
+
+        def projection(*linears: nn.Linear) -> Projection:
+            return Projection(linears, fast=True, half=half)
+
         return cls(
-            fc=Projection([draft.fc], fast=True),
-            qkv=Projection([attn.q_proj, attn.k_proj, attn.v_proj], fast=True),
-            o=Projection([attn.o_proj], fast=True),
-            gate_up=Projection([mlp.gate_proj, mlp.up_proj], fast=True),
-            down=Projection([mlp.down_proj], fast=True),
-            head=Projection([draft.lm_head], fast=True),
+            fc=projection(draft.fc),
+            qkv=projection(attn.q_proj, attn.k_proj, attn.v_proj),
+            o=projection(attn.o_proj),
+            gate_up=projection(mlp.gate_proj, mlp.up_proj),
+            down=projection(mlp.down_proj),
+            head=projection(draft.lm_head),
             input_norm=layer.input_layernorm.weight.detach(),
             hidden_norm=layer.hidden_norm.weight.detach(),
             post_norm=layer.post_attention_layernorm.weight.detach(),
@@ -74,10 +82,12 @@ class _Weights:
 class Drafter:
     """An EAGLE-3 draft with a preallocated KV cache, one sequence at a time."""
 
-    def __init__(self, draft: Eagle3Draft, lean: bool, capacity: int = 256) -> None:
+    def __init__(
+        self, draft: Eagle3Draft, lean: bool, capacity: int = 256, half: bool = False
+    ) -> None:
         self.draft = draft
         config = draft.config
-        self.weights = _Weights.of(draft) if lean else None
+        self.weights = _Weights.of(draft, half) if lean else None
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim

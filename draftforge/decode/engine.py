@@ -130,8 +130,10 @@ class SpecEngine:
 
     ``draft=None`` or ``shape.num_steps == 0`` decodes without drafting (one token per target
     forward through the same code path): the baseline speculation is measured against.
-    ``lean``: the target path (see the module docstring); ``path_note`` says why the lean
-    forward is not used when it was wanted and the model did not allow it. ``compile``: run
+    ``lean``: the target path (see the module docstring); a lean draft keeps its matrices in
+    float16 where the CPU's few-row kernel reads them (:class:`Drafter`'s ``half``).
+    ``path_note`` says why the lean forward is not used when it was wanted and the model did
+    not allow it. ``compile``: run
     the lean forward's layers through ``torch.compile`` (minutes of compiling on a small CPU;
     see benchmarks/decode.py for whether it pays).
     """
@@ -157,7 +159,7 @@ class SpecEngine:
             self.aux_layers = draft_aux_layers(self.draft.config) or target.aux_layers
             self.draft_ids = self.draft.draft_ids()
             self._check_topk(self.shape)
-            self.drafter = Drafter(self.draft, lean=lean is not False)
+            self.drafter = Drafter(self.draft, lean=lean is not False, half=True)
         if is_vision_config(target.model_config):
             self._check_vision_draft()
             self.path, self.path_note = vision_target_path(

@@ -111,18 +111,27 @@ class Projection:
     ``"skinny"`` (the joined weight serves the few-row kernel up to :data:`skinny.MAX_ROWS`
     rows and ``F.linear`` above) or ``"onednn"`` (prepacked). Otherwise, or when neither is
     usable, the linears' own weights serve ``F.linear`` and nothing is copied.
+
+    half: on the skinny path, keep the joined weight in float16 where the kernel reads it
+    (``half`` then says so): half the bytes per call, every path computing with the
+    float16-rounded weight (``F.linear`` widens it).
     """
 
-    def __init__(self, linears: Sequence[nn.Linear], fast: bool) -> None:
+    def __init__(self, linears: Sequence[nn.Linear], fast: bool, half: bool = False) -> None:
         weights = [lin.weight.detach() for lin in linears]
         biases = [None if lin.bias is None else lin.bias.detach() for lin in linears]
         self.sizes = [w.shape[0] for w in weights]
         self.matmul = fast_matmul(weights[0].dtype, weights[0].device) if fast else None
         self.weights = weights
         self.biases = biases
+        self.half = (
+            half and self.matmul == "skinny" and skinny.usable(torch.float16, weights[0].device)
+        )
         if self.matmul is not None:
             joined = torch.cat(weights) if len(weights) > 1 else weights[0].contiguous()
-            self.weights = [joined.to_mkldnn() if self.matmul == "onednn" else joined]
+            if self.matmul == "onednn":
+                joined = joined.to_mkldnn()
+            self.weights = [joined.half() if self.half else joined]
             self.biases = [_joined_bias(weights, biases)]
 
     def __call__(self, x: Tensor) -> Tensor:
@@ -130,7 +139,8 @@ class Projection:
             return skinny.linear(x, self.weights[0], self.biases[0])
         if self.matmul == "onednn":
             return _packed_linear(x, self.weights[0], self.biases[0])
-        outs = [F.linear(x, w, b) for w, b in zip(self.weights, self.biases, strict=True)]
+        weights = [w.float() for w in self.weights] if self.half else self.weights
+        outs = [F.linear(x, w, b) for w, b in zip(weights, self.biases, strict=True)]
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
     def split(self, x: Tensor) -> tuple[Tensor, ...]:

@@ -8,6 +8,9 @@ few rows: MKL's sgemm repacks the weight on every call, and oneDNN with a prepac
 once and takes its dot products with all the rows while it sits in L1, with enough independent
 multiply-adds in flight to keep up with memory even at one row, so its cost grows slowly with
 the row count up to ``MAX_ROWS``; each output is summed in the same order for any row count.
+Where the CPU converts half floats (x86's F16C), the kernel also takes float16 weights and
+widens them as it reads them: half the bytes to stream, for weights whose rounding to float16
+does not matter (the draft's: verification keeps decoding exact whatever it proposes).
 
 Building: the C source is compiled once per machine with the system's C compiler (``$CC``, else
 ``cc``) and OpenMP into ``<cache>/kernels`` (the name hashes the source, the compiler's version
@@ -30,6 +33,7 @@ import subprocess
 import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,19 +52,22 @@ _LIBRARY: list[ctypes.CDLL | None] = []  # filled once by `usable`
 
 
 def usable(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether the kernel may serve weights of this dtype on this device (built on first ask)."""
-    if device.type != "cpu" or dtype != torch.float32:
+    """Whether the kernel may serve weights of this dtype (float32, or float16 where the CPU
+    converts half floats) on this device; built on first ask."""
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float16):
         return False
     if os.environ.get("DRAFTFORGE_SKINNY", "1") == "0":
         return False
     if not _LIBRARY:
         _LIBRARY.append(_load())
-    return _LIBRARY[0] is not None
+    library = _LIBRARY[0]
+    return library is not None and (dtype == torch.float32 or _half_kernel(library) is not None)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``F.linear(x, weight, bias)`` by the kernel; ``weight`` [out, in] and ``bias`` contiguous
-    float32 on CPU (callers check :func:`usable`)."""
+    """``F.linear(x, weight.float(), bias)`` by the kernel; ``weight`` [out, in] and ``bias``
+    contiguous on CPU, ``x`` and ``bias`` float32 (callers check :func:`usable` for the
+    weight's dtype)."""
     library = _LIBRARY[0] if _LIBRARY else None
     assert library is not None, "skinny.linear before skinny.usable said yes"
     return _run(library, x, weight, bias)
@@ -69,7 +76,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 def _run(library: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     out = flat.new_empty(flat.shape[0], weight.shape[0])
-    library.skinny_linear(
+    kernel = library.skinny_linear if weight.dtype == torch.float32 else _half_kernel(library)
+    assert kernel is not None, f"no skinny kernel for {weight.dtype} weights"
+    kernel(
         flat.data_ptr(),
         weight.data_ptr(),
         None if bias is None else bias.data_ptr(),
@@ -78,6 +87,11 @@ def _run(library: ctypes.CDLL, x: Tensor, weight: Tensor, bias: Tensor | None) -
         weight.shape[0],
     )
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def _half_kernel(library: ctypes.CDLL) -> Any:
+    """The float16-weight kernel, or None where the CPU has no half-float conversion."""
+    return getattr(library, "skinny_linear_half", None)
 
 
 def _cpu_flags() -> str:
@@ -142,8 +156,10 @@ def _load() -> ctypes.CDLL | None:
         extra = _openmp_runtimes() - before
         if before and extra:
             raise RuntimeError(f"it loaded a second OpenMP runtime ({', '.join(sorted(extra))})")
-        library.skinny_linear.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
-        library.skinny_linear.restype = None
+        for kernel in (library.skinny_linear, _half_kernel(library)):
+            if kernel is not None:
+                kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
+                kernel.restype = None
         problem = _probe(library)
         if problem:
             raise RuntimeError(problem)
@@ -160,13 +176,17 @@ def _load() -> ctypes.CDLL | None:
 
 def _probe(library: ctypes.CDLL) -> str | None:
     """Why the kernel disagrees with F.linear on small cases, or None: row counts below,
-    at and above one pass, an input width that is no multiple of 8, with and without bias."""
+    at and above one pass, an input width that is no multiple of 8, with and without bias,
+    float32 weights and (where built) float16 ones."""
     gen = torch.Generator().manual_seed(0)
+    dtypes = [torch.float32] + ([torch.float16] if _half_kernel(library) else [])
     for rows, width, bias in ((1, 40, False), (8, 37, True), (11, 19, True)):
         weight = torch.randn(29, width, generator=gen)
         b = torch.randn(29, generator=gen) if bias else None
         x = torch.randn(1, rows, width, generator=gen)
-        got, want = _run(library, x, weight, b), F.linear(x, weight, b)
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
-            return f"its output differs from F.linear's on a probe of {rows} rows"
+        for dtype in dtypes:
+            stored = weight.to(dtype)
+            got, want = _run(library, x, stored, b), F.linear(x, stored.float(), b)
+            if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+                return f"its output differs from F.linear's on a probe of {rows} rows ({dtype})"
     return None
