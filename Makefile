@@ -32,7 +32,7 @@ $(STAMP): $(DEMO_STAMP)
 setup: $(STAMP)
 
 # The CPU demo: trains, evaluates and exports an EAGLE-3 draft for SmolLM2-135M-Instruct
-# (about 18 minutes on 2 cores, setup aside; `draftforge demo --help` for its options).
+# (about 20 minutes on 2 cores, setup aside; `draftforge demo --help` for its options).
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/draftforge demo
 
