@@ -133,9 +133,8 @@ class SpecEngine:
     ``lean``: the target path (see the module docstring); a lean draft keeps its matrices in
     float16 where the CPU's few-row kernel reads them (:class:`Drafter`'s ``half``).
     ``path_note`` says why the lean forward is not used when it was wanted and the model did
-    not allow it. ``compile``: run
-    the lean forward's layers through ``torch.compile`` (minutes of compiling on a small CPU;
-    see benchmarks/decode.py for whether it pays).
+    not allow it. ``compile``: run the lean forward's layers through ``torch.compile``
+    (minutes of compiling on a small CPU; see benchmarks/decode.py for whether it pays).
     """
 
     def __init__(

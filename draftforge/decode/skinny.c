@@ -39,7 +39,10 @@ static inline v8 load8(const float *p) {
  * after inlining, so each kernel below has one branch-free inner loop. */
 static inline v8 wload8(const void *w, long k, const int half) {
 #if defined(__F16C__)
-    if (half) return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + k)));
+    if (half) {
+        const __m128i *p = (const __m128i *)((const uint16_t *)w + k);
+        return (v8)_mm256_cvtph_ps(_mm_loadu_si128(p));
+    }
 #endif
     return load8((const float *)w + k);
 }
