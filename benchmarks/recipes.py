@@ -48,8 +48,8 @@ LADDER: list[tuple[str, list[str]]] = [
     ("AdamW, 4 micro-batches", ["training.optimizer=adamw"]),
     ("Muon, 4 mb, MLP 768", ["draft.intermediate_size=768"]),
     ("Muon, 4 mb, lr 1e-3", ["training.lr=1e-3"]),
-    ("Muon, 4 mb, TTT 2", ["training.ttt_steps=2"]),
-    ("Muon, 4 mb, TTT 2, MLP 768", ["training.ttt_steps=2", "draft.intermediate_size=768"]),
+    ("Muon, 4 mb, no unroll (TTT 1)", ["training.ttt_steps=1"]),
+    ("Muon, 4 mb, TTT 3", ["training.ttt_steps=3"]),
 ]
 # Changes that cost nothing per step: each trains the steps of the ladder entry it names.
 VARIANTS: list[tuple[str, list[str], int]] = [
