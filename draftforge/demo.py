@@ -130,8 +130,9 @@ def training_config(settings: DemoSettings, data_path: Path) -> Config:
         # Chosen at a fixed 10 minutes by benchmarks/recipes.py: a 4096-token head trains about
         # 1.7x the steps of 8192 in that time and learns more from them. A 2-step unroll: a step
         # costs 1.7x one without it, and in the same minutes the draft's second token is accepted
-        # far more often (chain 2: acceptance 1.68 against 1.57 on the demo's held-out prompts,
-        # 1.24x against 1.19x) for a first token about as good (chain 1: 1.48 against 1.49).
+        # far more often (chain 2 on the demo's held-out prompts under a 0.15 floor: acceptance
+        # 1.68 against 1.57, 1.24x against 1.19x) for a first token about as good (chain 1:
+        # 1.48 against 1.49).
         # Muon for the hidden matrices, with 4 micro-batches of 512 tokens a step (its
         # iterations cost about 0.2 s a step): in the same 9 minutes a held-out acc_0 of 0.44
         # against AdamW's 0.41 at 512 tokens a step, and chains that accept more.
