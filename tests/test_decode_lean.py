@@ -1,8 +1,8 @@
 """The lean target forward against a naive reference (a whole-sequence transformers forward,
 no cache) on Llama, Qwen2 and Qwen3 layouts: prefill, a tree verify with its ancestor mask,
 compaction of the accepted path and a continuation; the transformers path runs the same
-scenario. Which models fall back, and the fast matmuls (the few-row kernel, prepacked oneDNN)
-against F.linear."""
+scenario. Which models fall back, the fast matmuls (the few-row kernel, prepacked oneDNN)
+against F.linear, and the kernel's attention against SDPA."""
 
 import pytest
 import torch
@@ -99,6 +99,7 @@ def test_forward_tree_and_compaction_match_a_whole_sequence_forward(family, dtyp
     if path == "lean":
         assert target.capacity >= 16  # grown from 4 by doubling, cache intact
         assert target.matmul == (fast_matmul(dtype, CPU) if dtype == torch.float32 else None)
+        assert target.attention_kernel == (SKINNY and dtype == torch.float32)
 
 
 def test_logit_softcap_is_applied():
@@ -215,6 +216,63 @@ def test_skinny_kernel_rows_do_not_depend_on_their_company(width, dtype):
     torch.testing.assert_close(no_bias, F.linear(x[:4], exact), rtol=1e-5, atol=1e-4)
 
 
+def sdpa_rows(q, cache, prefix, own):
+    """SDPA's attention of rows q [T, Hq, D] over cache [2, Hkv, >= L, D] with ``prefix`` keys
+    every row sees and ``own`` [T, L - prefix] (None: causal) after them, as [T, Hq * D]."""
+    rows = q.shape[0]
+    own = own if own is not None else torch.ones(rows, rows, dtype=torch.bool).tril()
+    keys = prefix + own.shape[1]
+    mask = torch.cat([own.new_ones(rows, prefix), own], dim=1)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        cache[None, 0, :, :keys],
+        cache[None, 1, :, :keys],
+        attn_mask=mask,
+        enable_gqa=True,
+    )
+    return out[0].transpose(0, 1).reshape(rows, -1)
+
+
+@pytest.mark.skipif(not SKINNY, reason="the few-row kernel did not build here")
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(6, 2, 64), (4, 4, 24), (3, 1, 8)])
+@pytest.mark.parametrize("prefix", [0, 37])
+@pytest.mark.parametrize("rows", [1, 2, 5, 11])
+def test_attention_kernel_matches_sdpa_and_rows_do_not_depend_on_their_company(
+    rows, prefix, heads, kv_heads, dim
+):
+    """Causal rows and tree rows (each sees itself and a random set of the others) against
+    SDPA; then each tree row alone, and alone over a cache that holds only the keys it saw, is
+    bitwise the same: masked keys count for nothing, the others in the same order (what makes
+    a verified token's output equal to a plain step's over the compacted cache)."""
+    gen = torch.Generator().manual_seed(rows + prefix + dim)
+    cache = torch.randn(2, kv_heads, prefix + rows + 3, dim, generator=gen)
+    q = torch.randn(rows, heads, dim, generator=gen)
+    own = (torch.rand(rows, rows, generator=gen) < 0.5) | torch.eye(rows, dtype=torch.bool)
+    scale = dim**-0.5
+    causal = skinny.attend(q, cache[0], cache[1], prefix, None, scale)
+    torch.testing.assert_close(causal, sdpa_rows(q, cache, prefix, None), rtol=1e-5, atol=1e-5)
+    tree = skinny.attend(q, cache[0], cache[1], prefix, own, scale)
+    torch.testing.assert_close(tree, sdpa_rows(q, cache, prefix, own), rtol=1e-5, atol=1e-5)
+    for row in range(rows):
+        alone = skinny.attend(
+            q[row : row + 1], cache[0], cache[1], prefix, own[row : row + 1], scale
+        )
+        assert torch.equal(alone[0], tree[row])
+        seen = torch.cat([torch.arange(prefix), prefix + own[row].nonzero()[:, 0]])
+        compacted = cache[:, :, seen].contiguous()
+        kept = skinny.attend(
+            q[row : row + 1], compacted[0], compacted[1], seen.numel(), own[:1, :0], scale
+        )
+        assert torch.equal(kept[0], tree[row])
+
+
+def test_attention_kernel_serves_float32_heads_of_whole_vector_blocks():
+    assert not skinny.attention_usable(torch.float32, CPU, 12)
+    assert not skinny.attention_usable(torch.float32, CPU, skinny.MAX_HEAD_DIM + 8)
+    assert not skinny.attention_usable(torch.float64, CPU, 64)
+    assert skinny.attention_usable(torch.float32, CPU, 64) == SKINNY
+
+
 @pytest.mark.skipif(not HALF, reason="the few-row kernel takes no float16 weights here")
 @pytest.mark.parametrize("rows", [1, skinny.MAX_ROWS, skinny.MAX_ROWS + 3])
 def test_half_projection_computes_with_float16_rounded_weights(rows):
@@ -259,6 +317,12 @@ def test_skinny_kernel_is_built_once_per_machine_and_refused_when_it_disagrees(
     with pytest.warns(RuntimeWarning, match="differs from F.linear's on a probe"):
         assert not skinny.usable(torch.float32, CPU)
     assert not skinny.usable(torch.float64, CPU)
+    monkeypatch.setattr(skinny, "_LIBRARY", [])
+    monkeypatch.setattr(skinny, "_run", real)
+    attend = skinny._attend
+    monkeypatch.setattr(skinny, "_attend", lambda *args: attend(*args) * 1.001)
+    with pytest.warns(RuntimeWarning, match="attention differs from SDPA's on a probe"):
+        assert not skinny.usable(torch.float32, CPU)
 
 
 @pytest.mark.skipif(not ONEDNN, reason="oneDNN prepacking is not usable here")

@@ -7,12 +7,14 @@ slice of the cache with a mask (the committed part, its ancestors' speculative k
 The next extension simply overwrites the speculative region.
 
 ``lean=True`` computes the draft's decoder layer here from its weights, matrices served by the
-same fast matmul as the lean target's (:mod:`draftforge.decode.fastlinear`); ``lean=False`` runs the draft
-module's own ``step`` (the code training runs) with this cache as its attention. ``half``
-(lean, float32 on CPU where the few-row kernel reads float16) stores the draft's matrices in
-float16: between two target forwards its weights are no longer in the CPU's caches, so a draft
-step is bound by reading them, and half the bytes cost about half the time. Proposals move by
-the rounding; what decoding emits does not (the target verifies every token).
+same fast matmul as the lean target's (:mod:`draftforge.decode.fastlinear`) and attends with
+the few-row kernel's attention where it serves (:mod:`draftforge.decode.skinny`); ``lean=False``
+runs the draft module's own ``step`` (the code training runs) with this cache as its
+attention (SDPA). ``half`` (lean, float32 on CPU where the few-row kernel reads float16) stores
+the draft's matrices in float16: between two target forwards its weights are no longer in the
+CPU's caches, so a draft step is bound by reading them, and half the bytes cost about half the
+time. Proposals move by the rounding; what decoding emits does not (the target verifies every
+token).
 
 For a vision-language target with M-RoPE the draft rotates by the target's 3-row positions
 (:meth:`Drafter.begin`): the prompt's rows, then ``index + delta`` on all rows, exactly the
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from draftforge.decode import skinny
 from draftforge.decode.fastlinear import Projection
 from draftforge.decode.lean import rms_norm, rope_tables, rotate
 from draftforge.models.eagle3 import Eagle3Draft
@@ -92,6 +95,9 @@ class Drafter:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.kv = draft.fc.weight.new_empty(2, self.kv_heads, 0, self.head_dim)
+        self.attention_kernel = lean and skinny.attention_usable(
+            self.kv.dtype, self.kv.device, self.head_dim
+        )
         self.length = 0
         self.positions: PromptPositions | None = None
         self.reserve(capacity)
@@ -133,12 +139,9 @@ class Drafter:
         hidden = self.draft.fc(aux) if self.weights is None else self.weights.fc(aux)
         n = next_ids.numel()
         prefix = self.length
-        mask = None
-        if n > 1:
-            mask = torch.ones(n, prefix + n, dtype=torch.bool, device=aux.device).tril(prefix)
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return self._attend(q, k, v, prefix, mask)
+            return self._attend(q, k, v, prefix, prefix, None)
 
         positions = torch.arange(start, start + n, device=aux.device)
         out = self._step(hidden, next_ids, positions, attend)
@@ -152,30 +155,38 @@ class Drafter:
         marks (its ancestors) and itself. S counts the speculative keys of this round so far:
         earlier levels wrote them at [length, length + S), in order; this one writes after."""
         width = ids.numel()
-        device = ids.device
-        mask = torch.cat(
-            [
-                torch.ones(width, self.length, dtype=torch.bool, device=device),
-                seen,
-                torch.eye(width, dtype=torch.bool, device=device),
-            ],
-            dim=1,
-        )
+        own = torch.cat([seen, torch.eye(width, dtype=torch.bool, device=ids.device)], dim=1)
         slot = self.length + seen.shape[1]
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return self._attend(q, k, v, slot, mask)
+            return self._attend(q, k, v, slot, self.length, own)
 
-        positions = torch.full((width,), position, device=device)
+        positions = torch.full((width,), position, device=ids.device)
         return self._step(hidden, ids, positions, attend)
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, slot: int, mask: Tensor | None) -> Tensor:
-        """Write k/v at ``slot`` and attend over the cache up to them (4-D operands: torch's
-        CPU flash kernel)."""
-        end = slot + k.shape[1]
+    def _attend(
+        self, q: Tensor, k: Tensor, v: Tensor, slot: int, prefix: int, own: Tensor | None
+    ) -> Tensor:
+        """Write k/v [Hkv, T, D] at ``slot`` and attend q [Hq, T, D] over the cache up to them:
+        every row sees entries [0, prefix), and entries [prefix, slot + T) as ``own`` [T,
+        slot + T - prefix] says (None: causal, ``slot == prefix``)."""
+        t = k.shape[1]
+        end = slot + t
         self.reserve(end)
         self.kv[0, :, slot:end] = k
         self.kv[1, :, slot:end] = v
+        if self.attention_kernel:
+            rows = q.transpose(0, 1)
+            if rows.stride()[1:] != (self.head_dim, 1):
+                rows = rows.contiguous()
+            scale = self.head_dim**-0.5
+            out = skinny.attend(rows, self.kv[0], self.kv[1], prefix, own, scale)
+            return out.view(t, self.heads, self.head_dim).transpose(0, 1)
+        mask = None
+        if t > 1 or own is not None:
+            own = own if own is not None else torch.ones(t, t, dtype=torch.bool).tril()
+            mask = torch.cat([own.new_ones(t, prefix), own.to(q.device)], dim=1)
+        # 4-D operands: torch's CPU flash kernel serves them.
         return F.scaled_dot_product_attention(
             q[None],
             self.kv[None, 0, :, :end],

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from draftforge.decode import skinny
 from draftforge.decode.fastlinear import Projection, fast_matmul
 from draftforge.target import capture_layers, decoder_layers, decoder_module
 
@@ -176,7 +177,8 @@ class LeanTarget:
     serves every layer; the cache writes and attention stay eager). Inductor cannot take
     oneDNN-packed weights or the few-row kernel, so compiled layers use the model's weights
     with ``F.linear``. ``matmul`` says which matmul serves the projections (see
-    :mod:`draftforge.decode.fastlinear`; None: ``F.linear``).
+    :mod:`draftforge.decode.fastlinear`; None: ``F.linear``); ``attention_kernel`` whether the
+    few-row kernel's attention serves (:mod:`draftforge.decode.skinny`), else torch's SDPA.
     """
 
     name = "lean"
@@ -202,6 +204,7 @@ class LeanTarget:
         self.heads = config.num_attention_heads
         self.kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].qkv.sizes[0] // self.heads
+        self.attention_kernel = skinny.attention_usable(weight.dtype, weight.device, self.head_dim)
         self.kv = weight.new_empty(len(self.layers), 2, self.kv_heads, 0, self.head_dim)
         self.length = 0
         self.reserve(capacity)
@@ -243,13 +246,13 @@ class LeanTarget:
         self.reserve(start + t)
         x = F.embedding(ids, self.embed)
         cos, sin = rope_tables(self.rotary, x, positions)
-        mask = None
-        if t > 1:
-            own = tree if tree is not None else torch.ones(t, t, dtype=torch.bool).tril()
-            mask = torch.cat([own.new_ones(t, start), own], dim=1).to(x.device)
+        own = None if tree is None else tree.to(x.device)  # None: causal among the new tokens
+        if not self.attention_kernel and t > 1:
+            own = own if own is not None else torch.ones(t, t, dtype=torch.bool).tril()
+            own = torch.cat([own.new_ones(t, start), own], dim=1).to(x.device)
         captured: dict[int, Tensor] = {}
         for index, layer in enumerate(self.layers):
-            x = self._layer(layer, self.kv[index], x, cos, sin, mask, start)
+            x = self._layer(layer, self.kv[index], x, cos, sin, own, start)
             if aux and index in self.aux_layers:
                 captured[index] = x
         self.length = start + t
@@ -272,25 +275,30 @@ class LeanTarget:
         mask: Tensor | None,
         start: int,
     ) -> Tensor:
+        """One decoder layer on T new rows. ``mask``: on the kernel path which new token sees
+        which ([T, T], None: causal); else SDPA's whole mask [T, start + T] (None at T = 1)."""
         q, k, v = self._project(layer, x, cos, sin)
         end = start + x.shape[0]
-        cache[0, :, start:end] = k
-        cache[1, :, start:end] = v
+        cache[0, :, start:end] = k.transpose(0, 1)
+        cache[1, :, start:end] = v.transpose(0, 1)
+        if self.attention_kernel:
+            out = skinny.attend(q, cache[0], cache[1], start, mask, layer.scaling)
+            return self._feed(layer, x, out)
         # 4-D operands: torch's CPU flash kernel serves them (3-D ones go to the math path).
         out = F.scaled_dot_product_attention(
-            q[None],
+            q.transpose(0, 1)[None],
             cache[None, 0, :, :end],
             cache[None, 1, :, :end],
             attn_mask=mask,
             scale=layer.scaling,
             enable_gqa=self.heads != self.kv_heads,
         )[0]
-        return self._feed(layer, x, out)
+        return self._feed(layer, x, out.transpose(0, 1).reshape(x.shape[0], -1))
 
     def _project(
         self, layer: _Layer, x: Tensor, cos: Tensor, sin: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries [Hq, T, D], keys and values [Hkv, T, D] of one layer, RoPE applied."""
+        """Queries [T, Hq, D], keys and values [T, Hkv, D] of one layer, RoPE applied."""
         t, heads, kv_heads = x.shape[0], self.heads, self.kv_heads
         qkv = layer.qkv(rms_norm(x, layer.input_norm, layer.input_eps)).view(t, -1, self.head_dim)
         if layer.q_norm is not None and layer.k_norm is not None:
@@ -300,11 +308,11 @@ class LeanTarget:
         else:  # queries and keys rotated together
             q, k = rotate(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], dim=1)
             v = qkv[:, heads + kv_heads :]
-        return q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        return q, k, v
 
     def _feed(self, layer: _Layer, x: Tensor, attended: Tensor) -> Tensor:
-        """The rest of the layer after attention ([Hq, T, D]): output projection, MLP."""
-        x = x + layer.o(attended.transpose(0, 1).reshape(x.shape[0], -1))
+        """The rest of the layer after attention ([T, Hq * D]): output projection, MLP."""
+        x = x + layer.o(attended)
         gate, up = layer.gate_up.split(rms_norm(x, layer.post_norm, layer.post_eps))
         return x + layer.down(layer.act(gate) * up)
 

@@ -1,4 +1,5 @@
-"""A matmul kernel for the few rows of batch-1 decoding on CPU (``skinny.c``), built on first use.
+"""Kernels for the few rows of batch-1 decoding on CPU (``skinny.c``), built on first use: a
+matmul and attention over a KV cache.
 
 Why: decoding a small model on a CPU is bound by reading its weights, so a verify forward of
 n <= 8 tokens should cost about one plain step. Neither of torch's CPU matmuls gets there at a
@@ -11,6 +12,13 @@ the row count up to ``MAX_ROWS``; each output is summed in the same order for an
 Where the CPU converts half floats (x86's F16C), the kernel also takes float16 weights and
 widens them as it reads them: half the bytes to stream, for weights whose rounding to float16
 does not matter (the draft's: verification keeps decoding exact whatever it proposes).
+
+Attention: torch's CPU flash kernel costs about 40 us a layer for one query row over a few
+hundred keys, far more than its arithmetic, and nearly twice that once a verify's mask comes
+with a second row (``benchmarks/decode.py`` prints the steps with and without the kernel). The
+kernel's attention visits only the keys a row sees, in cache order, so a row's output is
+bitwise the same whatever rows and masks share the call; it takes queries in the layout the
+projection leaves them and writes the layout the output projection reads.
 
 Building: the C source is compiled once per machine with the system's C compiler (``$CC``, else
 ``cc``) and OpenMP into ``<cache>/kernels`` (the name hashes the source, the compiler's version
@@ -43,6 +51,7 @@ from draftforge.config import cache_root
 
 SOURCE = Path(__file__).with_name("skinny.c")
 MAX_ROWS = 8  # rows the kernel serves; above that, F.linear (sgemm) computes faster
+MAX_HEAD_DIM = 256  # as in skinny.c
 # No implicit contraction of a * b + c into one fused multiply-add: the compiler would choose
 # per code path, and a token's sums must not depend on the row count (skinny.c calls the FMA
 # explicitly where the CPU has one).
@@ -62,6 +71,61 @@ def usable(dtype: torch.dtype, device: torch.device) -> bool:
         _LIBRARY.append(_load())
     library = _LIBRARY[0]
     return library is not None and (dtype == torch.float32 or _half_kernel(library) is not None)
+
+
+def attention_usable(dtype: torch.dtype, device: torch.device, head_dim: int) -> bool:
+    """Whether the kernel's attention serves float32 heads of ``head_dim`` on this device
+    (a multiple of 8 up to ``MAX_HEAD_DIM``); built on first ask."""
+    return head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM and usable(dtype, device)
+
+
+def attend(
+    q: Tensor, k: Tensor, v: Tensor, prefix: int, own: Tensor | None, scale: float
+) -> Tensor:
+    """Attention of rows ``q`` [T, Hq, D] over keys and values [Hkv, >= L, D] (their first L
+    entries: ``prefix`` keys every row sees, then L - prefix that ``own`` [T, L - prefix] bool
+    says which row sees; None: row t sees the first t + 1 of them); [T, Hq * D]. Query head h
+    reads key head h // (Hq // Hkv). Callers check :func:`attention_usable`."""
+    library = _LIBRARY[0] if _LIBRARY else None
+    assert library is not None, "skinny.attend before skinny.usable said yes"
+    return _attend(library, q, k, v, prefix, own, scale)
+
+
+def _attend(
+    library: ctypes.CDLL,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix: int,
+    own: Tensor | None,
+    scale: float,
+) -> Tensor:
+    rows, heads, dim = q.shape
+    keys = prefix + (rows if own is None else own.shape[1])
+    assert q.stride(2) == 1 and q.stride(1) == dim, "queries' heads must be contiguous rows"
+    assert k.stride()[1:] == (dim, 1) and k.stride() == v.stride(), "keys' layout"
+    assert k.shape[1] >= keys and q.dtype == k.dtype == v.dtype == torch.float32
+    mask = None if own is None else own.to(torch.uint8).contiguous()
+    out = q.new_empty(rows, heads * dim)
+    failed = library.skinny_attend(
+        q.data_ptr(),
+        k.data_ptr(),
+        v.data_ptr(),
+        None if mask is None else mask.data_ptr(),
+        out.data_ptr(),
+        rows,
+        heads,
+        k.shape[0],
+        dim,
+        keys,
+        prefix,
+        q.stride(0),
+        k.stride(0),
+        scale,
+    )
+    if failed:
+        raise MemoryError(f"the attention kernel found no memory for {keys} keys' scores")
+    return out
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -160,6 +224,9 @@ def _load() -> ctypes.CDLL | None:
             if kernel is not None:
                 kernel.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 3
                 kernel.restype = None
+        library.skinny_attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_long] * 8
+        library.skinny_attend.argtypes += [ctypes.c_float]
+        library.skinny_attend.restype = ctypes.c_int
         problem = _probe(library)
         if problem:
             raise RuntimeError(problem)
@@ -175,9 +242,10 @@ def _load() -> ctypes.CDLL | None:
 
 
 def _probe(library: ctypes.CDLL) -> str | None:
-    """Why the kernel disagrees with F.linear on small cases, or None: row counts below,
-    at and above one pass, an input width that is no multiple of 8, with and without bias,
-    float32 weights and (where built) float16 ones."""
+    """Why the kernels disagree with torch on small cases, or None. Matmul against F.linear:
+    row counts below, at and above one pass, an input width that is no multiple of 8, with and
+    without bias, float32 weights and (where built) float16 ones. Attention against SDPA:
+    grouped heads, a head size of two vector blocks and one, causal rows and a tree mask."""
     gen = torch.Generator().manual_seed(0)
     dtypes = [torch.float32] + ([torch.float16] if _half_kernel(library) else [])
     for rows, width, bias in ((1, 40, False), (8, 37, True), (11, 19, True)):
@@ -189,4 +257,23 @@ def _probe(library: ctypes.CDLL) -> str | None:
             got, want = _run(library, x, stored, b), F.linear(x, stored.float(), b)
             if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
                 return f"its output differs from F.linear's on a probe of {rows} rows ({dtype})"
+    for rows, dim, tree in ((2, 16, False), (4, 8, True)):
+        cache = torch.randn(2, 2, 21, dim, generator=gen)  # [k/v, Hkv, capacity, D]
+        q = torch.randn(rows, 6, dim, generator=gen)
+        own = torch.ones(rows, rows, dtype=torch.bool).tril()
+        if tree:
+            own[-1, 1] = False
+        got = _attend(library, q, cache[0], cache[1], 9, own if tree else None, 0.3)
+        mask = torch.cat([own.new_ones(rows, 9), own], dim=1)
+        keys = 9 + rows
+        want = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            cache[None, 0, :, :keys],
+            cache[None, 1, :, :keys],
+            attn_mask=mask,
+            scale=0.3,
+            enable_gqa=True,
+        )[0].transpose(0, 1)
+        if not torch.allclose(got, want.reshape(rows, -1), rtol=1e-4, atol=1e-5):
+            return f"its attention differs from SDPA's on a probe of {rows} rows"
     return None
