@@ -3,7 +3,7 @@ speculative shapes (acceptance length, tokens/s, speedup, measured round cost).
 
 python benchmarks/decode.py [--target tiny|smollm2|PATH] [--draft DIR] [--prompts N]
                             [--max-new-tokens N] [--threads N] [--paths lean,hf] [--compile]
-                            [--cpu-clock] [--matmul]
+                            [--cpu-clock] [--matmul] [--attention]
 
 tiny (default, no download, seconds): a bigram-like tiny target with the hand-built oracle
 draft of draftforge.testing, so paths are long and the engine's bookkeeping shows.
@@ -13,6 +13,8 @@ speedup column then measures what drafting and verification cost per round.
 The first line gives this run's fp32 matmul rate, so runs on different machines compare.
 --matmul prints the lean path's cost model with each fast CPU matmul, interleaved, twice: the
 few-row kernel (draftforge/decode/skinny.py) and prepacked oneDNN, at verify sizes 1 to 8.
+--attention does the same for the lean path's attention: the few-row kernel's and torch's SDPA,
+at 128 and 512 cached tokens (chains: causal verifies; the engine's trees pass a mask).
 --cpu-clock (with --threads 1) times everything with the thread's CPU clock instead of the
 wall clock: on a machine other processes share, their load then does not count (an idle
 machine gives about the same numbers either way).
@@ -80,6 +82,24 @@ def matmul_costs(target, draft):
     os.environ.pop("DRAFTFORGE_SKINNY")
 
 
+def attention_costs(target, draft):
+    """The lean path's cost model with the kernel's attention and with SDPA, alternately."""
+    sizes = [1, 2, 3, 4, 8]
+    for _ in range(2):
+        for context in (128, 512):
+            for kernel in (True, False):
+                engine = SpecEngine(target, draft, TreeShape(3, 1), lean=True)
+                if not engine.path.attention_kernel:
+                    print("the few-row kernel's attention does not serve this target here")
+                    return
+                engine.path.attention_kernel = kernel
+                if engine.drafter is not None:
+                    engine.drafter.attention_kernel = kernel
+                costs = measure_costs(engine, tree_sizes=sizes, context=context)
+                print(f"{'few-row kernel' if kernel else 'SDPA'} attention:")
+                print("\n".join(costs.lines()[:3]))
+
+
 def load(args):
     if args.target == "tiny":
         target = as_target(bigram_like_target("llama", seed=1, dtype=torch.float32))
@@ -104,6 +124,7 @@ def main():
     parser.add_argument("--compile", action="store_true", help="also time compiled layers")
     parser.add_argument("--cpu-clock", action="store_true", help="CPU time (needs --threads 1)")
     parser.add_argument("--matmul", action="store_true", help="compare the fast CPU matmuls")
+    parser.add_argument("--attention", action="store_true", help="kernel attention or SDPA")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -123,6 +144,8 @@ def main():
     )
     if args.matmul:
         matmul_costs(target, draft)
+    if args.attention:
+        attention_costs(target, draft)
     hf = time_generate(target, encoded, args.max_new_tokens, stop_ids=frozenset())
     print(f"{'HF generate (greedy)':<34} {hf.tokens_per_s:8.2f} tok/s")
     runs = [(name, lean, False) for name, lean in PATHS.items()]
