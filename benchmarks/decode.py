@@ -95,7 +95,7 @@ def attention_costs(target, draft):
                 engine.path.attention_kernel = kernel
                 if engine.drafter is not None:
                     engine.drafter.attention_kernel = kernel
-                costs = measure_costs(engine, tree_sizes=sizes, context=context)
+                costs = measure_costs(engine, tree_sizes=sizes, context=context, repeats=25)
                 print(f"{'few-row kernel' if kernel else 'SDPA'} attention:")
                 print("\n".join(costs.lines()[:3]))
 

@@ -234,7 +234,9 @@ def sdpa_rows(q, cache, prefix, own):
 
 
 @pytest.mark.skipif(not SKINNY, reason="the few-row kernel did not build here")
-@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(6, 2, 64), (4, 4, 24), (3, 1, 8)])
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"), [(6, 2, 64), (2, 1, 128), (4, 4, 24), (3, 1, 8)]
+)
 @pytest.mark.parametrize("prefix", [0, 37])
 @pytest.mark.parametrize("rows", [1, 2, 5, 11])
 def test_attention_kernel_matches_sdpa_and_rows_do_not_depend_on_their_company(
