@@ -247,7 +247,9 @@ class LeanTarget:
         x = F.embedding(ids, self.embed)
         cos, sin = rope_tables(self.rotary, x, positions)
         own = None if tree is None else tree.to(x.device)  # None: causal among the new tokens
-        if not self.attention_kernel and t > 1:
+        if self.attention_kernel and own is not None:
+            own = own.to(torch.uint8).contiguous()  # as the kernel reads it, once for all layers
+        elif not self.attention_kernel and t > 1:
             own = own if own is not None else torch.ones(t, t, dtype=torch.bool).tril()
             own = torch.cat([own.new_ones(t, start), own], dim=1).to(x.device)
         captured: dict[int, Tensor] = {}

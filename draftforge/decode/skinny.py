@@ -84,9 +84,9 @@ def attend(
     q: Tensor, k: Tensor, v: Tensor, prefix: int, own: Tensor | None, scale: float
 ) -> Tensor:
     """Attention of rows ``q`` [T, Hq, D] over keys and values [Hkv, >= L, D] (their first L
-    entries: ``prefix`` keys every row sees, then L - prefix that ``own`` [T, L - prefix] bool
-    says which row sees; None: row t sees the first t + 1 of them); [T, Hq * D]. Query head h
-    reads key head h // (Hq // Hkv). Callers check :func:`attention_usable`."""
+    entries: ``prefix`` keys every row sees, then L - prefix that ``own`` [T, L - prefix] (bool
+    or uint8) says which row sees; None: row t sees the first t + 1 of them); [T, Hq * D]. Query
+    head h reads key head h // (Hq // Hkv). Callers check :func:`attention_usable`."""
     library = _LIBRARY[0] if _LIBRARY else None
     assert library is not None, "skinny.attend before skinny.usable said yes"
     return _attend(library, q, k, v, prefix, own, scale)
