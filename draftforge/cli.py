@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -211,6 +212,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argpa
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _dispatch(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker whose work is done (process groups destroyed, files closed) leaves
+        # without the interpreter's and C++'s teardown: there, a communication thread still
+        # alive aborted the process now and then ("terminate called without an active
+        # exception", no Python frame left), failing a run that had finished.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _dispatch(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
     try:
