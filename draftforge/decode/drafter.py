@@ -182,10 +182,7 @@ class Drafter:
             scale = self.head_dim**-0.5
             out = skinny.attend(rows, self.kv[0], self.kv[1], prefix, own, scale)
             return out.view(t, self.heads, self.head_dim).transpose(0, 1)
-        mask = None
-        if t > 1 or own is not None:
-            own = own if own is not None else torch.ones(t, t, dtype=torch.bool).tril()
-            mask = torch.cat([own.new_ones(t, prefix), own.to(q.device)], dim=1)
+        mask = skinny.sdpa_mask(prefix, own, t, q.device) if t > 1 or own is not None else None
         # 4-D operands: torch's CPU flash kernel serves them.
         return F.scaled_dot_product_attention(
             q[None],

@@ -250,8 +250,7 @@ class LeanTarget:
         if self.attention_kernel and own is not None:
             own = own.to(torch.uint8).contiguous()  # as the kernel reads it, once for all layers
         elif not self.attention_kernel and t > 1:
-            own = own if own is not None else torch.ones(t, t, dtype=torch.bool).tril()
-            own = torch.cat([own.new_ones(t, start), own], dim=1).to(x.device)
+            own = skinny.sdpa_mask(start, own, t, x.device)
         captured: dict[int, Tensor] = {}
         for index, layer in enumerate(self.layers):
             x = self._layer(layer, self.kv[index], x, cos, sin, own, start)

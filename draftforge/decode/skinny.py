@@ -80,6 +80,15 @@ def attention_usable(dtype: torch.dtype, device: torch.device, head_dim: int) ->
     return head_dim % 8 == 0 and head_dim <= MAX_HEAD_DIM and usable(dtype, device)
 
 
+def sdpa_mask(prefix: int, own: Tensor | None, rows: int, device: torch.device) -> Tensor:
+    """SDPA's boolean mask [rows, prefix + columns of own] for what :func:`attend` reads from
+    ``prefix`` and ``own`` (None: causal among the rows), on ``device``."""
+    if own is None:
+        own = torch.ones(rows, rows, dtype=torch.bool, device=device).tril()
+    own = own.to(device=device, dtype=torch.bool)
+    return torch.cat([own.new_ones(rows, prefix), own], dim=1)
+
+
 def attend(
     q: Tensor, k: Tensor, v: Tensor, prefix: int, own: Tensor | None, scale: float
 ) -> Tensor:
@@ -265,7 +274,7 @@ def _probe(library: ctypes.CDLL) -> str | None:
         if tree:
             own[-1, 1] = False
         got = _attend(library, q, cache[0], cache[1], 9, own if tree else None, 0.3)
-        mask = torch.cat([own.new_ones(rows, 9), own], dim=1)
+        mask = sdpa_mask(9, own, rows, q.device)
         keys = 9 + rows
         want = F.scaled_dot_product_attention(
             q.transpose(0, 1)[None],
