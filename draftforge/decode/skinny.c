@@ -169,20 +169,6 @@ static inline v8 vexp(v8 x) {
     return p * scale;
 }
 
-static inline float dot(const float *a, const float *b, long d) {
-    v8 acc[SPLIT] = {{0}};
-    long k = 0;
-    for (; k + 8 * SPLIT <= d; k += 8 * SPLIT)
-        for (int s = 0; s < SPLIT; ++s)
-            acc[s] = madd(load8(a + k + 8 * s), load8(b + k + 8 * s), acc[s]);
-    for (; k < d; k += 8) acc[0] = madd(load8(a + k), load8(b + k), acc[0]);
-    v8 total = acc[0];
-    for (int s = 1; s < SPLIT; ++s) total += acc[s];
-    float sum = 0.0f;
-    for (int lane = 0; lane < 8; ++lane) sum += total[lane];
-    return sum;
-}
-
 /* One row of one head: q [d], keys/values at k/v + j * d (j < keys), the row sees keys
  * [0, prefix) and key prefix + c where own[c] (own NULL: c <= row); scores: room for keys + 8
  * floats; out [d]. */
@@ -195,7 +181,10 @@ attend_row(const float *q, const float *k, const float *v, long keys, long prefi
         long c = j - prefix;
         if (c >= 0 && (own ? !own[c] : c > row)) continue;
         seen[n] = j;
-        scores[n++] = dot(q, k + j * d, d) * scale;
+        /* the score is the matmul's dot product of one row, the next key fetched meanwhile */
+        const char *next = (const char *)(k + (j + 1 < keys ? j + 1 : j) * d);
+        dots(q, k, j * d, next, 0.0f, scores + n, 1, d, 1, 0);
+        scores[n++] *= scale;
     }
     if (n == 0) { /* a row that sees no key (SDPA gives NaN): zeros */
         memset(out, 0, d * sizeof(float));
